@@ -1,0 +1,62 @@
+"""Shared by the benchmark scripts: environment description and atomic result writing (JSON + markdown)."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Dict, List, Sequence
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def environment() -> Dict[str, object]:
+    """Versions and machine, recorded with every result."""
+    import fvcore  # noqa: F401  (version lookup below)
+    import importlib.metadata as md
+
+    import timm
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent).stdout.strip()
+    except OSError:
+        commit = ""
+    return {
+        "python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
+        "fvcore": md.version("fvcore"), "resconv_plugin": md.version("resconv-plugin"),
+        "cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "commit": commit,
+        "command": " ".join(["python", os.path.relpath(Path(sys.argv[0]).resolve(), RESULTS.parent.parent)]
+                            + sys.argv[1:]),
+    }
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def write_results(name: str, payload: Dict[str, object], header: Sequence[str], rows: List[Sequence[object]],
+                  notes: str = "") -> None:
+    """Write ``results/<name>.json`` and ``results/<name>.md`` (a table with the command and environment)."""
+    _atomic_write(RESULTS / f"{name}.json", json.dumps(payload, indent=2) + "\n")
+    env = payload["environment"]
+    lines = [f"# {name}", "", f"Command: `{env['command']}`", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    lines += ["", notes, "", "Environment: " + ", ".join(f"{k} {v}" for k, v in env.items() if k != "command"), ""]
+    _atomic_write(RESULTS / f"{name}.md", "\n".join(lines))

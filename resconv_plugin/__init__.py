@@ -1,0 +1,41 @@
+"""resconv_plugin: layer (depth) pruning for timm CNNs with fusible residual convolutions (ResConv).
+
+Each eligible conv -> BatchNorm of a CNN becomes a :class:`ResConv`, ``gamma * bn(conv(x)) + (1 - gamma) * x``;
+training with L1 on the gates drives unneeded layers to the identity, they are removed, and every remaining ResConv
+fuses back into one plain conv.
+
+Example:
+    >>> import timm, torch, resconv_plugin
+    >>> model = timm.create_model("resnet18", num_classes=10)
+    >>> x = torch.randn(1, 3, 64, 64)
+    >>> report = resconv_plugin.convert(model, x)
+    >>> fused = resconv_plugin.fuse(model.eval())
+    >>> flops = resconv_plugin.count_flops(fused, x)
+"""
+
+from importlib.metadata import PackageNotFoundError, version
+
+from resconv_plugin._block import ResConv, identity_compatibility
+from resconv_plugin._convert import ConversionReport, ConvertedLayer, SkippedConv, convert
+from resconv_plugin._flops import FlopReport, count_flops, count_params
+from resconv_plugin._fuse import fuse, resconv_layers
+
+try:
+    __version__ = version("resconv-plugin")
+except PackageNotFoundError:  # running from a source tree that was never installed
+    __version__ = "0+unknown"
+
+__all__ = [
+    "ResConv",
+    "convert",
+    "ConversionReport",
+    "ConvertedLayer",
+    "SkippedConv",
+    "fuse",
+    "resconv_layers",
+    "count_flops",
+    "count_params",
+    "FlopReport",
+    "identity_compatibility",
+    "__version__",
+]
