@@ -88,3 +88,19 @@ def split_norm_act(norm: nn.Module) -> Tuple[nn.BatchNorm2d, nn.Module]:
     tail = nn.Sequential(getattr(norm, "drop", nn.Identity()), getattr(norm, "act", nn.Identity()))
     tail.train(norm.training)
     return bn, tail
+
+
+def _drop_types() -> Tuple[Type[nn.Module], ...]:
+    from timm.layers import DropBlock2d, DropPath
+
+    return (DropPath, DropBlock2d)
+
+
+def passes_through(module: nn.Module) -> bool:
+    """Modules that are the identity in eval mode and map 0 to 0 in training (dropout, timm's DropPath/DropBlock)."""
+    return isinstance(module, (nn.Identity, nn.Dropout, nn.Dropout2d) + _drop_types())
+
+
+def is_sigmoid_gate(module: nn.Module) -> bool:
+    """The gate of a squeeze-excite style ``x * gate(...)`` (sigmoid, hard-sigmoid and timm's variants)."""
+    return "sigmoid" in type(module).__name__.lower()

@@ -19,6 +19,11 @@ from resconv_plugin._block import ResConv, identity_compatibility
 from resconv_plugin._convert import ConversionReport, ConvertedLayer, SkippedConv, convert
 from resconv_plugin._flops import FlopReport, count_flops, count_params
 from resconv_plugin._fuse import fuse, resconv_layers
+from resconv_plugin._gate import BlockGate
+from resconv_plugin._io import load, read_recipe, save
+from resconv_plugin._pruner import LayerPruner, StepReport, recalibrate_batchnorm
+from resconv_plugin._surgery import Removal, gated_modules
+from resconv_plugin import models  # noqa: F401  (registers the CIFAR networks with timm)
 
 try:
     __version__ = version("resconv-plugin")
@@ -27,6 +32,7 @@ except PackageNotFoundError:  # running from a source tree that was never instal
 
 __all__ = [
     "ResConv",
+    "BlockGate",
     "convert",
     "ConversionReport",
     "ConvertedLayer",
@@ -37,5 +43,13 @@ __all__ = [
     "count_params",
     "FlopReport",
     "identity_compatibility",
+    "LayerPruner",
+    "StepReport",
+    "Removal",
+    "gated_modules",
+    "recalibrate_batchnorm",
+    "save",
+    "load",
+    "read_recipe",
     "__version__",
 ]

@@ -10,7 +10,9 @@ import torch
 from torch import nn
 
 from resconv_plugin._block import Reason, ResConv, _check_gamma
-from resconv_plugin._graph import ConvSite, find_conv_sites
+from resconv_plugin._gate import BlockGate
+from resconv_plugin._graph import ConvSite, find_conv_sites, find_residual_blocks
+from resconv_plugin._recipe import record_step
 from resconv_plugin._utils import (
     ExampleInputs, as_input_tuple, check_module, eval_mode, format_table, run_example, set_submodule,
 )
@@ -26,11 +28,14 @@ class ConvertedLayer:
     """One conv that became a ResConv.
 
     Attributes:
-        name: qualified name of the ResConv (the conv's old name).
-        norm: qualified name of the BatchNorm it absorbed (now an ``nn.Identity`` or the norm's drop + act tail).
-        in_channels, out_channels, kernel_size, groups, dilation: the conv's settings.
-        flops: the conv's multiply-adds on the example inputs (fvcore's convention: one multiply-add = 1 flop).
+        name: qualified name of the ResConv (the conv's old name), or of the gated residual block.
+        norm: the BatchNorm involved: absorbed into the ResConv (its slot is now an ``nn.Identity`` or the norm's
+            drop + act tail), or wrapped by the block's ``BlockGate``.
+        in_channels, out_channels, kernel_size, groups, dilation: the conv's settings (for a block: its channel
+            count, and empty kernel and dilation).
+        flops: multiply-adds of the conv (of all convs in the block) on the example inputs (one multiply-add = 1).
         flops_share: ``flops`` over all conv + linear FLOPs of the model on the same inputs.
+        kind: ``"layer"`` (ResConv) or ``"block"`` (BlockGate).
     """
 
     name: str
@@ -42,14 +47,15 @@ class ConvertedLayer:
     dilation: Tuple[int, int]
     flops: int
     flops_share: float
+    kind: str = "layer"
 
 
 @dataclass(frozen=True)
 class SkippedConv:
-    """A conv that stayed plain, and why.
+    """A conv (or residual block, for ``level="block"``) that stayed as it was, and why.
 
     Attributes:
-        name: the conv's qualified name.
+        name: the conv's (block's) qualified name.
         reason: every reason it stayed plain, joined by '; '.
         kinds: the categories of those reasons (e.g. "stride is not 1"), for summaries.
         subjects: the module types or ops involved (e.g. "LayerNorm"), '' where none.
@@ -68,7 +74,7 @@ class ConversionReport:
     Attributes:
         converted: the layers converted by this call.
         skipped: every other conv, with the reason it stayed plain.
-        already_converted: names of ResConv blocks the model held before this call.
+        already_converted: names of the layers (blocks) of this level that were converted before this call.
         conv_linear_flops: all conv + linear FLOPs of the model on the example inputs (the share denominator).
     """
 
@@ -76,6 +82,7 @@ class ConversionReport:
     skipped: List[SkippedConv] = field(default_factory=list)
     already_converted: List[str] = field(default_factory=list)
     conv_linear_flops: int = 0
+    level: str = "layer"
 
     @property
     def converted_flops_share(self) -> float:
@@ -88,18 +95,24 @@ class ConversionReport:
         return dict(counts.most_common())
 
     def __str__(self) -> str:
+        what = "residual blocks to BlockGate" if self.level == "block" else "conv layers to ResConv"
         lines = [
-            f"converted {len(self.converted)} conv layers to ResConv "
+            f"converted {len(self.converted)} {what} "
             f"({100 * self.converted_flops_share:.1f}% of conv+linear FLOPs), skipped {len(self.skipped)}"
             + (f", {len(self.already_converted)} already converted" if self.already_converted else "")
         ]
-        if self.converted:
+        if self.converted and self.level == "block":
+            rows = [(c.name, c.norm, c.out_channels, f"{c.flops:,}", f"{100 * c.flops_share:.2f}%")
+                    for c in self.converted]
+            lines += ["", format_table(["block", "gated BatchNorm", "channels", "FLOPs", "share"], rows)]
+        elif self.converted:
             rows = [(c.name, f"{c.in_channels}->{c.out_channels}", "x".join(map(str, c.kernel_size)), c.groups,
                      "x".join(map(str, c.dilation)), f"{c.flops:,}", f"{100 * c.flops_share:.2f}%")
                     for c in self.converted]
             lines += ["", format_table(["layer", "channels", "kernel", "groups", "dilation", "FLOPs", "share"], rows)]
         if self.skipped:
-            lines += ["", format_table(["skipped conv", "reason"], [(s.name, s.reason) for s in self.skipped])]
+            lines += ["", format_table([f"skipped {'block' if self.level == 'block' else 'conv'}", "reason"],
+                                       [(s.name, s.reason) for s in self.skipped])]
         return "\n".join(lines)
 
 
@@ -149,6 +162,9 @@ def _apply_filter(sites: List[ConvSite], modules: Dict[str, nn.Module], filter_f
 
 
 def _no_eligible_message(model: nn.Module, report: ConversionReport) -> str:
+    if report.level == "block" and not report.skipped:
+        return (f"{type(model).__name__} has no residual block with an identity shortcut (an add of the block input "
+                "and a branch computed inside the block): level='block' does not apply; try level='layer'.")
     subjects: Dict[str, List[str]] = collections.defaultdict(list)
     for skipped in report.skipped:
         for kind, subject in zip(skipped.kinds, skipped.subjects):
@@ -158,6 +174,9 @@ def _no_eligible_message(model: nn.Module, report: ConversionReport) -> str:
         f"{kind}: {n} convs" + (f" ({', '.join(subjects[kind][:3])})" if subjects[kind] else "")
         for kind, n in report.reason_counts().items()
     )
+    if report.level == "block":
+        return (f"{type(model).__name__} has no residual block that can be gated: 0 of {len(report.skipped)} "
+                f"blocks with an identity shortcut qualify. Why not: {top}.")
     return (
         f"{type(model).__name__} has no conv layer that can become a ResConv: 0 of {len(report.skipped)} convs "
         "qualify. A conv qualifies when it keeps its channel count and spatial size (stride 1, odd kernel, 'same' "
@@ -165,39 +184,52 @@ def _no_eligible_message(model: nn.Module, report: ConversionReport) -> str:
     )
 
 
+LEVELS = ("layer", "block")
+
+
 def convert(
     model: nn.Module,
     example_inputs: ExampleInputs,
     *,
+    level: str = "layer",
     init_gamma: float = 1.0,
     filter_fn: Optional[FilterFn] = None,
 ) -> ConversionReport:
-    """Convert every eligible conv -> BatchNorm (-> activation) chain of ``model`` into a :class:`ResConv`, in place.
+    """Give ``model`` trainable depth gates, in place: ResConv layers (``level="layer"``) or gated blocks (``"block"``).
 
-    A conv is eligible when it has ``in_channels == out_channels``, stride 1, odd kernel sizes and 'same' padding
-    (any groups, depthwise included, any dilation), is called once, and its output goes only to a BatchNorm with
-    running statistics. The conv becomes a ResConv holding the conv and the BatchNorm; the BatchNorm's slot becomes
-    ``nn.Identity`` (or, for timm's ``BatchNormAct2d``, its drop + activation tail), so the identity term is added
-    before the activation. With the default ``init_gamma=1`` the model computes exactly what it computed before.
+    ``level="layer"`` (the paper's method): every eligible conv -> BatchNorm (-> activation) chain becomes a
+    :class:`ResConv`, ``gamma * bn(conv(x)) + (1 - gamma) * x``. A conv is eligible when it has
+    ``in_channels == out_channels``, stride 1, odd kernel sizes and 'same' padding (any groups, depthwise included,
+    any dilation), is called once, and its output goes only to a BatchNorm with running statistics. The BatchNorm's
+    slot becomes ``nn.Identity`` (or, for timm's ``BatchNormAct2d``, its drop + activation tail), so the identity term
+    is added before the activation.
 
-    Chains are found by torch.fx tracing (convs, norms and timm's notrace modules as leaves), layer FLOPs by one
-    eval-mode forward of ``example_inputs`` under ``torch.no_grad`` (BatchNorm statistics are not touched).
-    Already converted layers are left alone, so converting twice converts nothing new.
+    ``level="block"``: every residual block ``[act](x + F(x))`` with an identity shortcut whose branch ends in a
+    BatchNorm gets a :class:`BlockGate` on that BatchNorm: ``[act](x + gamma * F(x))``. This reaches blocks whose
+    inner convs change width (Bottleneck ResNets, inverted residuals, RegNet). Both levels can be applied to one
+    model (block first, then layer: the convs ending a gated branch are then not converted).
+
+    With the default ``init_gamma=1`` the model computes exactly what it computed before. Chains are found by
+    torch.fx tracing (convs, norms and timm's notrace modules as leaves), FLOPs by one eval-mode forward of
+    ``example_inputs`` under ``torch.no_grad`` (BatchNorm statistics untouched). Converting twice converts nothing
+    new.
 
     Args:
         model: any CNN, typically from ``timm.create_model``.
         example_inputs: a tensor (or tuple of tensors) the model accepts, e.g. ``torch.randn(1, 3, 224, 224)``.
-        init_gamma: initial gate value in [0, 1] for every new ResConv.
-        filter_fn: optional ``filter_fn(conv, name) -> bool``; an eligible conv is converted only if it returns True.
+        level: ``"layer"`` or ``"block"``.
+        init_gamma: initial gate value in [0, 1] for every new gate.
+        filter_fn: optional ``filter_fn(module, name) -> bool`` (the conv, or the block); only what it returns True
+            for is converted.
 
     Returns:
-        A :class:`ConversionReport` listing converted layers and every skipped conv with its reason.
+        A :class:`ConversionReport` listing converted layers (blocks) and every skipped one with its reason.
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module``, bad ``example_inputs`` type, ``filter_fn`` not callable or not
             returning a bool.
         ValueError: the model cannot run on ``example_inputs``, cannot be traced, ``init_gamma`` is outside [0, 1],
-            or the model has no eligible layer (the message says why, per reason).
+            ``level`` is unknown, or the model has nothing eligible (the message says why, per reason).
 
     Example:
         >>> import timm, torch, resconv_plugin
@@ -209,12 +241,19 @@ def convert(
     check_module(model)
     inputs = as_input_tuple(example_inputs)
     init_gamma = _check_gamma(init_gamma)
+    if level not in LEVELS:
+        raise ValueError(f"level must be one of {LEVELS}, got {level!r}")
     flops, conv_linear_flops, called = _measure(model, inputs)
-    sites, already = find_conv_sites(model, called)
     modules = dict(model.named_modules())
+    if level == "layer":
+        sites, already = find_conv_sites(model, called)
+    else:
+        blocks = find_residual_blocks(model)
+        sites = [b for b in blocks if not b.gated]
+        already = [b.name for b in blocks if b.gated]
     _apply_filter(sites, modules, filter_fn)
 
-    report = ConversionReport(already_converted=already, conv_linear_flops=conv_linear_flops)
+    report = ConversionReport(already_converted=already, conv_linear_flops=conv_linear_flops, level=level)
     report.skipped = [
         SkippedConv(s.name, "; ".join(r.text for r in s.reasons), tuple(r.kind for r in s.reasons),
                     tuple(r.subject for r in s.reasons))
@@ -225,16 +264,33 @@ def convert(
         raise ValueError(_no_eligible_message(model, report))
 
     for site in eligible:
-        conv = modules[site.name]
-        bn, tail = split_norm_act(modules[site.norm])
-        block = ResConv(conv, bn, init_gamma)
-        block.train(conv.training)
-        set_submodule(model, site.name, block)
-        set_submodule(model, site.norm, tail)
-        n = flops.get(site.name, 0)
-        report.converted.append(ConvertedLayer(
-            name=site.name, norm=site.norm, in_channels=conv.in_channels, out_channels=conv.out_channels,
-            kernel_size=tuple(conv.kernel_size), groups=conv.groups, dilation=tuple(conv.dilation),
-            flops=n, flops_share=n / conv_linear_flops if conv_linear_flops else 0.0,
-        ))
+        report.converted.append(_convert_site(model, modules, site, level, init_gamma, flops, conv_linear_flops))
+    if eligible:
+        record_step(model, "convert", level=level, names=[s.name for s in eligible], init_gamma=init_gamma,
+                    input_shapes=[list(t.shape) for t in inputs])
     return report
+
+
+def _convert_site(model: nn.Module, modules: Dict[str, nn.Module], site, level: str, init_gamma: float,
+                  flops: Dict[str, int], total: int) -> ConvertedLayer:
+    norm = modules[site.norm]
+    if level == "block":
+        gate = BlockGate(norm, init_gamma)
+        gate.train(norm.training)
+        set_submodule(model, site.norm, gate)
+        n = sum(v for k, v in flops.items() if k.startswith(f"{site.name}."))
+        return ConvertedLayer(name=site.name, norm=site.norm, in_channels=norm.num_features,
+                              out_channels=norm.num_features, kernel_size=(), groups=1, dilation=(), flops=n,
+                              flops_share=n / total if total else 0.0, kind="block")
+    conv = modules[site.name]
+    bn, tail = split_norm_act(norm)
+    block = ResConv(conv, bn, init_gamma)
+    block.train(conv.training)
+    set_submodule(model, site.name, block)
+    set_submodule(model, site.norm, tail)
+    n = flops.get(site.name, 0)
+    return ConvertedLayer(
+        name=site.name, norm=site.norm, in_channels=conv.in_channels, out_channels=conv.out_channels,
+        kernel_size=tuple(conv.kernel_size), groups=conv.groups, dilation=tuple(conv.dilation),
+        flops=n, flops_share=n / total if total else 0.0,
+    )

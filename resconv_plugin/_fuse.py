@@ -7,6 +7,8 @@ import copy
 from torch import nn
 
 from resconv_plugin._block import ResConv
+from resconv_plugin._gate import BlockGate
+from resconv_plugin._recipe import record_step
 from resconv_plugin._utils import check_module, set_submodule
 
 __all__ = ["fuse", "resconv_layers"]
@@ -20,8 +22,9 @@ def resconv_layers(model: nn.Module) -> dict:
 def fuse(model: nn.Module, inplace: bool = False, *, training_ok: bool = False) -> nn.Module:
     """Replace every :class:`ResConv` in ``model`` by one ``nn.Conv2d`` computing the same eval-mode function.
 
-    ``timm.utils.reparameterize_model(model)`` reaches the same result through ``ResConv.fuse()``. Modules other than
-    ResConv are not touched (use timm's ``reparameterize_model`` for RepVGG-style blocks too).
+    Every :class:`BlockGate` is folded into its BatchNorm too. ``timm.utils.reparameterize_model(model)`` reaches the
+    same result through their ``fuse()`` methods. Other modules are not touched (use timm's ``reparameterize_model``
+    for RepVGG-style blocks too).
 
     Args:
         model: a model holding ResConv blocks (or a ResConv itself).
@@ -58,4 +61,7 @@ def fuse(model: nn.Module, inplace: bool = False, *, training_ok: bool = False) 
         return model.fuse(training_ok=training_ok)
     for name, block in resconv_layers(model).items():
         set_submodule(model, name, block.fuse(training_ok=training_ok))
+    for name, gate in [(n, m) for n, m in model.named_modules() if isinstance(m, BlockGate)]:
+        set_submodule(model, name, gate.fuse())
+    record_step(model, "fuse")
     return model

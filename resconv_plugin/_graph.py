@@ -8,17 +8,20 @@ directly. Everything that stops a conv from qualifying is recorded as a human-re
 from __future__ import annotations
 
 import collections
+import operator
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Set, Tuple
 
+import torch
 import torch.fx
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from resconv_plugin._block import Reason, ResConv, bn_compatibility, identity_compatibility
+from resconv_plugin._gate import BlockGate
 from resconv_plugin.integrations import timm as timm_glue
 
-__all__ = ["ConvSite", "find_conv_sites"]
+__all__ = ["ConvSite", "BlockSite", "find_conv_sites", "find_residual_blocks", "trace"]
 
 
 @dataclass
@@ -37,7 +40,7 @@ class ConvSite:
 class _LeafTracer(torch.fx.Tracer):
     """An FX tracer that keeps convs, norms, ResConvs and timm's notrace modules as single nodes."""
 
-    _always_leaf = (nn.Conv2d, _BatchNorm, ResConv)
+    _always_leaf = (nn.Conv2d, _BatchNorm, ResConv, BlockGate)
 
     def __init__(self) -> None:
         super().__init__(autowrap_functions=tuple(timm_glue.tracer_autowrap_functions()))
@@ -163,3 +166,195 @@ def _why_unseen(name: str, modules: Dict[str, nn.Module], call_nodes: Dict[str, 
     if called is not None and name not in called:
         return Reason("not called in forward()", "not called in forward()")
     return Reason("not visible to torch.fx", "not visible to torch.fx")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Residual blocks and removal analysis
+# ---------------------------------------------------------------------------------------------------------------------
+
+_ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
+
+
+@dataclass
+class BlockSite:
+    """A residual block ``[act](shortcut + branch)`` with an identity shortcut.
+
+    Attributes:
+        name: the block module (the innermost module whose forward runs the residual add).
+        norm: the BatchNorm that ends the branch (where a BlockGate goes), if found.
+        act: the activation module applied after the add inside the block, if any.
+        reasons: why the block cannot be gated (empty when it can).
+    """
+
+    name: str
+    norm: Optional[str] = None
+    act: Optional[str] = None
+    reasons: List[Reason] = field(default_factory=list)
+    gated: bool = False
+    shortcut: Optional[torch.fx.Node] = field(default=None, repr=False)
+
+    @property
+    def eligible(self) -> bool:
+        return not self.reasons
+
+
+def _scope(node: torch.fx.Node) -> List[str]:
+    return list(node.meta.get("nn_module_stack", {}).keys())
+
+
+def _inside(node: torch.fx.Node, block: str) -> bool:
+    return block in _scope(node)
+
+
+def _is_add(node: torch.fx.Node) -> bool:
+    if node.op == "call_function" and node.target in _ADD_FUNCTIONS:
+        return True
+    return node.op == "call_method" and node.target in ("add", "add_")
+
+
+def _module(node: torch.fx.Node, modules: Dict[str, nn.Module]) -> Optional[nn.Module]:
+    return modules.get(node.target) if node.op == "call_module" else None
+
+
+def _tensor_args(node: torch.fx.Node) -> List[torch.fx.Node]:
+    return [a for a in node.args if isinstance(a, torch.fx.Node)]
+
+
+def _walk_back_to_norm(node: torch.fx.Node, modules: Dict[str, nn.Module]) -> Optional[torch.fx.Node]:
+    """From the branch operand of a residual add back to the BatchNorm that ends the branch.
+
+    Passes only through modules that map 0 to 0 (dropout, drop-path, identity) and through squeeze-excite
+    products ``y * gate(y)``, so that zeroing the BatchNorm output zeroes the branch.
+    """
+    while node is not None:
+        module = _module(node, modules)
+        if isinstance(module, (_BatchNorm, BlockGate)):
+            return node
+        if module is not None and timm_glue.passes_through(module):
+            node = node.args[0]
+            continue
+        if (node.op == "call_function" and node.target in (operator.mul, torch.mul)) or (
+                node.op == "call_method" and node.target == "mul"):
+            candidates = [a for a in _tensor_args(node) if not _is_gate(a, modules)]
+            node = candidates[0] if len(candidates) == 1 else None
+            continue
+        return None
+    return None
+
+
+def _is_gate(node: torch.fx.Node, modules: Dict[str, nn.Module]) -> bool:
+    module = _module(node, modules)
+    if module is not None:
+        return timm_glue.is_sigmoid_gate(module)
+    name = getattr(node.target, "__name__", str(node.target))
+    return "sigmoid" in name
+
+
+def _skip_identity_modules(node: torch.fx.Node, modules: Dict[str, nn.Module]) -> torch.fx.Node:
+    while isinstance(_module(node, modules), nn.Identity):
+        node = node.args[0]
+    return node
+
+
+def find_residual_blocks(model: nn.Module, graph: Optional[torch.fx.Graph] = None) -> List[BlockSite]:
+    """Find every residual add with an identity shortcut and classify its block for block-level gating."""
+    modules = dict(model.named_modules())
+    graph = graph if graph is not None else trace(model)
+    calls = collections.Counter(n.target for n in graph.nodes if n.op == "call_module")
+    by_block: Dict[str, List[torch.fx.Node]] = collections.defaultdict(list)
+    for node in graph.nodes:
+        if _is_add(node) and len(_tensor_args(node)) == 2 and _scope(node):
+            by_block[_scope(node)[-1]].append(node)
+
+    sites = []
+    for block, adds in by_block.items():
+        site = BlockSite(block)
+        if len(adds) > 1:
+            continue  # several adds in one forward (Res2Net scales, HRNet fusion): not a single residual block
+        add = adds[0]
+        a, b = _tensor_args(add)
+        outside = [not _inside(_skip_identity_modules(x, modules), block) for x in (a, b)]
+        if outside.count(True) != 1:
+            continue  # the shortcut is computed inside the block (projection) or both operands come from outside
+        sites.append(site)
+        branch = b if outside[0] else a
+        site.shortcut = _skip_identity_modules(a if outside[0] else b, modules)
+        norm_node = _walk_back_to_norm(branch, modules)
+        if norm_node is not None and isinstance(_module(norm_node, modules), BlockGate):
+            site.norm, site.gated = norm_node.target, True
+        elif norm_node is None:
+            site.reasons.append(Reason("no BatchNorm at the end of the branch",
+                                       f"the residual branch does not end in a BatchNorm (ends in "
+                                       f"{_describe(branch, modules)})"))
+        else:
+            site.norm = norm_node.target
+            norm = modules[site.norm]
+            if isinstance(norm, timm_glue.NORM_ACT_TYPES) and not isinstance(getattr(norm, "act", None), nn.Identity):
+                site.reasons.append(Reason("BatchNorm with activation ends the branch",
+                                           f"'{site.norm}' applies {type(norm.act).__name__} inside"))
+            if calls[site.norm] > 1:
+                site.reasons.append(Reason("output used more than once", f"'{site.norm}' is called more than once"))
+        users = list(add.users)
+        if len(users) == 1 and _inside(users[0], block) and _module(users[0], modules) is not None:
+            act = users[0]
+            if any(_inside(u, block) for u in act.users):
+                site.reasons.append(Reason("block computes more after the add",
+                                           f"'{block}' computes more after its residual add"))
+            site.act = act.target
+        elif any(_inside(u, block) for u in users):
+            site.reasons.append(Reason("block computes more after the add",
+                                       f"'{block}' computes more after its residual add"))
+    return sites
+
+
+# Outputs of these modules / functions are >= 0; these let a non-negative input through unchanged in sign.
+_NONNEG_MODULES = (nn.ReLU, nn.ReLU6, nn.Sigmoid, nn.Hardsigmoid)
+_SIGN_KEEPING = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+
+
+def is_nonnegative(node: torch.fx.Node, modules: Dict[str, nn.Module]) -> bool:
+    """Whether the tensor of ``node`` is provably >= 0 (it comes from a ReLU-like op through sign-keeping ops)."""
+    while node is not None:
+        module = _module(node, modules)
+        if module is not None:
+            act = getattr(module, "act", None) if isinstance(module, timm_glue.NORM_ACT_TYPES) else module
+            if isinstance(act, _NONNEG_MODULES):
+                return True
+            if timm_glue.passes_through(module) or isinstance(module, _SIGN_KEEPING):
+                node = node.args[0]
+                continue
+            return False
+        if node.op == "call_function" and getattr(node.target, "__name__", "") in ("relu", "relu6", "sigmoid"):
+            return True
+        return False
+    return False
+
+
+def following_activation(node: torch.fx.Node, modules: Dict[str, nn.Module],
+                         calls: Dict[str, int]) -> Optional[torch.fx.Node]:
+    """The activation module that consumes ``node`` (through pass-through modules), if it alone consumes it."""
+    while len(node.users) == 1:
+        node = next(iter(node.users))
+        module = _module(node, modules)
+        if module is None or calls.get(node.target, 0) > 1:
+            return None
+        if timm_glue.passes_through(module):
+            continue
+        return node if isinstance(module, (nn.ReLU, nn.ReLU6)) else None
+    return None
+
+
+def activation_is_identity(act_node: torch.fx.Node, input_node: torch.fx.Node,
+                           modules: Dict[str, nn.Module]) -> bool:
+    """Whether the activation at ``act_node`` is the identity on the tensor of ``input_node``.
+
+    ReLU is, on a non-negative input; ReLU6 is, on the output of a ReLU6 (non-negative and at most 6).
+    """
+    act = modules[act_node.target]
+    if isinstance(act, nn.ReLU6):
+        source = input_node
+        while isinstance(_module(source, modules), (nn.Identity,)) or (
+                _module(source, modules) is not None and timm_glue.passes_through(_module(source, modules))):
+            source = source.args[0]
+        return isinstance(_module(source, modules), nn.ReLU6)
+    return isinstance(act, nn.ReLU) and is_nonnegative(input_node, modules)

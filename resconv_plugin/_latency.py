@@ -1,0 +1,48 @@
+"""Latency measured on this machine: median wall time of repeated runs after a warm-up."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable, Dict, Iterable, Tuple
+
+import torch
+from torch import nn
+
+__all__ = ["median_latency", "module_latencies"]
+
+
+@torch.no_grad()
+def median_latency(fn: Callable[[], object], repeats: int = 20, warmup: int = 3) -> float:
+    """Median seconds of ``fn()`` over ``repeats`` runs, after ``warmup`` runs that are not timed."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+@torch.no_grad()
+def module_latencies(model: nn.Module, inputs: Tuple[torch.Tensor, ...], groups: Dict[str, Iterable[str]],
+                     repeats: int = 20) -> Dict[str, float]:
+    """Median seconds of each group of submodules run alone on the inputs they get in ``model(*inputs)``.
+
+    ``groups`` maps a key to module names run one after the other (e.g. a conv and the activation after it).
+    """
+    names = {n for group in groups.values() for n in group}
+    captured: Dict[str, torch.Tensor] = {}
+    handles = [model.get_submodule(n).register_forward_pre_hook(
+        lambda m, args, n=n: captured.__setitem__(n, args[0].clone())) for n in names]
+    try:
+        model(*inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    result = {}
+    for key, group in groups.items():
+        calls = [(model.get_submodule(n), captured[n]) for n in group if n in captured]
+        result[key] = median_latency(lambda: [m(x) for m, x in calls], repeats=repeats)
+    return result

@@ -1,0 +1,122 @@
+"""Removing gated layers and blocks from a model: what each removal replaces, and doing it.
+
+A ResConv at ``gamma = 0`` is the identity; a gated block at ``gamma = 0`` is ``[act](x)``. Removal replaces the
+module by ``nn.Identity`` and, where the activation that follows is provably the identity on the layer's input
+(ReLU on a non-negative tensor, ReLU6 on a ReLU6 output), that activation too. Otherwise the activation stays.
+At ``gamma != 0`` the same replacement changes the function; the caller measures and reports by how much.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Dict, List, Optional
+
+import torch.fx
+from torch import nn
+
+from resconv_plugin._block import ResConv
+from resconv_plugin._gate import BlockGate
+from resconv_plugin._graph import (
+    activation_is_identity, find_residual_blocks, following_activation, trace,
+)
+from resconv_plugin._recipe import record_step
+from resconv_plugin._utils import set_submodule
+
+__all__ = ["Removal", "gated_modules", "plan_removal", "remove"]
+
+
+@dataclass(frozen=True)
+class Removal:
+    """One removed layer or block.
+
+    Attributes:
+        name: the ResConv (layer) or the residual block (block).
+        kind: ``"layer"`` or ``"block"``.
+        gamma: the gate value at removal (0 means the removal was exact).
+        replaced_by: ``"identity"``, or ``"activation"`` for a block whose trailing activation had to stay.
+        removed_activation: name of an activation module that became ``nn.Identity`` because it was provably the
+            identity on its input, else None.
+    """
+
+    name: str
+    kind: str
+    gamma: float
+    replaced_by: str = "identity"
+    removed_activation: Optional[str] = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def gated_modules(model: nn.Module, graph: Optional[torch.fx.Graph] = None) -> Dict[str, nn.Module]:
+    """``{name: gate}`` in module order: each ResConv under its own name, each BlockGate under its block's name."""
+    blocks = {}
+    if any(isinstance(m, BlockGate) for m in model.modules()):
+        modules = dict(model.named_modules())
+        blocks = {s.name: modules[s.norm] for s in find_residual_blocks(model, graph) if s.gated}
+    gates = {}
+    for name, module in model.named_modules():
+        if isinstance(module, ResConv):
+            gates[name] = module
+        elif name in blocks:
+            gates[name] = blocks[name]
+    return gates
+
+
+def plan_removal(model: nn.Module, name: str, graph: Optional[torch.fx.Graph] = None) -> Removal:
+    """What removing the gated layer or block ``name`` would replace (the model is not changed)."""
+    graph = graph if graph is not None else trace(model)
+    modules = dict(model.named_modules())
+    calls: Dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    module = modules.get(name)
+    if isinstance(module, ResConv):
+        node = next(n for n in graph.nodes if n.op == "call_module" and n.target == name)
+        act = following_activation(node, modules, calls)
+        removed = act.target if act is not None and activation_is_identity(act, node.args[0], modules) else None
+        return Removal(name, "layer", float(module.gamma), removed_activation=removed)
+    site = next((s for s in find_residual_blocks(model, graph) if s.name == name and s.gated), None)
+    if site is None:
+        raise ValueError(f"'{name}' is neither a ResConv nor a gated residual block of this model")
+    gamma = float(modules[site.norm].gamma)
+    if site.act is None:
+        return Removal(name, "block", gamma)
+    act_node = next(n for n in graph.nodes if n.op == "call_module" and n.target == site.act)
+    if activation_is_identity(act_node, site.shortcut, modules):
+        return Removal(name, "block", gamma, removed_activation=site.act)
+    return Removal(name, "block", gamma, replaced_by="activation")
+
+
+def remove(model: nn.Module, names: List[str]) -> List[Removal]:
+    """Remove the gated layers / blocks ``names`` from ``model`` in place, in order; returns what was done.
+
+    Each removal is planned on the structure left by the previous ones (re-traced), so an activation is dropped
+    only when it is provably the identity in the final network. The step is recorded in the model's recipe.
+    """
+    done = []
+    for name in names:
+        removal = plan_removal(model, name)
+        if removal.kind == "layer":
+            set_submodule(model, name, nn.Identity())
+            if removal.removed_activation:
+                set_submodule(model, removal.removed_activation, nn.Identity())
+        else:
+            block = model.get_submodule(name)
+            keep_act = removal.replaced_by == "activation"
+            act = block.get_submodule(_relative(name, _block_act(model, name))) if keep_act else None
+            set_submodule(model, name, act if keep_act else nn.Identity())
+        done.append(removal)
+    if done:
+        record_step(model, "remove", names=[r.name for r in done])
+    return done
+
+
+def _block_act(model: nn.Module, name: str) -> str:
+    site = next(s for s in find_residual_blocks(model) if s.name == name)
+    return site.act
+
+
+def _relative(block: str, name: str) -> str:
+    return name[len(block) + 1:]

@@ -1,0 +1,160 @@
+"""CIFAR-style ResNets (He et al. 2016, Sec. 4.2), registered with timm: ``timm.create_model("cifar_resnet56")``.
+
+A 3x3 stem (16 channels), three stages of ``n`` BasicBlocks with 16 / 32 / 64 channels, global average pooling and a
+linear classifier: depth ``6n + 2``. Stage transitions use the parameter-free "option A" shortcut (stride-2
+subsampling and zero-padded channels), which gives the well-known parameter counts (ResNet-20: 0.27M, ResNet-56:
+0.85M, ResNet-110: 1.7M). Works at any input size >= 8 and any ``in_chans`` (1 for Fashion-MNIST / MNIST).
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+import torch.nn.functional as F
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from torch import nn
+
+__all__ = ["CifarResNet", "BasicBlock"]
+
+
+class ShortcutA(nn.Module):
+    """Option A shortcut: subsample by ``stride`` and zero-pad the channels up to ``out_channels``."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int) -> None:
+        super().__init__()
+        self.stride = stride
+        self.pad = out_channels - in_channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x[:, :, ::self.stride, ::self.stride]
+        return F.pad(x, (0, 0, 0, 0, self.pad // 2, self.pad - self.pad // 2))
+
+
+class BasicBlock(nn.Module):
+    """conv3x3 -> BN -> ReLU -> conv3x3 -> BN, + shortcut, ReLU (the timm / torchvision layout)."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1, shortcut: bool = True) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.act1 = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.act2 = nn.ReLU(inplace=True)
+        self.has_shortcut = shortcut
+        self.downsample = ShortcutA(in_channels, out_channels, stride) if stride != 1 or in_channels != out_channels \
+            else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x if self.downsample is None else self.downsample(x)
+        x = self.act1(self.bn1(self.conv1(x)))
+        x = self.bn2(self.conv2(x))
+        if self.has_shortcut:
+            x = x + shortcut
+        return self.act2(x)
+
+
+class CifarResNet(nn.Module):
+    """CIFAR ResNet (or, with ``shortcut=False``, the plain network of the same depth).
+
+    Args:
+        depth: ``6n + 2`` (20, 32, 44, 56, 110, ...).
+        num_classes: classifier outputs.
+        in_chans: input channels.
+        widths: channels of the three stages.
+        shortcut: False builds the plain network (no residual adds).
+        drop_rate: dropout before the classifier.
+    """
+
+    def __init__(self, depth: int = 20, num_classes: int = 10, in_chans: int = 3, widths: List[int] = (16, 32, 64),
+                 shortcut: bool = True, drop_rate: float = 0.0, **kwargs) -> None:
+        super().__init__()
+        if (depth - 2) % 6 != 0 or depth < 8:
+            raise ValueError(f"depth must be 6n + 2 with n >= 1 (20, 32, 44, 56, 110, ...), got {depth}")
+        n = (depth - 2) // 6
+        self.num_classes = num_classes
+        self.num_features = widths[-1]
+        self.drop_rate = drop_rate
+        self.conv1 = nn.Conv2d(in_chans, widths[0], 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(widths[0])
+        self.act1 = nn.ReLU(inplace=True)
+        stages, channels = [], widths[0]
+        for i, width in enumerate(widths):
+            blocks = [BasicBlock(channels if j == 0 else width, width, 2 if (i > 0 and j == 0) else 1, shortcut)
+                      for j in range(n)]
+            stages.append(nn.Sequential(*blocks))
+            channels = width
+        self.layer1, self.layer2, self.layer3 = stages
+        self.global_pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(channels, num_classes) if num_classes > 0 else nn.Identity()
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def get_classifier(self) -> nn.Module:
+        return self.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        self.num_classes = num_classes
+        self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act1(self.bn1(self.conv1(x)))
+        return self.layer3(self.layer2(self.layer1(x)))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.global_pool(x).flatten(1)
+        if self.drop_rate:
+            x = F.dropout(x, p=self.drop_rate, training=self.training)
+        return x if pre_logits else self.fc(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def _cfg(**kwargs) -> dict:
+    return {"num_classes": 10, "input_size": (3, 32, 32), "pool_size": (8, 8), "crop_pct": 1.0,
+            "interpolation": "bilinear", "mean": (0.4914, 0.4822, 0.4465), "std": (0.2470, 0.2435, 0.2616),
+            "first_conv": "conv1", "classifier": "fc", **kwargs}
+
+
+_DEPTHS = {"cifar_resnet20": 20, "cifar_resnet32": 32, "cifar_resnet44": 44, "cifar_resnet56": 56,
+           "cifar_resnet110": 110}
+default_cfgs = generate_default_cfgs({name: _cfg() for name in _DEPTHS})
+
+
+def _create(name: str, pretrained: bool, shortcut: bool = True, **kwargs) -> CifarResNet:
+    if pretrained and not (kwargs.get("pretrained_cfg_overlay") or {}).get("file"):
+        raise ValueError(f"{name} has no hub weights: pass pretrained_cfg_overlay=dict(file=PATH) with a local file")
+    return build_model_with_cfg(CifarResNet, name, pretrained, depth=_DEPTHS[name], shortcut=shortcut, **kwargs)
+
+
+@register_model
+def cifar_resnet20(pretrained: bool = False, **kwargs) -> CifarResNet:
+    """ResNet-20 for CIFAR (0.27M parameters)."""
+    return _create("cifar_resnet20", pretrained, **kwargs)
+
+
+@register_model
+def cifar_resnet32(pretrained: bool = False, **kwargs) -> CifarResNet:
+    """ResNet-32 for CIFAR (0.46M parameters)."""
+    return _create("cifar_resnet32", pretrained, **kwargs)
+
+
+@register_model
+def cifar_resnet44(pretrained: bool = False, **kwargs) -> CifarResNet:
+    """ResNet-44 for CIFAR (0.66M parameters)."""
+    return _create("cifar_resnet44", pretrained, **kwargs)
+
+
+@register_model
+def cifar_resnet56(pretrained: bool = False, **kwargs) -> CifarResNet:
+    """ResNet-56 for CIFAR (0.85M parameters)."""
+    return _create("cifar_resnet56", pretrained, **kwargs)
+
+
+@register_model
+def cifar_resnet110(pretrained: bool = False, **kwargs) -> CifarResNet:
+    """ResNet-110 for CIFAR (1.7M parameters)."""
+    return _create("cifar_resnet110", pretrained, **kwargs)
