@@ -4,7 +4,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench clean
+FMNIST := /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz
+
+.PHONY: install data demo test test-slow bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -14,11 +16,20 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# Fashion-MNIST from Debian's package, where apt is available (tests that need it fail in CI without it).
+data:
+	@test -f $(FMNIST) || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
+		(apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) || \
+		echo "Fashion-MNIST not installed: apt-get install dataset-fashion-mnist (tests needing it will skip)"; }
+
 demo: $(STAMP)
 	$(PY) examples/convert_and_fuse.py
 
-test: $(STAMP)
+test: $(STAMP) data
 	$(PY) -m pytest
+
+test-slow: $(STAMP) data
+	$(PY) -m pytest -m slow
 
 bench: $(STAMP)
 	$(PY) benchmarks/convert_fuse_speed.py

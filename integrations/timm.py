@@ -104,3 +104,12 @@ def passes_through(module: nn.Module) -> bool:
 def is_sigmoid_gate(module: nn.Module) -> bool:
     """The gate of a squeeze-excite style ``x * gate(...)`` (sigmoid, hard-sigmoid and timm's variants)."""
     return "sigmoid" in type(module).__name__.lower()
+
+
+def close_model_names(name: str, n: int = 5) -> List[str]:
+    """Registered timm model names closest to ``name`` (for 'did you mean' messages)."""
+    import difflib
+
+    import timm
+
+    return difflib.get_close_matches(name, timm.list_models(), n=n, cutoff=0.6)

@@ -4,7 +4,8 @@ Traps handled (DESIGN.md §3): mutable dict defaults shared between pruners (fre
 ``in_channel_groups``, ``out_channel_groups``, ``num_heads``); building the dependency graph leaves the model in
 eval mode (every module's training flag is restored); class types in ``ignored_layers`` are silently dropped by
 torch-pruning (they are expanded to the matching modules here); the classifier is ignored. The gates' scalar
-``gamma`` parameters need no special handling (torch-pruning leaves 0-dim parameters alone; tested).
+``gamma`` parameters are "unwrapped parameters" to torch-pruning, which finds no dimension to prune in a 0-dim
+tensor and leaves them alone (tested); its warning about them is dropped, any other warning passes.
 
 The pruner's pruning history is recorded in the model's recipe, so ``resconv_plugin.save`` / ``load`` rebuild the
 channel-pruned structure. Build a new pruner after any module swap (depth ``step()``, ``fuse``): the graph is stale.
@@ -12,6 +13,9 @@ channel-pruned structure. Build a new pruner after any module swap (depth ``step
 
 from __future__ import annotations
 
+import contextlib
+import re
+import warnings
 from typing import Any, Iterable, List, Optional, Tuple, Union
 
 import torch
@@ -94,8 +98,9 @@ def channel_pruner(
         kwargs[key] = dict(kwargs.get(key) or {})  # fresh dicts: torch-pruning's defaults are shared
     flags = [(m, m.training) for m in model.modules()]
     try:
-        pruner = pruner_class(model, inputs[0] if len(inputs) == 1 else inputs, importance=importance,
-                              ignored_layers=ignored, **kwargs)
+        with _quiet_about_gates(model):
+            pruner = pruner_class(model, inputs[0] if len(inputs) == 1 else inputs, importance=importance,
+                                  ignored_layers=ignored, **kwargs)
     finally:
         for m, flag in flags:
             m.training = flag
@@ -104,11 +109,29 @@ def channel_pruner(
     return pruner
 
 
+@contextlib.contextmanager
+def _quiet_about_gates(model: nn.Module):
+    """torch-pruning warns about 'unwrapped parameters' for the gates' scalar gamma and then (having no dimension
+    to prune) leaves them alone. Drop that warning when it names only gates; pass every other warning on."""
+    gate_names = {n for n, p in model.named_parameters() if p.dim() == 0 and n.endswith("gamma")}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    for w in caught:
+        text = str(w.message)
+        named = re.findall(r"'([^']+)'", text.split("]")[0]) if "Unwrapped parameters detected" in text else None
+        if named is not None and set(named) <= gate_names:
+            continue
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+
+
 def replay_channel_pruning(model: nn.Module, history: list, input_shapes: List[List[int]]) -> None:
     """Redo a recorded channel-pruning history on ``model`` (used by ``resconv_plugin.load``)."""
     inputs: Tuple[torch.Tensor, ...] = tuple(torch.zeros(shape) for shape in input_shapes)
     flags = [(m, m.training) for m in model.modules()]
-    graph = tp.DependencyGraph().build_dependency(model, example_inputs=inputs[0] if len(inputs) == 1 else inputs)
+    with _quiet_about_gates(model):
+        graph = tp.DependencyGraph().build_dependency(model,
+                                                      example_inputs=inputs[0] if len(inputs) == 1 else inputs)
     for m, flag in flags:
         m.training = flag
     graph.load_pruning_history([[name, bool(out), [int(i) for i in idxs]] for name, out, idxs in history])

@@ -157,7 +157,9 @@ def load(path: PathLike) -> nn.Module:
     recipe = read_recipe(path)
     name, kwargs = recipe["model"]["name"], recipe["model"].get("kwargs", {})
     if not timm.is_model(name):
-        close = timm.list_models(f"*{name.split('_')[0]}*")[:5]
+        from resconv_plugin.integrations.timm import close_model_names
+
+        close = close_model_names(name)
         raise ValueError(f"{path}: the recipe is for model {name!r}, which timm does not know"
                          + (f" (close: {', '.join(close)})" if close else "")
                          + "; if a package registers it, import that package before load()")

@@ -78,8 +78,10 @@ class LayerPruner:
       exactly 0, so removing them changes nothing and needs no retraining. Needs the optimizer
       (``optimizer=...`` or :meth:`attach`); the momentum / Adam state of a gate at 0 is cleared, so it stays at 0
       unless the task gradient itself pulls it back.
-    * ``mode="subgradient"``: ``grad += reg * sign(gamma)`` in ``regularize()``, like ``BNScalePruner``; gates hover
-      near, not at, zero. :meth:`penalty` gives the same L1 term for adding to the loss yourself.
+    * ``mode="subgradient"``: ``grad += reg * sign(gamma)`` in ``regularize()``, exactly like ``BNScalePruner``.
+      Gates hover near, not at, zero (and may leave [0, 1]: nothing clamps them), so removal changes the output;
+      with SGD momentum the push is about ``1 / (1 - momentum)`` times stronger than the proximal step at the same
+      ``reg``. :meth:`penalty` gives the same L1 term for adding to the loss yourself.
 
     **Selection** (exactly one; default ``threshold=0.0``, i.e. exactly-zero gates): ``threshold`` on gamma;
     ``pruning_ratio`` = fraction of the (not ignored) gates; ``flops_reduction`` = fraction of the fused model's
@@ -215,7 +217,7 @@ class LayerPruner:
     @property
     def gates(self) -> Dict[str, float]:
         """``{name: gamma}`` of the gates this pruner regularises and may remove."""
-        return {n: float(g.gamma) for n, g in self._gates.items()}
+        return {n: g.gamma.item() for n, g in self._gates.items()}
 
     def penalty(self, reg: Optional[float] = None) -> torch.Tensor:
         """The L1 term ``reg * sum(|gamma|)``, to add to the loss instead of calling :meth:`regularize`."""
@@ -244,10 +246,10 @@ class LayerPruner:
             check_module(model)
         reg = self.reg if reg is None else float(reg)
         if self.mode == "subgradient":
-            for gate in self._gates.values():
-                if gate.gamma.grad is not None:
-                    gate.gamma.grad.add_(reg * torch.sign(gate.gamma.detach()))
             with torch.no_grad():
+                for gate in self._gates.values():
+                    if gate.gamma.grad is not None:
+                        gate.gamma.grad.add_(reg * torch.sign(gate.gamma))
                 self._apply_budget_cap()
             self.steps_done += 1
             return
@@ -340,10 +342,10 @@ class LayerPruner:
         kind = self._budget_kind()
         cost_kind = "latency" if kind == "latency" else "flops"
         saved = self.savings(cost_kind)[0] if kind in ("flops", "latency") or len(self._gates) > 1 else {}
-        order = sorted(self._gates, key=lambda n: (abs(float(self._gates[n].gamma)), -saved.get(n, 0.0),
+        order = sorted(self._gates, key=lambda n: (abs(self._gates[n].gamma.item()), -saved.get(n, 0.0),
                                                    self._order[n]))
         if kind is None:
-            return [n for n in order if abs(float(self._gates[n].gamma)) <= self.threshold]
+            return [n for n in order if abs(self._gates[n].gamma.item()) <= self.threshold]
         if kind == "ratio":
             return order[:math.floor(self.pruning_ratio * len(order) + 1e-9)]
         saved, total = self.savings(kind)

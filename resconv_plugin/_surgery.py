@@ -76,11 +76,11 @@ def plan_removal(model: nn.Module, name: str, graph: Optional[torch.fx.Graph] = 
         node = next(n for n in graph.nodes if n.op == "call_module" and n.target == name)
         act = following_activation(node, modules, calls)
         removed = act.target if act is not None and activation_is_identity(act, node.args[0], modules) else None
-        return Removal(name, "layer", float(module.gamma), removed_activation=removed)
+        return Removal(name, "layer", module.gamma.item(), removed_activation=removed)
     site = next((s for s in find_residual_blocks(model, graph) if s.name == name and s.gated), None)
     if site is None:
         raise ValueError(f"'{name}' is neither a ResConv nor a gated residual block of this model")
-    gamma = float(modules[site.norm].gamma)
+    gamma = modules[site.norm].gamma.item()
     if site.act is None:
         return Removal(name, "block", gamma)
     act_node = next(n for n in graph.nodes if n.op == "call_module" and n.target == site.act)

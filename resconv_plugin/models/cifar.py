@@ -1,9 +1,10 @@
 """CIFAR-style ResNets (He et al. 2016, Sec. 4.2), registered with timm: ``timm.create_model("cifar_resnet56")``.
 
 A 3x3 stem (16 channels), three stages of ``n`` BasicBlocks with 16 / 32 / 64 channels, global average pooling and a
-linear classifier: depth ``6n + 2``. Stage transitions use the parameter-free "option A" shortcut (stride-2
-subsampling and zero-padded channels), which gives the well-known parameter counts (ResNet-20: 0.27M, ResNet-56:
-0.85M, ResNet-110: 1.7M). Works at any input size >= 8 and any ``in_chans`` (1 for Fashion-MNIST / MNIST).
+linear classifier: depth ``6n + 2``. Stage transitions use, by default, a 1x1 conv + BN projection shortcut
+("option B", as in torch-pruning's CIFAR benchmarks: torch-pruning cannot trace the zero-padding of "option A");
+``downsample="A"`` gives the parameter-free original. Parameters (B / A): ResNet-20 0.272M / 0.269M, ResNet-56
+0.856M / 0.853M, ResNet-110 1.730M / 1.728M. Works at any input size >= 8 and any ``in_chans``.
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ class ShortcutA(nn.Module):
 class BasicBlock(nn.Module):
     """conv3x3 -> BN -> ReLU -> conv3x3 -> BN, + shortcut, ReLU (the timm / torchvision layout)."""
 
-    def __init__(self, in_channels: int, out_channels: int, stride: int = 1, shortcut: bool = True) -> None:
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1, shortcut: bool = True,
+                 downsample: str = "B") -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(out_channels)
@@ -43,8 +45,10 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(out_channels)
         self.act2 = nn.ReLU(inplace=True)
         self.has_shortcut = shortcut
-        self.downsample = ShortcutA(in_channels, out_channels, stride) if stride != 1 or in_channels != out_channels \
-            else None
+        self.downsample = None
+        if shortcut and (stride != 1 or in_channels != out_channels):
+            self.downsample = ShortcutA(in_channels, out_channels, stride) if downsample == "A" else nn.Sequential(
+                nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False), nn.BatchNorm2d(out_channels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x if self.downsample is None else self.downsample(x)
@@ -64,14 +68,17 @@ class CifarResNet(nn.Module):
         in_chans: input channels.
         widths: channels of the three stages.
         shortcut: False builds the plain network (no residual adds).
+        downsample: stage-transition shortcut, ``"B"`` (1x1 conv + BN) or ``"A"`` (subsample + zero-pad channels).
         drop_rate: dropout before the classifier.
     """
 
     def __init__(self, depth: int = 20, num_classes: int = 10, in_chans: int = 3, widths: List[int] = (16, 32, 64),
-                 shortcut: bool = True, drop_rate: float = 0.0, **kwargs) -> None:
+                 shortcut: bool = True, downsample: str = "B", drop_rate: float = 0.0, **kwargs) -> None:
         super().__init__()
         if (depth - 2) % 6 != 0 or depth < 8:
             raise ValueError(f"depth must be 6n + 2 with n >= 1 (20, 32, 44, 56, 110, ...), got {depth}")
+        if downsample not in ("A", "B"):
+            raise ValueError(f"downsample must be 'A' or 'B', got {downsample!r}")
         n = (depth - 2) // 6
         self.num_classes = num_classes
         self.num_features = widths[-1]
@@ -81,8 +88,8 @@ class CifarResNet(nn.Module):
         self.act1 = nn.ReLU(inplace=True)
         stages, channels = [], widths[0]
         for i, width in enumerate(widths):
-            blocks = [BasicBlock(channels if j == 0 else width, width, 2 if (i > 0 and j == 0) else 1, shortcut)
-                      for j in range(n)]
+            blocks = [BasicBlock(channels if j == 0 else width, width, 2 if (i > 0 and j == 0) else 1, shortcut,
+                                 downsample) for j in range(n)]
             stages.append(nn.Sequential(*blocks))
             channels = width
         self.layer1, self.layer2, self.layer3 = stages

@@ -1,0 +1,262 @@
+"""LayerPruner: sparsity training drives useless gates to exactly 0, budgets are met, removal is exact at 0."""
+
+import copy
+import math
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+import resconv_plugin
+from helpers import randomize_bn
+from resconv_plugin import LayerPruner
+from tiny_tasks import StripesNet, accuracy, stripes, train
+
+X_TRAIN, Y_TRAIN = stripes(1024, seed=0)
+X_TEST, Y_TEST = stripes(512, seed=1)
+
+
+def stripes_run(useless_first: bool, reg: float = 0.5, steps: int = 300, mode: str = "proximal"):
+    torch.manual_seed(0)
+    net = StripesNet(useless_first)
+    resconv_plugin.convert(net, X_TRAIN[:2])
+    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+    pruner = LayerPruner(net, X_TEST, reg=reg, optimizer=opt, mode=mode)
+    train(net, pruner, opt, X_TRAIN, Y_TRAIN, steps)
+    return net, pruner
+
+
+def test_useless_layer_before_conv_bn_reaches_exactly_zero():
+    """The loophole position: the useless layer feeds a conv + BatchNorm, yet only it goes to 0."""
+    net, pruner = stripes_run(useless_first=True)
+    gates = pruner.gates
+    assert gates["useless.0"] == 0.0
+    assert gates["needed.0"] > 0.3
+    acc = accuracy(net, X_TEST, Y_TEST)
+    assert acc > 0.95
+    assert pruner.step() == ["useless.0"]
+    assert pruner.last_step.max_abs_change == 0.0
+    assert accuracy(net, X_TEST, Y_TEST) == acc
+
+
+def test_needed_layer_before_conv_bn_stays_above_zero():
+    """A needed layer followed by conv + BatchNorm keeps its gate: the convex gate leaves no free shrink to 0."""
+    net, pruner = stripes_run(useless_first=False)
+    assert pruner.gates["needed.0"] > 0.1
+    assert accuracy(net, X_TEST, Y_TEST) > 0.95
+
+
+def test_subgradient_mode_leaves_gates_near_not_at_zero():
+    """torch-pruning's BNScalePruner-style L1: the useless gate gets small but not 0, so removal is not exact."""
+    net, pruner = stripes_run(useless_first=True, mode="subgradient")
+    assert 0.0 < abs(pruner.gates["useless.0"]) < 0.1
+    pruner = LayerPruner(net, X_TEST, threshold=0.1)
+    assert pruner.step() == ["useless.0"]
+    assert pruner.last_step.max_abs_change > 0  # not exact: the measured change is reported
+
+
+def test_proximal_step_follows_learning_rate_and_clears_momentum():
+    model = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4))
+    resconv_plugin.convert(model, torch.randn(2, 4, 5, 5))
+    gate = model[0].gamma
+    opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    pruner = LayerPruner(model, torch.randn(2, 4, 5, 5), reg=0.4, optimizer=opt)
+    opt.zero_grad()
+    pruner.regularize(model)
+    opt.step()  # no gradients: only the proximal step, lr * reg = 0.2
+    assert gate.item() == pytest.approx(0.8)
+    for _ in range(5):
+        model(torch.randn(2, 4, 5, 5)).sum().backward()  # momentum builds up
+        pruner.regularize(model)
+        opt.step()
+        opt.zero_grad()
+    with torch.no_grad():
+        gate.fill_(0.05)
+    pruner.regularize(model)
+    opt.step()  # 0.05 - 0.2 -> clamped to exactly 0, momentum cleared
+    assert gate.item() == 0.0 and opt.state[gate]["momentum_buffer"].item() == 0.0
+    opt.param_groups[0]["lr"] = 1e-4  # decayed lr: the shrink is tiny, yet nothing pushes the gate off 0
+    opt.step()
+    assert gate.item() == 0.0
+
+
+def test_unarmed_optimizer_step_applies_nothing_and_penalty():
+    model = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4))
+    resconv_plugin.convert(model, torch.randn(2, 4, 5, 5))
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    pruner = LayerPruner(model, torch.randn(2, 4, 5, 5), reg=0.4, optimizer=opt)
+    opt.step()  # regularize() not called: e.g. during fine-tuning
+    assert model[0].gamma.item() == 1.0
+    assert pruner.penalty().item() == pytest.approx(0.4) and pruner.penalty().requires_grad
+
+
+@pytest.fixture
+def resnet18():
+    torch.manual_seed(0)
+    model = randomize_bn(timm.create_model("resnet18", num_classes=10)).eval()
+    x = torch.randn(2, 3, 64, 64)
+    resconv_plugin.convert(model, x, level="block")
+    resconv_plugin.convert(model, x)
+    return model, x
+
+
+@pytest.mark.parametrize("names", [["layer1.0.conv1", "layer2.1.conv1"], ["layer3.1"], ["layer1.1", "layer1.1.conv1"]],
+                         ids=["layers", "block", "block-and-its-layer"])
+def test_removal_at_zero_is_exact(resnet18, names):
+    model, x = resnet18
+    gates = resconv_plugin.gated_modules(model)
+    with torch.no_grad():
+        for n in names:
+            gates[n].gamma.zero_()
+        before = model(x)
+    pruner = LayerPruner(model, x)
+    assert set(pruner.step()) == set(names)
+    with torch.no_grad():
+        assert torch.equal(model(x), before)
+    assert pruner.last_step.max_abs_change == 0.0
+    assert all(n not in resconv_plugin.gated_modules(model) for n in names)
+
+
+def test_removal_drops_relu_only_where_provably_identity(resnet18):
+    model, x = resnet18
+    pruner = LayerPruner(model, x, pruning_ratio=0.99)
+    history = {h["name"]: h for h in (pruner.step() and pruner.pruning_history())}
+    # conv1 of a BasicBlock reads the block input (a ReLU output): its act1 goes; conv2 feeds the add: nothing to drop
+    assert history["layer1.0.conv1"]["removed_activation"] == "layer1.0.act1"
+    assert isinstance(model.layer2[0].act1, nn.Identity) is False  # layer2.0.conv1 is strided: never gated
+
+
+def test_nonzero_removal_reports_change_and_recalibrates(resnet18):
+    model, x = resnet18
+    gates = resconv_plugin.gated_modules(model)
+    with torch.no_grad():
+        gates["layer2.1.conv1"].gamma.fill_(0.2)
+    pruner = LayerPruner(model, x, threshold=0.25)
+    assert pruner.step(calibration_inputs=torch.randn(8, 3, 64, 64), recalibrate_bn=True) == ["layer2.1.conv1"]
+    report = pruner.last_step
+    assert report.max_abs_change > 0 and report.relative_change > 0
+    assert report.recalibrated and report.change_after_recalibration is not None
+    assert report.removed[0].gamma == pytest.approx(0.2)
+
+
+def fused_flops(model, x):
+    return resconv_plugin.count_flops(resconv_plugin.fuse(copy.deepcopy(model).eval()), x).total
+
+
+@pytest.mark.parametrize("target", [0.2, 0.45])
+def test_flops_reduction_meets_target_within_one_layer(resnet18, target):
+    model, x = resnet18
+    x1 = x[:1]
+    base = fused_flops(model, x1)
+    torch.manual_seed(1)
+    with torch.no_grad():  # a ranking as after sparsity training
+        for g in resconv_plugin.gated_modules(model).values():
+            g.gamma.uniform_(0, 1)
+    pruner = LayerPruner(model, x1, flops_reduction=target)
+    saved, total = pruner.savings("flops")
+    assert total == base
+    names = pruner.step()
+    achieved = 1 - fused_flops(model, x1) / base
+    largest = max(saved[n] for n in names) / base
+    assert target <= achieved < target + largest
+    assert achieved == pytest.approx(sum(saved[n] for n in names) / base, abs=0.01)
+
+
+def test_pruning_ratio_and_threshold(resnet18):
+    model, x = resnet18
+    gates = resconv_plugin.gated_modules(model)
+    with torch.no_grad():
+        for i, g in enumerate(gates.values()):
+            g.gamma.fill_(i / len(gates))
+    order = list(gates)
+    pruner = LayerPruner(model, x, pruning_ratio=0.5)
+    assert pruner.select() == order[:math.floor(0.5 * len(order))]
+    pruner = LayerPruner(model, x, threshold=2.5 / len(gates))
+    assert pruner.select() == order[:3]
+
+
+def test_latency_reduction_selection_meets_target(resnet18):
+    model, x = resnet18
+    pruner = LayerPruner(model, x[:1], latency_reduction=0.2, latency_repeats=3)
+    saved, total = pruner.savings("latency")
+    chosen = pruner.select()
+    assert set(saved) == set(pruner.gates) and total > 0
+    assert sum(saved[n] for n in chosen) >= 0.2 * total
+    assert sum(saved[n] for n in chosen[:-1]) < 0.2 * total
+
+
+def test_budget_driven_sparsity_zeroes_the_budget():
+    """With a budget and sparsity_steps, the layers that meet it are exactly 0 at the end; removal is exact."""
+    torch.manual_seed(0)
+    model = timm.create_model("cifar_resnet20", num_classes=10, in_chans=1)
+    x, y = torch.randn(32, 1, 28, 28), torch.randint(0, 10, (32,))
+    resconv_plugin.convert(model, x[:1])
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    pruner = LayerPruner(model, x[:1], flops_reduction=0.4, optimizer=opt, sparsity_steps=30, calibration_inputs=x)
+    base = fused_flops(model, x[:1])
+    for _ in range(30):
+        loss = nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        pruner.regularize(model)
+        opt.step()
+    chosen = pruner.select()
+    assert chosen and all(pruner.gates[n] == 0.0 for n in chosen)
+    pruner.step()
+    assert pruner.last_step.max_abs_change == 0.0
+    assert 1 - fused_flops(model, x[:1]) / base >= 0.4
+
+
+def test_ignored_layers(resnet18):
+    model, x = resnet18
+    pruner = LayerPruner(model, x, ignored_layers=["layer1.0", model.layer1[0].conv1, timm.models.resnet.BasicBlock])
+    expected = {n for n in resconv_plugin.gated_modules(model) if n.count(".") == 2} - {"layer1.0.conv1"}
+    assert set(pruner.gates) == expected  # blocks ignored by class, one block by name, one layer by module
+
+
+def test_history_rebuilds_structure(resnet18):
+    model, x = resnet18
+    fresh = copy.deepcopy(model)
+    with torch.no_grad():
+        for n in ["layer1.0", "layer3.1.conv1"]:
+            resconv_plugin.gated_modules(model)[n].gamma.zero_()
+    pruner = LayerPruner(model, x)
+    pruner.step()
+    history = pruner.pruning_history()
+    other = LayerPruner(fresh, x)
+    other.load_pruning_history(history)
+    assert [type(m) for m in fresh.modules()] == [type(m) for m in model.modules()]
+    assert other.pruning_history() == [dict(h, gamma=1.0) for h in history]
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(threshold=0.1, flops_reduction=0.3), ValueError, "exactly one selection mode.*threshold, flops_reduction"),
+    (dict(pruning_ratio=1.0), ValueError, r"pruning_ratio must be in \[0, 1\)"),
+    (dict(flops_reduction=-0.1), ValueError, r"flops_reduction must be in \[0, 1\)"),
+    (dict(latency_reduction="0.3"), TypeError, "latency_reduction must be a float"),
+    (dict(threshold=1.5), ValueError, r"threshold must be in \[0, 1\]"),
+    (dict(flops_reduction=0.95), ValueError, r"flops_reduction=0.95 is unreachable: .* at most 0\.\d+ of"),
+    (dict(mode="l2"), ValueError, "mode must be one of"),
+    (dict(reg=-1), ValueError, "reg must be a non-negative float"),
+    (dict(sparsity_steps=0), ValueError, "sparsity_steps must be a positive int"),
+    (dict(ignored_layers=[3]), TypeError, "ignored_layers entries"),
+])
+def test_bad_arguments(resnet18, kwargs, error, match):
+    model, x = resnet18
+    with pytest.raises(error, match=match):
+        LayerPruner(model, x, **kwargs)
+
+
+def test_model_without_gates():
+    with pytest.raises(ValueError, match="has no ResConv layer or gated block: call resconv_plugin.convert"):
+        LayerPruner(timm.create_model("resnet18"), torch.randn(1, 3, 64, 64))
+
+
+def test_proximal_mode_needs_the_optimizer(resnet18):
+    model, x = resnet18
+    pruner = LayerPruner(model, x)
+    with pytest.raises(ValueError, match="pass optimizer=... to LayerPruner or call pruner.attach"):
+        pruner.regularize(model)
+    with pytest.raises(TypeError, match="optimizer must be a torch.optim.Optimizer"):
+        pruner.attach("sgd")
