@@ -350,7 +350,7 @@ class LayerPruner:
             return order[:math.floor(self.pruning_ratio * len(order) + 1e-9)]
         saved, total = self.savings(kind)
         target = (self.flops_reduction if kind == "flops" else self.latency_reduction) * total
-        reachable = sum(saved[n] for n in order)
+        reachable = sum(saved[n] for n in order if not any(n.startswith(f"{b}.") for b in order))
         if reachable < target:
             what = "flops_reduction" if kind == "flops" else "latency_reduction"
             raise ValueError(f"{what}={target / total:.3g} is unreachable: removing every prunable gate "
@@ -360,6 +360,12 @@ class LayerPruner:
         for name in order:
             if acc >= target:
                 break
+            if any(name.startswith(f"{c}.") for c in chosen):
+                continue  # inside a block already chosen: its saving is part of the block's
+            inner = [c for c in chosen if c.startswith(f"{name}.")]
+            for c in inner:  # a block chosen after layers inside it: count the block once
+                chosen.remove(c)
+                acc -= saved[c]
             chosen.append(name)
             acc += saved[name]
         return chosen
@@ -367,7 +373,9 @@ class LayerPruner:
     # ------------------------------------------------------------------------------------------- removal
     @torch.no_grad()
     def step(self, *, calibration_inputs: Optional[ExampleInputs] = None, recalibrate_bn: bool = False) -> List[str]:
-        """Remove the selected layers / blocks from the model (in place) and return their names.
+        """Remove the selected layers / blocks from the model (in place) and return the names removed.
+
+        A selected layer inside a selected block goes with the block and is not listed separately.
 
         The output change is measured on the calibration inputs (``calibration_inputs``, else the pruner's, else
         ``example_inputs``) in eval mode and kept in :attr:`last_step`: exactly 0 when every removed gate was 0.
@@ -394,11 +402,11 @@ class LayerPruner:
             report.recalibrated = True
         self.last_step = report
         self._history.extend(removed)
-        if any(gated_modules(self.model).values()):
+        if gated_modules(self.model):
             self.update_regularizer()
         else:
             self._gates = {}
-        return names
+        return [r.name for r in removed]
 
     def pruning_history(self) -> List[dict]:
         """Every removal so far, as JSON-able dicts (name, kind, gamma, replaced_by, removed_activation)."""

@@ -93,10 +93,13 @@ def remove(model: nn.Module, names: List[str]) -> List[Removal]:
     """Remove the gated layers / blocks ``names`` from ``model`` in place, in order; returns what was done.
 
     Each removal is planned on the structure left by the previous ones (re-traced), so an activation is dropped
-    only when it is provably the identity in the final network. The step is recorded in the model's recipe.
+    only when it is provably the identity in the final network. A gated layer inside a block removed here goes with
+    the block (it gets no entry of its own). The step is recorded in the model's recipe.
     """
     done = []
     for name in names:
+        if any(name.startswith(f"{r.name}.") for r in done if r.kind == "block"):
+            continue  # inside a block removed in this call: gone with it
         removal = plan_removal(model, name)
         if removal.kind == "layer":
             set_submodule(model, name, nn.Identity())

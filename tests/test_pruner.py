@@ -111,7 +111,8 @@ def test_removal_at_zero_is_exact(resnet18, names):
             gates[n].gamma.zero_()
         before = model(x)
     pruner = LayerPruner(model, x)
-    assert set(pruner.step()) == set(names)
+    removed = pruner.step()
+    assert set(removed) == {n for n in names if not any(n.startswith(f"{m}.") for m in names)}
     with torch.no_grad():
         assert torch.equal(model(x), before)
     assert pruner.last_step.max_abs_change == 0.0
@@ -120,11 +121,22 @@ def test_removal_at_zero_is_exact(resnet18, names):
 
 def test_removal_drops_relu_only_where_provably_identity(resnet18):
     model, x = resnet18
-    pruner = LayerPruner(model, x, pruning_ratio=0.99)
-    history = {h["name"]: h for h in (pruner.step() and pruner.pruning_history())}
-    # conv1 of a BasicBlock reads the block input (a ReLU output): its act1 goes; conv2 feeds the add: nothing to drop
+    gates = resconv_plugin.gated_modules(model)
+    with torch.no_grad():
+        for n in ["layer1.0.conv1", "layer2.0.conv2", "layer3.1"]:
+            gates[n].gamma.zero_()
+    pruner = LayerPruner(model, x)
+    pruner.step()
+    history = {h["name"]: h for h in pruner.pruning_history()}
+    # conv1 of a BasicBlock reads the block input, a ReLU output: the ReLU after it is the identity and goes
     assert history["layer1.0.conv1"]["removed_activation"] == "layer1.0.act1"
-    assert isinstance(model.layer2[0].act1, nn.Identity) is False  # layer2.0.conv1 is strided: never gated
+    assert isinstance(model.layer1[0].act1, nn.Identity)
+    # conv2 feeds the residual add: no activation directly after it
+    assert history["layer2.0.conv2"]["removed_activation"] is None
+    # a block's trailing ReLU acts on x alone once the branch is gone: x is a ReLU output, so the block goes whole
+    assert history["layer3.1"] == {"name": "layer3.1", "kind": "block", "gamma": 0.0, "replaced_by": "identity",
+                                   "removed_activation": "layer3.1.act2"}
+    assert isinstance(model.layer3[1], nn.Identity)
 
 
 def test_nonzero_removal_reports_change_and_recalibrates(resnet18):
@@ -260,3 +272,29 @@ def test_proximal_mode_needs_the_optimizer(resnet18):
         pruner.regularize(model)
     with pytest.raises(TypeError, match="optimizer must be a torch.optim.Optimizer"):
         pruner.attach("sgd")
+
+
+class _Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.act = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU()
+
+    def forward(self, x):
+        return self.act(x + self.bn(self.conv(x)))
+
+
+def test_block_keeps_its_activation_when_input_may_be_negative():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), _Block(), nn.Conv2d(4, 2, 1))  # block input: BN output
+    x = torch.randn(2, 3, 6, 6)
+    resconv_plugin.convert(model, x, level="block")
+    model.eval()
+    with torch.no_grad():
+        model[2].bn.gamma.zero_()
+        before = model(x)
+    pruner = LayerPruner(model, x)
+    assert pruner.step() == ["2"]
+    assert pruner.pruning_history()[0]["replaced_by"] == "activation"
+    assert isinstance(model[2], nn.ReLU)
+    with torch.no_grad():
+        assert torch.equal(model(x), before)
