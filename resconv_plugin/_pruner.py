@@ -340,8 +340,7 @@ class LayerPruner:
                 largest reachable reduction).
         """
         kind = self._budget_kind()
-        cost_kind = "latency" if kind == "latency" else "flops"
-        saved = self.savings(cost_kind)[0] if kind in ("flops", "latency") or len(self._gates) > 1 else {}
+        saved = self.savings("latency" if kind == "latency" else "flops")[0]  # cached; also breaks ties
         order = sorted(self._gates, key=lambda n: (abs(self._gates[n].gamma.item()), -saved.get(n, 0.0),
                                                    self._order[n]))
         if kind is None:
