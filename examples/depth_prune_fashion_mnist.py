@@ -83,6 +83,8 @@ def main() -> None:
     parser.add_argument("--sparsity-epochs", type=int, default=3)
     parser.add_argument("--flops-reduction", type=float, default=0.3)
     parser.add_argument("--reg", type=float, default=1e-2)
+    parser.add_argument("--cap-start", type=float, default=0.0)
+    parser.add_argument("--finetune-epochs", type=int, default=0, help="fine-tune the fused pruned model after")
     parser.add_argument("--lr", type=float, default=0.1)
     parser.add_argument("--sparsity-lr", type=float, default=0.02)
     parser.add_argument("--batch", type=int, default=128)
@@ -126,7 +128,8 @@ def main() -> None:
     converted_acc = accuracy(model, x_test, y_test)
     steps = args.sparsity_epochs * (len(x_train) // args.batch)
     pruner = resconv_plugin.LayerPruner(model, example, reg=args.reg, flops_reduction=args.flops_reduction,
-                                        sparsity_steps=steps, calibration_inputs=x_test[:256])
+                                        sparsity_steps=steps, calibration_inputs=x_test[:256],
+                                        cap_start=args.cap_start)
     train(model, x_train, y_train, args.sparsity_epochs, args.sparsity_lr, args.batch, args.seed + 1, pruner,
           label="sparsity")
     gates = pruner.gates
@@ -137,16 +140,23 @@ def main() -> None:
     fused = resconv_plugin.fuse(model)
     fused_acc = accuracy(fused, x_test, y_test)
     fused_flops = resconv_plugin.count_flops(fused, example)
+    finetuned_acc = None
+    if args.finetune_epochs:
+        train(fused, x_train, y_train, args.finetune_epochs, args.sparsity_lr, args.batch, args.seed + 2,
+              label="fine-tune")
+        finetuned_acc = accuracy(fused, x_test, y_test)
 
     summary = {
         "model": args.model, "model_kwargs": kwargs, "seed": args.seed, "train_images": len(x_train), "test_images": len(x_test),
         "baseline_epochs": args.baseline_epochs, "sparsity_epochs": args.sparsity_epochs, "reg": args.reg,
+        "cap_start": args.cap_start,
         "flops_reduction_target": args.flops_reduction, "converted_layers": len(report.converted),
         "gates": {k: round(v, 6) for k, v in gates.items()},
         "budgeted_layers": budgeted, "budgeted_gates_all_zero": all(gates[n] == 0.0 for n in budgeted),
         "removed": removed, "removal_output_change": pruner.last_step.max_abs_change,
         "acc_baseline": baseline_acc, "acc_converted": converted_acc, "acc_after_sparsity": sparse_acc,
-        "acc_after_removal": pruned_acc, "acc_fused": fused_acc,
+        "acc_after_removal": pruned_acc, "acc_fused": fused_acc, "finetune_epochs": args.finetune_epochs,
+        "acc_finetuned": finetuned_acc,
         "removal_acc_change": pruned_acc - sparse_acc,
         "flops_baseline": baseline_flops.total, "flops_pruned_fused": fused_flops.total,
         "flops_reduction": 1 - fused_flops.total / baseline_flops.total,
@@ -156,7 +166,8 @@ def main() -> None:
     print(f"baseline {baseline_acc:.2f}% -> after sparsity {sparse_acc:.2f}% -> removed {len(removed)} layers "
           f"{pruned_acc:.2f}% (change {pruned_acc - sparse_acc:+.2f}) -> fused {fused_acc:.2f}%; FLOPs "
           f"{baseline_flops.total / 1e6:.2f}M -> {fused_flops.total / 1e6:.2f}M "
-          f"(-{100 * summary['flops_reduction']:.1f}%)")
+          f"(-{100 * summary['flops_reduction']:.1f}%)"
+          + (f"; fine-tuned {args.finetune_epochs} epochs: {finetuned_acc:.2f}%" if finetuned_acc is not None else ""))
     line = json.dumps(summary)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

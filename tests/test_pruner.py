@@ -252,6 +252,7 @@ def test_history_rebuilds_structure(resnet18):
     (dict(mode="l2"), ValueError, "mode must be one of"),
     (dict(reg=-1), ValueError, "reg must be a non-negative float"),
     (dict(sparsity_steps=0), ValueError, "sparsity_steps must be a positive int"),
+    (dict(cap_start=0.8), ValueError, r"cap_start must be in \[0, zero_at=0.75\)"),
     (dict(ignored_layers=[3]), TypeError, "ignored_layers entries"),
 ])
 def test_bad_arguments(resnet18, kwargs, error, match):
