@@ -145,7 +145,7 @@ def cifar_resnet20(pretrained: bool = False, **kwargs) -> CifarResNet:
 
 @register_model
 def cifar_resnet32(pretrained: bool = False, **kwargs) -> CifarResNet:
-    """ResNet-32 for CIFAR (0.46M parameters)."""
+    """ResNet-32 for CIFAR (0.47M parameters)."""
     return _create("cifar_resnet32", pretrained, **kwargs)
 
 
@@ -157,7 +157,7 @@ def cifar_resnet44(pretrained: bool = False, **kwargs) -> CifarResNet:
 
 @register_model
 def cifar_resnet56(pretrained: bool = False, **kwargs) -> CifarResNet:
-    """ResNet-56 for CIFAR (0.85M parameters)."""
+    """ResNet-56 for CIFAR (0.86M parameters)."""
     return _create("cifar_resnet56", pretrained, **kwargs)
 
 
