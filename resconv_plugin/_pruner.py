@@ -332,8 +332,8 @@ class LayerPruner:
                 n = by.get(name, 0)
                 if plan.removed_activation:
                     n += by.get(plan.removed_activation, 0)
-                if plan.replaced_by == "activation":
-                    n -= by.get(_block_activation(self.model, name), 0)
+                if plan.kept_activation:
+                    n -= by.get(plan.kept_activation, 0)
                 saved[name] = float(n)
             return saved, float(report.total)
         groups = {name: [name] + ([plan.removed_activation] if plan.removed_activation else [])
@@ -419,7 +419,7 @@ class LayerPruner:
         return [r.name for r in removed]
 
     def pruning_history(self) -> List[dict]:
-        """Every removal so far, as JSON-able dicts (name, kind, gamma, replaced_by, removed_activation)."""
+        """Every removal so far, as JSON-able dicts (name, kind, gamma, replaced_by, removed/kept activation)."""
         return [r.to_dict() for r in self._history]
 
     def load_pruning_history(self, history: Sequence[dict]) -> None:
@@ -431,12 +431,6 @@ class LayerPruner:
             raise ValueError(f"pruning history names gates this model does not have: {missing[:5]}")
         self._history.extend(remove(self.model, [h["name"] for h in history]))
         self.update_regularizer()
-
-
-def _block_activation(model: nn.Module, block: str) -> str:
-    from resconv_plugin._graph import find_residual_blocks
-
-    return next(s.act for s in find_residual_blocks(model) if s.name == block)
 
 
 @torch.no_grad()

@@ -36,6 +36,8 @@ class Removal:
         replaced_by: ``"identity"``, or ``"activation"`` for a block whose trailing activation had to stay.
         removed_activation: name of an activation module that became ``nn.Identity`` because it was provably the
             identity on its input, else None.
+        kept_activation: for ``replaced_by == "activation"``, the block's activation module that now stands in its
+            place, else None.
     """
 
     name: str
@@ -43,6 +45,7 @@ class Removal:
     gamma: float
     replaced_by: str = "identity"
     removed_activation: Optional[str] = None
+    kept_activation: Optional[str] = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -86,7 +89,7 @@ def plan_removal(model: nn.Module, name: str, graph: Optional[torch.fx.Graph] = 
     act_node = next(n for n in graph.nodes if n.op == "call_module" and n.target == site.act)
     if activation_is_identity(act_node, site.shortcut, modules):
         return Removal(name, "block", gamma, removed_activation=site.act)
-    return Removal(name, "block", gamma, replaced_by="activation")
+    return Removal(name, "block", gamma, replaced_by="activation", kept_activation=site.act)
 
 
 def remove(model: nn.Module, names: List[str]) -> List[Removal]:
@@ -106,20 +109,9 @@ def remove(model: nn.Module, names: List[str]) -> List[Removal]:
             if removal.removed_activation:
                 set_submodule(model, removal.removed_activation, nn.Identity())
         else:
-            block = model.get_submodule(name)
-            keep_act = removal.replaced_by == "activation"
-            act = block.get_submodule(_relative(name, _block_act(model, name))) if keep_act else None
-            set_submodule(model, name, act if keep_act else nn.Identity())
+            kept = model.get_submodule(removal.kept_activation) if removal.kept_activation else nn.Identity()
+            set_submodule(model, name, kept)
         done.append(removal)
     if done:
         record_step(model, "remove", names=[r.name for r in done])
     return done
-
-
-def _block_act(model: nn.Module, name: str) -> str:
-    site = next(s for s in find_residual_blocks(model) if s.name == name)
-    return site.act
-
-
-def _relative(block: str, name: str) -> str:
-    return name[len(block) + 1:]

@@ -135,7 +135,7 @@ def test_removal_drops_relu_only_where_provably_identity(resnet18):
     assert history["layer2.0.conv2"]["removed_activation"] is None
     # a block's trailing ReLU acts on x alone once the branch is gone: x is a ReLU output, so the block goes whole
     assert history["layer3.1"] == {"name": "layer3.1", "kind": "block", "gamma": 0.0, "replaced_by": "identity",
-                                   "removed_activation": "layer3.1.act2"}
+                                   "removed_activation": "layer3.1.act2", "kept_activation": None}
     assert isinstance(model.layer3[1], nn.Identity)
 
 
@@ -296,6 +296,7 @@ def test_block_keeps_its_activation_when_input_may_be_negative():
     pruner = LayerPruner(model, x)
     assert pruner.step() == ["2"]
     assert pruner.pruning_history()[0]["replaced_by"] == "activation"
+    assert pruner.pruning_history()[0]["kept_activation"] == "2.act"
     assert isinstance(model[2], nn.ReLU)
     with torch.no_grad():
         assert torch.equal(model(x), before)
