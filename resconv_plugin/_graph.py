@@ -21,7 +21,7 @@ from resconv_plugin._block import Reason, ResConv, bn_compatibility, identity_co
 from resconv_plugin._gate import BlockGate
 from resconv_plugin.integrations import timm as timm_glue
 
-__all__ = ["ConvSite", "BlockSite", "find_conv_sites", "find_residual_blocks", "trace"]
+__all__ = ["ConvSite", "BlockSite", "call_counts", "find_conv_sites", "find_residual_blocks", "trace"]
 
 
 @dataclass
@@ -66,6 +66,11 @@ def trace(model: nn.Module) -> torch.fx.Graph:
 
 # Ops that only move data: when one follows a conv, the summary names what comes after it.
 _VIEW_OPS = {"permute", "reshape", "view", "contiguous", "flatten", "transpose", "squeeze", "unsqueeze"}
+
+
+def call_counts(graph: torch.fx.Graph) -> Dict[str, int]:
+    """How many times each submodule (by qualified name) is called in ``graph``."""
+    return dict(collections.Counter(n.target for n in graph.nodes if n.op == "call_module"))
 
 
 def _describe(node: torch.fx.Node, modules: Dict[str, nn.Module]) -> str:
@@ -116,6 +121,7 @@ def find_conv_sites(model: nn.Module, called: Optional[Set[str]] = None) -> Tupl
         if node.op == "call_module":
             call_nodes[node.target].append(node)
 
+    calls = call_counts(graph)
     already = [name for name, m in modules.items() if isinstance(m, ResConv)]
     inside_resconv = {f"{name}.conv" for name in already}
     sites = []
@@ -134,8 +140,8 @@ def find_conv_sites(model: nn.Module, called: Optional[Set[str]] = None) -> Tupl
             kind = type(modules[owner]).__name__
             site.reasons.append(Reason("inside a block that fuses itself", f"inside {kind} '{owner}', which fuses "
                                        "itself (timm reparameterize_model)", kind))
-        if len(nodes) > 1:
-            site.reasons.append(Reason("output used more than once", f"called {len(nodes)} times in forward()"))
+        if calls[name] > 1:
+            site.reasons.append(Reason("output used more than once", f"called {calls[name]} times in forward()"))
             continue
         users = list(nodes[0].users)
         if len(users) != 1:
@@ -150,9 +156,9 @@ def find_conv_sites(model: nn.Module, called: Optional[Set[str]] = None) -> Tupl
             continue
         site.norm = user.target
         site.reasons.extend(bn_compatibility(norm, module.out_channels, allow_norm_act=True))
-        if len(call_nodes[user.target]) > 1:
+        if calls.get(user.target, 0) > 1:
             site.reasons.append(Reason("output used more than once", f"its BatchNorm '{user.target}' is called "
-                                       f"{len(call_nodes[user.target])} times"))
+                                       f"{calls[user.target]} times"))
     return sites, already
 
 
@@ -260,7 +266,7 @@ def find_residual_blocks(model: nn.Module, graph: Optional[torch.fx.Graph] = Non
     """Find every residual add with an identity shortcut and classify its block for block-level gating."""
     modules = dict(model.named_modules())
     graph = graph if graph is not None else trace(model)
-    calls = collections.Counter(n.target for n in graph.nodes if n.op == "call_module")
+    calls = call_counts(graph)
     by_block: Dict[str, List[torch.fx.Node]] = collections.defaultdict(list)
     for node in graph.nodes:
         if _is_add(node) and len(_tensor_args(node)) == 2 and _scope(node):
@@ -292,7 +298,7 @@ def find_residual_blocks(model: nn.Module, graph: Optional[torch.fx.Graph] = Non
             if isinstance(norm, timm_glue.NORM_ACT_TYPES) and not isinstance(getattr(norm, "act", None), nn.Identity):
                 site.reasons.append(Reason("BatchNorm with activation ends the branch",
                                            f"'{site.norm}' applies {type(norm.act).__name__} inside"))
-            if calls[site.norm] > 1:
+            if calls.get(site.norm, 0) > 1:
                 site.reasons.append(Reason("output used more than once", f"'{site.norm}' is called more than once"))
         users = list(add.users)
         if len(users) == 1 and _inside(users[0], block) and _module(users[0], modules) is not None:
@@ -353,8 +359,7 @@ def activation_is_identity(act_node: torch.fx.Node, input_node: torch.fx.Node,
     act = modules[act_node.target]
     if isinstance(act, nn.ReLU6):
         source = input_node
-        while isinstance(_module(source, modules), (nn.Identity,)) or (
-                _module(source, modules) is not None and timm_glue.passes_through(_module(source, modules))):
+        while _module(source, modules) is not None and timm_glue.passes_through(_module(source, modules)):
             source = source.args[0]
         return isinstance(_module(source, modules), nn.ReLU6)
     return isinstance(act, nn.ReLU) and is_nonnegative(input_node, modules)

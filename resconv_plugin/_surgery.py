@@ -17,7 +17,7 @@ from torch import nn
 from resconv_plugin._block import ResConv
 from resconv_plugin._gate import BlockGate
 from resconv_plugin._graph import (
-    activation_is_identity, find_residual_blocks, following_activation, trace,
+    activation_is_identity, call_counts, find_residual_blocks, following_activation, trace,
 )
 from resconv_plugin._recipe import record_step
 from resconv_plugin._utils import set_submodule
@@ -70,10 +70,7 @@ def plan_removal(model: nn.Module, name: str, graph: Optional[torch.fx.Graph] = 
     """What removing the gated layer or block ``name`` would replace (the model is not changed)."""
     graph = graph if graph is not None else trace(model)
     modules = dict(model.named_modules())
-    calls: Dict[str, int] = {}
-    for node in graph.nodes:
-        if node.op == "call_module":
-            calls[node.target] = calls.get(node.target, 0) + 1
+    calls = call_counts(graph)
     module = modules.get(name)
     if isinstance(module, ResConv):
         node = next(n for n in graph.nodes if n.op == "call_module" and n.target == name)
