@@ -29,7 +29,7 @@ from torch import nn
 from resconv_plugin._recipe import recipe_steps
 from resconv_plugin._utils import check_module
 
-__all__ = ["save", "load", "read_recipe", "FORMAT"]
+__all__ = ["save", "load", "read_recipe", "make_recipe", "build_from_recipe", "state_dict_differences", "FORMAT"]
 
 FORMAT = "resconv_plugin.checkpoint.v1"
 _META_KEY = "resconv_recipe"
@@ -90,10 +90,7 @@ def save(model: nn.Module, path: PathLike, *, model_name: Optional[str] = None,
     """
     from safetensors.torch import save_file
 
-    check_module(model)
-    name, kwargs = _model_identity(model, model_name, model_kwargs)
-    recipe = {"format": FORMAT, "resconv_plugin_version": _version(),
-              "model": {"name": name, "kwargs": _jsonable(kwargs)}, "steps": _jsonable(recipe_steps(model))}
+    recipe = make_recipe(model, model_name=model_name, model_kwargs=model_kwargs)
     state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -106,6 +103,37 @@ def save(model: nn.Module, path: PathLike, *, model_name: Optional[str] = None,
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def make_recipe(model: nn.Module, *, model_name: Optional[str] = None,
+                model_kwargs: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """The JSON-able recipe of ``model`` (timm name, kwargs and recorded structure steps) that :func:`save` stores."""
+    check_module(model)
+    name, kwargs = _model_identity(model, model_name, model_kwargs)
+    return {"format": FORMAT, "resconv_plugin_version": _version(),
+            "model": {"name": name, "kwargs": _jsonable(kwargs)}, "steps": _jsonable(recipe_steps(model))}
+
+
+def build_from_recipe(recipe: Dict[str, Any], source: object = "recipe") -> nn.Module:
+    """Create the timm model of ``recipe`` and replay its structure steps (weights stay freshly initialised)."""
+    import timm
+
+    name, kwargs = recipe["model"]["name"], recipe["model"].get("kwargs", {})
+    if not timm.is_model(name):
+        from resconv_plugin.integrations.timm import close_model_names
+
+        close = close_model_names(name)
+        raise ValueError(f"{source}: the recipe is for model {name!r}, which timm does not know"
+                         + (f" (close: {', '.join(close)})" if close else "")
+                         + "; if a package registers it, import that package before load()")
+    model = timm.create_model(name, pretrained=False, **kwargs)
+    for index, step in enumerate(recipe.get("steps", [])):
+        try:
+            _replay(model, step)
+        except Exception as exc:
+            raise ValueError(f"{source}: recipe step {index} ({step.get('op')!r}) does not apply to {name}: {exc}") \
+                from exc
+    return model
 
 
 def read_recipe(path: PathLike) -> Dict[str, Any]:
@@ -151,25 +179,9 @@ def load(path: PathLike) -> nn.Module:
     Example:
         >>> model = resconv_plugin.load("/tmp/resnet18.safetensors")  # doctest: +SKIP
     """
-    import timm
     from safetensors.torch import load_file
 
-    recipe = read_recipe(path)
-    name, kwargs = recipe["model"]["name"], recipe["model"].get("kwargs", {})
-    if not timm.is_model(name):
-        from resconv_plugin.integrations.timm import close_model_names
-
-        close = close_model_names(name)
-        raise ValueError(f"{path}: the recipe is for model {name!r}, which timm does not know"
-                         + (f" (close: {', '.join(close)})" if close else "")
-                         + "; if a package registers it, import that package before load()")
-    model = timm.create_model(name, pretrained=False, **kwargs)
-    for index, step in enumerate(recipe.get("steps", [])):
-        try:
-            _replay(model, step)
-        except Exception as exc:
-            raise ValueError(f"{path}: recipe step {index} ({step.get('op')!r}) does not apply to {name}: {exc}") \
-                from exc
+    model = build_from_recipe(read_recipe(path), path)
     try:
         state = load_file(str(path))
     except Exception as exc:
@@ -204,8 +216,8 @@ def _replay(model: nn.Module, step: Dict[str, Any]) -> None:
         raise ValueError(f"unknown recipe step {op!r}")
 
 
-def _load_state(model: nn.Module, state: Dict[str, torch.Tensor], path: PathLike) -> None:
-    own = model.state_dict()
+def state_dict_differences(own: Dict[str, torch.Tensor], state: Dict[str, torch.Tensor]) -> str:
+    """What differs between two state dicts (missing / unexpected keys, shape mismatches); "" when they match."""
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
@@ -218,7 +230,14 @@ def _load_state(model: nn.Module, state: Dict[str, torch.Tensor], path: PathLike
             parts.append(f"unexpected {len(unexpected)} (e.g. {', '.join(unexpected[:3])})")
         if shapes:
             parts.append(f"{len(shapes)} shape mismatches (e.g. {'; '.join(shapes[:3])})")
-        raise ValueError(f"{path}: the weights do not match the rebuilt model: " + ", ".join(parts))
+        return ", ".join(parts)
+    return ""
+
+
+def _load_state(model: nn.Module, state: Dict[str, torch.Tensor], path: PathLike) -> None:
+    differences = state_dict_differences(model.state_dict(), state)
+    if differences:
+        raise ValueError(f"{path}: the weights do not match the rebuilt model: {differences}")
     model.load_state_dict(state, strict=True)
 
 

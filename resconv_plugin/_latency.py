@@ -9,7 +9,7 @@ from typing import Callable, Dict, Iterable, Tuple
 import torch
 from torch import nn
 
-__all__ = ["median_latency", "module_latencies"]
+__all__ = ["median_latency", "module_latencies", "interleaved_latencies"]
 
 
 @torch.no_grad()
@@ -46,3 +46,20 @@ def module_latencies(model: nn.Module, inputs: Tuple[torch.Tensor, ...], groups:
         calls = [(model.get_submodule(n), captured[n]) for n in group if n in captured]
         result[key] = median_latency(lambda: [m(x) for m, x in calls], repeats=repeats)
     return result
+
+
+@torch.no_grad()
+def interleaved_latencies(fns: Dict[str, Callable[[], object]], repeats: int = 30, warmup: int = 3) -> Dict[str, float]:
+    """Median seconds of each function, timed in turns (A, B, C, A, B, C, ...) so that a slow spell of a shared
+    machine hits all of them alike; the order of each round rotates."""
+    keys = list(fns)
+    for _ in range(warmup):
+        for key in keys:
+            fns[key]()
+    times: Dict[str, list] = {key: [] for key in keys}
+    for r in range(repeats):
+        for key in keys[r % len(keys):] + keys[:r % len(keys)]:
+            start = time.perf_counter()
+            fns[key]()
+            times[key].append(time.perf_counter() - start)
+    return {key: statistics.median(values) for key, values in times.items()}

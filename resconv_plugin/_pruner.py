@@ -242,6 +242,12 @@ class LayerPruner:
         self._optimizer = optimizer
         self._hook = optimizer.register_step_post_hook(lambda opt, args, kwargs: self._after_optimizer_step())
 
+    def detach(self) -> None:
+        """Stop applying the proximal step after the attached optimizer's steps (e.g. once sparsity training ends)."""
+        if self._hook is not None:
+            self._hook.remove()
+        self._hook, self._optimizer = None, None
+
     def regularize(self, model: Optional[nn.Module] = None, reg: Optional[float] = None) -> None:
         """Apply the L1 pressure for this training step; call after ``loss.backward()``, before ``optimizer.step()``.
 

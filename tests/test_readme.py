@@ -1,4 +1,5 @@
-"""The README's Python examples run as written; so does the demo."""
+"""The README's Python examples run as written; so does examples/convert_and_fuse.py (the `resconv demo` is tested
+in test_cli.py)."""
 
 import os
 import re
@@ -27,7 +28,7 @@ def test_readme_has_examples():
     assert len(BLOCKS) >= 2
 
 
-def test_demo_runs():
+def test_convert_and_fuse_example_runs():
     script = README.parent / "examples" / "convert_and_fuse.py"
     out = subprocess.run([sys.executable, str(script), "--model", "resnet18", "--size", "64"], capture_output=True,
                          text=True, timeout=300, env=dict(os.environ))

