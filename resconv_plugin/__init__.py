@@ -18,6 +18,7 @@ from importlib.metadata import PackageNotFoundError, version
 from resconv_plugin._block import ResConv, identity_compatibility
 from resconv_plugin._convert import ConversionReport, ConvertedLayer, SkippedConv, convert
 from resconv_plugin._create import create_model
+from resconv_plugin._deploy import fold_batchnorms
 from resconv_plugin._flops import FlopReport, count_flops, count_params
 from resconv_plugin._fuse import fuse, resconv_layers
 from resconv_plugin._gate import BlockGate
@@ -40,6 +41,7 @@ __all__ = [
     "ConvertedLayer",
     "SkippedConv",
     "fuse",
+    "fold_batchnorms",
     "resconv_layers",
     "count_flops",
     "count_params",

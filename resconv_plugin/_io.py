@@ -208,6 +208,13 @@ def _replay(model: nn.Module, step: Dict[str, Any]) -> None:
         remove(model, list(step["names"]))
     elif op == "fuse":
         fuse(model, inplace=True, training_ok=True)
+    elif op == "fold_batchnorm":
+        from resconv_plugin._deploy import fold_batchnorms
+
+        names = list(step["names"])
+        done = fold_batchnorms(model, names)
+        if sorted(done) != sorted(names):
+            raise ValueError(f"BatchNorms not foldable here: {sorted(set(names) - set(done))[:5]}")
     elif op == "channel_prune":
         from resconv_plugin.integrations.torch_pruning import replay_channel_pruning
 

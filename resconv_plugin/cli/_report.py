@@ -4,9 +4,8 @@ Definitions (also written into every report):
 
 * ``top1``: top-1 accuracy (%) on the validation split.
 * ``flops``: fvcore count with resconv_plugin's op handles (one multiply-add = 1) of the model *as deployed* at
-  batch 1: on a copy, gates fused, then every conv -> BatchNorm pair that layer-level conversion takes (same
-  channels, stride 1) folded as well, so every stage, the baseline included, is counted as the plain network it
-  stands for (conv -> BN pairs that change shape keep their BN in every stage alike).
+  batch 1: on a copy, gates fused (``fuse``) and every conv -> BatchNorm pair folded (``fold_batchnorms``), so every
+  stage, the baseline included, is counted as the plain network it stands for.
 * ``params``: parameters of that model.
 * ``latency_ms``: median wall time of a batch-1 forward of that model on this machine's CPU (eval mode, after a
   warm-up, ``torch.get_num_threads()`` threads), all stages timed in turns at the end of the run (so a slow spell of
@@ -35,24 +34,20 @@ __all__ = ["measure", "deployed", "stage_latencies", "DEFINITIONS", "stage_table
 
 DEFINITIONS = {
     "top1": "top-1 accuracy (%) on the validation split",
-    "flops": "fvcore FLOPs (1 multiply-add = 1, resconv_plugin op handles) at batch 1 of the model as deployed (gates fused, conv-BN pairs folded)",
+    "flops": "fvcore FLOPs (1 multiply-add = 1, resconv_plugin op handles) at batch 1 of the model as deployed (gates fused, every conv-BN pair folded)",
     "params": "parameters of the model as deployed",
     "latency_ms": "median CPU wall time of a batch-1 forward of the model as deployed (eval, after warm-up; stages timed in turns)",
 }
 
 
 def _plain(model: nn.Module, example: torch.Tensor) -> nn.Module:
-    """The model as deployed, in eval mode: gates fused, then every conv -> BatchNorm pair that layer-level
-    conversion takes folded too (converted and fused on the copy), so all stages are measured alike."""
-    from resconv_plugin._convert import convert
+    """The model as deployed, in eval mode, on a copy: gates fused, every conv -> BatchNorm pair folded."""
+    from resconv_plugin._deploy import fold_batchnorms
 
     with torch.no_grad():
         plain = fuse(copy.deepcopy(model).eval(), inplace=True)
-        try:
-            convert(plain, example)
-        except ValueError:  # nothing (left) to fold
-            return plain.eval()
-        return fuse(plain.eval(), inplace=True).eval()
+        fold_batchnorms(plain)
+    return plain.eval()
 
 
 def deployed(model: nn.Module, example: torch.Tensor) -> nn.Module:

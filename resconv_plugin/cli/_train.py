@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -92,10 +92,17 @@ def _kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -
 
 def train_stage(model: nn.Module, data: ImageData, settings: StageSettings, dist: Dist, *,
                 pruner=None, teacher: Optional[nn.Module] = None, resume: Optional[dict] = None,
-                on_epoch_end: Optional[Callable[[StageProgress], None]] = None) -> StageProgress:
+                on_epoch_end: Optional[Callable[[StageProgress], None]] = None,
+                regularizers: Sequence[object] = ()) -> StageProgress:
     """Train ``model`` in place for ``settings.epochs`` epochs, resuming from ``resume`` (a saved StageProgress).
 
-    ``on_epoch_end`` is called with the progress after every epoch (the caller checkpoints it).
+    Args:
+        pruner: a :class:`~resconv_plugin.LayerPruner` (sparsity training: its gates are reported and traced).
+        teacher: distil from this model (``settings.distill_alpha``).
+        resume: a saved :class:`StageProgress` (as a dict) to continue from.
+        on_epoch_end: called with the progress after every epoch (the caller checkpoints it).
+        regularizers: more torch-pruning style regularisers (``regularize(model)`` after ``backward()``), e.g. a
+            ``BNScalePruner`` trained alongside the LayerPruner.
     """
     from timm.data import Mixup
     from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
@@ -134,7 +141,7 @@ def train_stage(model: nn.Module, data: ImageData, settings: StageSettings, dist
     with global_batchnorm(model, dist.enabled):
         net = nn.parallel.DistributedDataParallel(model) if dist.enabled else model
         _epochs(model, net, data, s, dist, loader, optimizer, scheduler, ema, mixup, criterion, progress, pruner,
-                teacher, on_epoch_end)
+                teacher, on_epoch_end, regularizers)
     if ema is not None:
         model.load_state_dict(ema.module.state_dict())
         log.info("%s: the model takes the EMA weights", s.name)
@@ -145,7 +152,7 @@ def train_stage(model: nn.Module, data: ImageData, settings: StageSettings, dist
 
 
 def _epochs(model, net, data, s, dist, loader, optimizer, scheduler, ema, mixup, criterion, progress, pruner,
-            teacher, on_epoch_end) -> None:
+            teacher, on_epoch_end, regularizers) -> None:
     from tqdm.auto import tqdm
 
     trace_every = max(1, len(loader) // max(1, s.gamma_points_per_epoch))
@@ -173,6 +180,8 @@ def _epochs(model, net, data, s, dist, loader, optimizer, scheduler, ema, mixup,
             loss.backward()
             if pruner is not None:
                 pruner.regularize(net)
+            for regularizer in regularizers:
+                regularizer.regularize(model)
             optimizer.step()
             progress.updates += 1
             scheduler.step_update(progress.updates)

@@ -1,0 +1,240 @@
+"""Accuracy against FLOPs and latency on real data (Fashion-MNIST): depth pruning (ResConv + LayerPruner) against
+torch-pruning's network slimming (BNScalePruner) at equal FLOPs and equal epoch budget, and both combined.
+
+Per architecture (``cifar_resnet20`` fast, ``cifar_resnet56``), all from one baseline:
+* baseline: --base-epochs of SGD (lr 0.1, cosine) on the training subset.
+* depth@b: convert, --sparsity-epochs with ``LayerPruner(flops_reduction=b)`` (proximal L1 + budget cap), remove,
+  fuse, --finetune-epochs.
+* slim@b: --sparsity-epochs with ``BNScalePruner(reg=--slim-reg)`` (L1 on BN scales, torch-pruning), prune channels
+  (``BNScaleImportance``, global) with the pruning_ratio bisected so FLOPs match depth@b within 2%,
+  --finetune-epochs: the same epoch budget.
+* combined@b: both regularisers in the same sparsity epochs, depth removes 60% of the budget, then channel pruning
+  (BN-scale importance) down to the FLOPs of depth@b, --finetune-epochs.
+* depth@r, no fine-tuning: low budgets r with sparsity training only: what removal costs by itself.
+Figures: top-1 on the full Fashion-MNIST test set (10,000 images); FLOPs / params of the deployed model (every BN
+folded; resconv_plugin fvcore count, batch 1, 1x28x28); CPU latency = median ms of a batch-1 forward, all models of
+an architecture timed in turns at the end (--repeats rounds). Seed --seed. Training: SGD momentum 0.9, weight decay
+5e-4, batch 128, cosine per update; sparsity / fine-tuning lr 0.02.
+
+Usage: python benchmarks/accuracy.py [--quick] [--archs cifar_resnet20 cifar_resnet56] [--train-subset 20000]
+Ends with one JSON line (the summary).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+import warnings
+from pathlib import Path
+
+import timm
+import torch
+import torch_pruning as tp
+
+import resconv_plugin
+from resconv_plugin._latency import interleaved_latencies
+from resconv_plugin.cli._dist import Dist
+from resconv_plugin.cli._train import StageSettings, evaluate, train_stage
+from resconv_plugin.data import BatchLoader, build_datasets
+from resconv_plugin.integrations.torch_pruning import channel_pruner
+from _common import RESULTS, environment, write_results
+
+EXAMPLE = torch.zeros(1, 1, 28, 28)
+
+
+def train(model, data, name, epochs, lr, seed, pruner=None, regularizers=()):
+    if epochs:
+        settings = StageSettings(name=name, epochs=epochs, lr=lr, seed=seed, progress=False)
+        train_stage(model, data, settings, Dist(), pruner=pruner, regularizers=regularizers)
+    return model.eval()
+
+
+def deployed(model):
+    model = resconv_plugin.fuse(copy.deepcopy(model).eval())
+    resconv_plugin.fold_batchnorms(model)
+    return model.eval()
+
+
+def slim_to(model, target_flops, tolerance=0.02, iterations=16):
+    """Channel-prune (BN-scale importance, global) a copy of ``model`` to ``target_flops`` (deployed) by bisection."""
+    lo, hi, best = 0.0, 0.95, None
+    for _ in range(iterations):
+        ratio = (lo + hi) / 2
+        candidate = copy.deepcopy(model)
+        channel_pruner(candidate, EXAMPLE, tp.pruner.BNScalePruner, pruning_ratio=ratio, global_pruning=True).step()
+        flops = resconv_plugin.count_flops(deployed(candidate), EXAMPLE).total
+        if best is None or abs(flops - target_flops) < abs(best[1] - target_flops):
+            best = (candidate, flops, ratio)
+        if abs(flops - target_flops) <= tolerance * target_flops / 2:
+            break
+        lo, hi = (ratio, hi) if flops > target_flops else (lo, ratio)
+    if abs(best[1] - target_flops) > tolerance * target_flops:
+        raise RuntimeError(f"could not match {target_flops:.4g} FLOPs within {tolerance:.0%}: closest {best[1]:.4g}")
+    return best[0], best[2]
+
+
+def sparsity_steps(data, epochs):
+    return max(1, epochs * len(BatchLoader(data, True, 128)))
+
+
+def depth_run(base, data, budget, args, finetune=True):
+    model = copy.deepcopy(base)
+    resconv_plugin.convert(model, EXAMPLE)
+    pruner = resconv_plugin.LayerPruner(model, EXAMPLE, flops_reduction=budget,
+                                        sparsity_steps=sparsity_steps(data, args.sparsity_epochs))
+    train(model, data, f"depth@{budget}", args.sparsity_epochs, 0.02, args.seed + 1, pruner=pruner)
+    removed = pruner.step()
+    model = resconv_plugin.fuse(model.eval())
+    if finetune:
+        train(model, data, f"depth@{budget} ft", args.finetune_epochs, 0.02, args.seed + 2)
+    return model, {"removed": len(removed), "removal_change": pruner.last_step.max_abs_change}
+
+
+def slim_run(base, data, target, args):
+    model = copy.deepcopy(base)
+    slimming = channel_pruner(model, EXAMPLE, tp.pruner.BNScalePruner, reg=args.slim_reg)
+    train(model, data, "slim", args.sparsity_epochs, 0.02, args.seed + 1, regularizers=[slimming])
+    model, ratio = slim_to(model, target)
+    train(model, data, "slim ft", args.finetune_epochs, 0.02, args.seed + 2)
+    return model, {"channel_pruning_ratio": ratio}
+
+
+def combined_run(base, data, budget, target, args):
+    model = copy.deepcopy(base)
+    resconv_plugin.convert(model, EXAMPLE)
+    depth = resconv_plugin.LayerPruner(model, EXAMPLE, flops_reduction=0.6 * budget,
+                                       sparsity_steps=sparsity_steps(data, args.sparsity_epochs))
+    slimming = channel_pruner(model, EXAMPLE, tp.pruner.BNScalePruner, reg=args.slim_reg)
+    train(model, data, "combined", args.sparsity_epochs, 0.02, args.seed + 1, pruner=depth, regularizers=[slimming])
+    removed = depth.step()
+    model = resconv_plugin.fuse(model.eval())
+    model, ratio = slim_to(model, target)
+    train(model, data, "combined ft", args.finetune_epochs, 0.02, args.seed + 2)
+    return model, {"removed": len(removed), "channel_pruning_ratio": ratio, "depth_share": 0.6}
+
+
+def plot(records, arch, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    styles = {"baseline": ("k", "*"), "depth": ("tab:red", "o"), "slim": ("tab:blue", "s"),
+              "combined": ("tab:purple", "D"), "depth (no fine-tuning)": ("tab:orange", "^")}
+    for method, (color, marker) in styles.items():
+        pts = sorted((r["latency_ms"], r["top1"], r["label"]) for r in records if r["method"] == method)
+        if not pts:
+            continue
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, color=color, label=method,
+                linestyle="-" if len(pts) > 1 else "none")
+        for x, y, label in pts:
+            ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set_xlabel("CPU latency, batch 1 (ms, median, timed in turns)")
+    ax.set_ylabel("top-1 % (Fashion-MNIST test)")
+    ax.set_title(f"{arch}: accuracy against measured latency")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run_arch(arch, data, args):
+    torch.manual_seed(args.seed)
+    cache = Path(args.cache) / f"{arch}_s{args.seed}_n{len(data)}_e{args.base_epochs}.pt"
+    base = timm.create_model(arch, num_classes=10, in_chans=1)
+    if cache.exists():
+        base.load_state_dict(torch.load(cache))
+        print(f"{arch}: baseline from {cache}", flush=True)
+    else:
+        train(base, data, f"{arch} baseline", args.base_epochs, 0.1, args.seed)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(base.state_dict(), cache)
+    models = {"baseline": (base, "baseline", "", {})}
+    for budget in args.budgets:
+        start = time.time()
+        depth, info = depth_run(base, data, budget, args)
+        target = resconv_plugin.count_flops(deployed(depth), EXAMPLE).total
+        models[f"depth@{budget}"] = (depth, "depth", f"{budget:.0%}", info)
+        slim, sinfo = slim_run(base, data, target, args)
+        models[f"slim@{budget}"] = (slim, "slim", f"{budget:.0%}", sinfo)
+        combined, cinfo = combined_run(base, data, budget, target, args)
+        models[f"combined@{budget}"] = (combined, "combined", f"{budget:.0%}", cinfo)
+        print(f"{arch} budget {budget}: {time.time() - start:.0f}s", flush=True)
+    for rate in args.no_finetune:
+        model, info = depth_run(base, data, rate, args, finetune=False)
+        models[f"depth@{rate} no-ft"] = (model, "depth (no fine-tuning)", f"{rate:.0%}", info)
+    plain = {k: deployed(m) for k, (m, *_rest) in models.items()}
+    lat = interleaved_latencies({k: (lambda m=m: m(EXAMPLE)) for k, m in plain.items()}, repeats=args.repeats)
+    base_top1 = evaluate(base, data)
+    records = []
+    for key, (model, method, label, info) in models.items():
+        flops = resconv_plugin.count_flops(plain[key], EXAMPLE)
+        top1 = evaluate(model, data)
+        records.append({"arch": arch, "row": key, "method": method, "label": label, "top1": top1,
+                        "top1_change": top1 - base_top1, "flops": flops.total, "params": flops.params,
+                        "latency_ms": 1e3 * lat[key], **info})
+    base_rec = records[0]
+    for r in records:
+        r["flops_reduction"] = 1 - r["flops"] / base_rec["flops"]
+        r["latency_ratio"] = r["latency_ms"] / base_rec["latency_ms"]
+        print(json.dumps(r), flush=True)
+    return records
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--archs", nargs="+", default=["cifar_resnet20", "cifar_resnet56"])
+    parser.add_argument("--train-subset", type=int, default=20000)
+    parser.add_argument("--base-epochs", type=int, default=10)
+    parser.add_argument("--sparsity-epochs", type=int, default=3)
+    parser.add_argument("--finetune-epochs", type=int, default=3)
+    parser.add_argument("--budgets", nargs="+", type=float, default=[0.5, 0.65])
+    parser.add_argument("--no-finetune", nargs="*", type=float, default=[0.1, 0.2, 0.3])
+    parser.add_argument("--slim-reg", type=float, default=1e-4)
+    parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cache", default="runs/bench_cache", help="baselines are cached here")
+    parser.add_argument("--quick", action="store_true", help="cifar_resnet20, 2048 images, 1 epoch per stage, "
+                                                              "one budget")
+    args = parser.parse_args()
+    name = "accuracy"
+    if args.quick:
+        args.archs, args.train_subset, args.base_epochs, args.sparsity_epochs, args.finetune_epochs = \
+            ["cifar_resnet20"], 2048, 1, 1, 1
+        args.budgets, args.no_finetune, args.repeats, name = [0.5], [0.2], 10, "accuracy_quick"
+    warnings.filterwarnings("ignore")
+    data = build_datasets("fashion-mnist", train_subset=args.train_subset, seed=args.seed)
+    records = []
+    for arch in args.archs:
+        arch_records = run_arch(arch, data, args)
+        plot(arch_records, arch, RESULTS / f"{name}_{arch}.png")
+        records += arch_records
+    verdicts = {}
+    for arch in args.archs:
+        rs = {r["row"]: r for r in records if r["arch"] == arch}
+        for budget in args.budgets:
+            d, s, c = rs[f"depth@{budget}"], rs[f"slim@{budget}"], rs[f"combined@{budget}"]
+            verdicts[f"{arch}@{budget}"] = {
+                "depth_top1_change": round(d["top1_change"], 2), "slim_top1_change": round(s["top1_change"], 2),
+                "combined_top1_change": round(c["top1_change"], 2),
+                "latency_depth_over_slim": round(d["latency_ms"] / s["latency_ms"], 3),
+                "depth_flops_reduction": round(d["flops_reduction"], 3),
+                "paper_claim_60pct_within_0.3pt": d["flops_reduction"] >= 0.6 and d["top1_change"] >= -0.3}
+    summary = {"benchmark": name, "verdicts": verdicts}
+    header = ["arch", "row", "top-1 %", "change (pt)", "MFLOPs", "FLOPs removed", "params (k)",
+              "CPU ms (b1)", "latency vs baseline"]
+    rows = [[r["arch"], r["row"], f"{r['top1']:.2f}", f"{r['top1_change']:+.2f}", f"{r['flops'] / 1e6:.2f}",
+             f"{r['flops_reduction']:.1%}", f"{r['params'] / 1e3:.1f}", f"{r['latency_ms']:.3f}",
+             f"{r['latency_ratio']:.2f}"] for r in records]
+    write_results(name, {"environment": environment(), "args": vars(args), "records": records, "summary": summary},
+                  header, rows, notes=__doc__.split("Usage:")[0].strip().replace("\n", " ")
+                  + f" Plots: {', '.join(f'{name}_{a}.png' for a in args.archs)}.")
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
