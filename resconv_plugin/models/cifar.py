@@ -12,12 +12,14 @@ linear classifier: depth ``6n + 2``. Stage transitions use, by default, a 1x1 co
 
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List
 
 import torch
 import torch.nn.functional as F
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import nn
+
+from resconv_plugin.models._head import ClassifierHead
 
 __all__ = ["CifarResNet", "BasicBlock"]
 
@@ -62,7 +64,7 @@ class BasicBlock(nn.Module):
         return self.act2(x)
 
 
-class CifarResNet(nn.Module):
+class CifarResNet(ClassifierHead):
     """CIFAR ResNet (or, with ``shortcut=False``, the plain network of the same depth).
 
     Args:
@@ -83,9 +85,6 @@ class CifarResNet(nn.Module):
         if downsample not in ("A", "B"):
             raise ValueError(f"downsample must be 'A' or 'B', got {downsample!r}")
         n = (depth - 2) // 6
-        self.num_classes = num_classes
-        self.num_features = widths[-1]
-        self.drop_rate = drop_rate
         self.conv1 = nn.Conv2d(in_chans, widths[0], 3, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(widths[0])
         self.act1 = nn.ReLU(inplace=True)
@@ -96,31 +95,11 @@ class CifarResNet(nn.Module):
             stages.append(nn.Sequential(*blocks))
             channels = width
         self.layer1, self.layer2, self.layer3 = stages
-        self.global_pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(channels, num_classes) if num_classes > 0 else nn.Identity()
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-
-    def get_classifier(self) -> nn.Module:
-        return self.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        self.num_classes = num_classes
-        self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self._init_head(channels, num_classes, drop_rate)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.act1(self.bn1(self.conv1(x)))
         return self.layer3(self.layer2(self.layer1(x)))
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.global_pool(x).flatten(1)
-        if self.drop_rate:
-            x = F.dropout(x, p=self.drop_rate, training=self.training)
-        return x if pre_logits else self.fc(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 def _cfg(**kwargs) -> dict:

@@ -7,11 +7,13 @@ VGG-16 14.72M, VGG-19 20.04M (3 input channels).
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Union
+from typing import List, Sequence, Union
 
 import torch
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import nn
+
+from resconv_plugin.models._head import ClassifierHead
 
 __all__ = ["CifarVGG"]
 
@@ -22,7 +24,7 @@ _CFGS = {
 }
 
 
-class CifarVGG(nn.Module):
+class CifarVGG(ClassifierHead):
     """VGG for small images: ``cfg`` lists conv widths and ``"M"`` for a 2x2 max-pool.
 
     Args:
@@ -45,30 +47,10 @@ class CifarVGG(nn.Module):
                            nn.ReLU(inplace=True)]
                 channels = int(item)
         self.features = nn.Sequential(*layers)
-        self.num_classes, self.num_features, self.drop_rate = num_classes, channels, drop_rate
-        self.global_pool = nn.AdaptiveAvgPool2d(1)
-        self.head_drop = nn.Dropout(drop_rate)
-        self.fc = nn.Linear(channels, num_classes) if num_classes > 0 else nn.Identity()
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-
-    def get_classifier(self) -> nn.Module:
-        return self.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        self.num_classes = num_classes
-        self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self._init_head(channels, num_classes, drop_rate)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.features(x)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.head_drop(self.global_pool(x).flatten(1))
-        return x if pre_logits else self.fc(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 default_cfgs = generate_default_cfgs({name: {
