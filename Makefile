@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 
 FMNIST := /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz
 
-.PHONY: install data demo test test-slow bench clean
+.PHONY: install data demo test test-slow bench bench-full clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,8 +32,15 @@ test: $(STAMP) data
 test-slow: $(STAMP) data
 	$(PY) -m pytest -m slow
 
-bench: $(STAMP)
-	$(PY) benchmarks/convert_fuse_speed.py
+BENCHMARKS := latency_equal_flops fusion_overhead accuracy plain_networks tool_speed
+
+# Every benchmark in its --quick form (each under about 2 minutes on 2 cores; results in benchmarks/results/*_quick.*)
+bench: $(STAMP) data
+	for b in $(BENCHMARKS); do $(PY) benchmarks/$$b.py --quick || exit 1; done
+
+# The full runs whose results the README quotes (about 1.5 hours on 2 cores)
+bench-full: $(STAMP) data
+	for b in $(BENCHMARKS); do $(PY) benchmarks/$$b.py || exit 1; done
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -118,12 +118,25 @@ def test_yaml_config_and_command_line_override(tmp_path):
     require_fashion_mnist()
     config = tmp_path / "run.yaml"
     config.write_text("model: cifar_resnet20\nflops-reduction: 0.3\nsparsity_epochs: 2\nquick: true\n"
-                      "no_plots: true\nprogress: false\nlatency_repeats: 3\n")
+                      "no_plots: true\nprogress: false\nlatency_repeats: 3\nchannel-pruning: 0.3\n")
     out = tmp_path / "run"
     check_ok(run_cli("compress", "--config", str(config), "--flops-reduction", "0.4", "--output", str(out)))
-    settings = json.loads((out / "report.json").read_text())["settings"]
+    report = json.loads((out / "report.json").read_text())
+    settings = report["settings"]
     assert settings["flops_reduction"] == 0.4 and settings["model"] == "cifar_resnet20"
     assert settings["sparsity_epochs"] == 1  # the --quick preset (one epoch per stage) overrides the file
+    # depth pruning, fusion, then torch-pruning channel pruning and its fine-tuning, all recorded and reloadable
+    by = {r["stage"]: r for r in report["stages"]}
+    assert list(by) == ["baseline", "sparsity", "pruned", "finetuned", "fused", "channel_pruned", "channel_finetuned"]
+    assert by["channel_pruned"]["flops"] < by["fused"]["flops"]
+    assert by["channel_pruned"]["params"] < by["fused"]["params"]
+    steps = [s["op"] for s in resconv_plugin.read_recipe(out / "model.safetensors")["steps"]]
+    assert steps == ["convert", "remove", "fuse", "channel_prune"]
+    from resconv_plugin.cli._report import deployed
+
+    x = torch.zeros(1, 1, 28, 28)
+    figures = resconv_plugin.count_flops(deployed(resconv_plugin.load(out / "model.safetensors"), x), x)
+    assert (figures.total, figures.params) == (by["channel_finetuned"]["flops"], by["channel_finetuned"]["params"])
 
 
 def _interrupt_and_resume(tmp_path: Path):

@@ -130,7 +130,8 @@ def _add_compress_options(p: argparse.ArgumentParser, demo: bool = False) -> Non
         g.add_argument("--output", type=Path, default=Path(DEMO["output"]))
     g.add_argument("--restart", action="store_true", help="start over even if the output folder holds a run")
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--quick", action="store_true", help="smoke check: 1024 / 512 images, one epoch per stage (explicit options win)")
+    g.add_argument("--quick", action="store_true",
+                   help="smoke check: 1024 / 512 images, one epoch per stage (explicit options win)")
     g.add_argument("--latency-repeats", type=int, default=50)
     g.add_argument("--no-plots", action="store_true")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")

@@ -30,13 +30,16 @@ from resconv_plugin._latency import median_latency
 from resconv_plugin._surgery import gated_modules
 from resconv_plugin._utils import format_table
 
-__all__ = ["measure", "deployed", "stage_latencies", "DEFINITIONS", "stage_table", "write_report", "write_text_atomic"]
+__all__ = ["measure", "deployed", "stage_latencies", "DEFINITIONS", "stage_table", "write_report",
+           "write_text_atomic"]
 
 DEFINITIONS = {
     "top1": "top-1 accuracy (%) on the validation split",
-    "flops": "fvcore FLOPs (1 multiply-add = 1, resconv_plugin op handles) at batch 1 of the model as deployed (gates fused, every conv-BN pair folded)",
+    "flops": "fvcore FLOPs (1 multiply-add = 1, resconv_plugin op handles) at batch 1 of the model as deployed "
+             "(gates fused, every conv-BN pair folded)",
     "params": "parameters of the model as deployed",
-    "latency_ms": "median CPU wall time of a batch-1 forward of the model as deployed (eval, after warm-up; stages timed in turns)",
+    "latency_ms": "median CPU wall time of a batch-1 forward of the model as deployed (eval, after warm-up; "
+                  "stages timed in turns)",
 }
 
 
