@@ -142,7 +142,7 @@ def test_yaml_config_and_command_line_override(tmp_path):
 def _interrupt_and_resume(tmp_path: Path):
     args = ["compress", *QUICK, "--sparsity-epochs", "4", "--no-plots", "--seed", "3"]
     out = tmp_path / "killed"
-    env = dict(os.environ, OMP_NUM_THREADS="2")
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))  # as run_cli: same threads
     proc = subprocess.Popen([sys.executable, "-m", "resconv_plugin.cli", *args, "--output", str(out)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     deadline = time.time() + 300

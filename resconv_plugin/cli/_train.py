@@ -104,89 +104,101 @@ def train_stage(model: nn.Module, data: ImageData, settings: StageSettings, dist
         regularizers: more torch-pruning style regularisers (``regularize(model)`` after ``backward()``), e.g. a
             ``BNScalePruner`` trained alongside the LayerPruner.
     """
-    from timm.data import Mixup
-    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-    from timm.optim import create_optimizer_v2
-    from timm.scheduler import create_scheduler_v2
-    from timm.utils import ModelEmaV3
-
-    s = settings
-    loader = BatchLoader(data, True, s.batch_size, seed=s.seed, rank=dist.rank, world=dist.world,
-                         workers=s.workers)
-    optimizer = create_optimizer_v2(model, opt=s.opt, lr=s.lr, weight_decay=s.weight_decay, momentum=s.momentum)
-    scheduler, _ = create_scheduler_v2(optimizer, sched=s.sched, num_epochs=s.epochs, warmup_epochs=s.warmup_epochs,
-                                       min_lr=s.min_lr, step_on_epochs=False, updates_per_epoch=len(loader))
-    ema = ModelEmaV3(model, decay=s.model_ema_decay) if s.model_ema else None
-    mixup = Mixup(mixup_alpha=s.mixup, cutmix_alpha=s.cutmix, label_smoothing=s.smoothing,
-                  num_classes=data.num_classes) if (s.mixup or s.cutmix) else None
-    if mixup is not None:
-        criterion: nn.Module = SoftTargetCrossEntropy()
-    elif s.smoothing:
-        criterion = LabelSmoothingCrossEntropy(s.smoothing)
-    else:
-        criterion = nn.CrossEntropyLoss()
-
-    progress = StageProgress(**resume) if resume else StageProgress()
-    if resume:
-        optimizer.load_state_dict(progress.optimizer)
-        if ema is not None and progress.ema is not None:
-            ema.load_state_dict(progress.ema)
-        if pruner is not None:
-            pruner.steps_done = progress.pruner_steps
-        log.info("%s: resumed at epoch %d/%d (update %d; optimizer state of %d parameters restored)", s.name,
-                 progress.epoch, s.epochs, progress.updates, len(optimizer.state))
-    if pruner is not None:
-        pruner.attach(optimizer)
-    scheduler.step_update(progress.updates)
+    stage = _Stage(model, data, settings, dist, pruner, teacher, regularizers)
+    progress = stage.restore(resume)
     with global_batchnorm(model, dist.enabled):
-        net = nn.parallel.DistributedDataParallel(model) if dist.enabled else model
-        _epochs(model, net, data, s, dist, loader, optimizer, scheduler, ema, mixup, criterion, progress, pruner,
-                teacher, on_epoch_end, regularizers)
-    if ema is not None:
-        model.load_state_dict(ema.module.state_dict())
-        log.info("%s: the model takes the EMA weights", s.name)
-    if pruner is not None:
-        pruner.detach()
-    model.eval()
+        stage.net = nn.parallel.DistributedDataParallel(model) if dist.enabled else model
+        model.train()
+        for epoch in range(progress.epoch, settings.epochs):
+            stage.epoch(epoch, progress)
+            if on_epoch_end is not None:
+                on_epoch_end(progress)
+    stage.finish()
     return progress
 
 
-def _epochs(model, net, data, s, dist, loader, optimizer, scheduler, ema, mixup, criterion, progress, pruner,
-            teacher, on_epoch_end, regularizers) -> None:
-    from tqdm.auto import tqdm
+class _Stage:
+    """The pieces of one training stage (timm optimizer, scheduler, loss, mixup, EMA) and its loop."""
 
-    trace_every = max(1, len(loader) // max(1, s.gamma_points_per_epoch))
+    def __init__(self, model: nn.Module, data: ImageData, s: StageSettings, dist: Dist, pruner, teacher,
+                 regularizers: Sequence[object]) -> None:
+        from timm.data import Mixup
+        from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+        from timm.optim import create_optimizer_v2
+        from timm.scheduler import create_scheduler_v2
+        from timm.utils import ModelEmaV3
 
-    model.train()
-    if teacher is not None:
-        teacher.eval()
-    for epoch in range(progress.epoch, s.epochs):
-        loader.set_epoch(epoch)
+        self.model, self.net, self.data, self.s, self.dist = model, model, data, s, dist
+        self.pruner, self.teacher, self.regularizers = pruner, teacher, list(regularizers)
+        self.loader = BatchLoader(data, True, s.batch_size, seed=s.seed, rank=dist.rank, world=dist.world,
+                                  workers=s.workers)
+        self.optimizer = create_optimizer_v2(model, opt=s.opt, lr=s.lr, weight_decay=s.weight_decay,
+                                             momentum=s.momentum)
+        self.scheduler, _ = create_scheduler_v2(self.optimizer, sched=s.sched, num_epochs=s.epochs,
+                                                warmup_epochs=s.warmup_epochs, min_lr=s.min_lr, step_on_epochs=False,
+                                                updates_per_epoch=len(self.loader))
+        self.ema = ModelEmaV3(model, decay=s.model_ema_decay) if s.model_ema else None
+        self.mixup = Mixup(mixup_alpha=s.mixup, cutmix_alpha=s.cutmix, label_smoothing=s.smoothing,
+                           num_classes=data.num_classes) if (s.mixup or s.cutmix) else None
+        if self.mixup is not None:
+            self.criterion: nn.Module = SoftTargetCrossEntropy()
+        elif s.smoothing:
+            self.criterion = LabelSmoothingCrossEntropy(s.smoothing)
+        else:
+            self.criterion = nn.CrossEntropyLoss()
+        self.trace_every = max(1, len(self.loader) // max(1, s.gamma_points_per_epoch))
+        if teacher is not None:
+            teacher.eval()
+
+    def restore(self, resume: Optional[dict]) -> StageProgress:
+        progress = StageProgress(**resume) if resume else StageProgress()
+        if resume:
+            self.optimizer.load_state_dict(progress.optimizer)
+            if self.ema is not None and progress.ema is not None:
+                self.ema.load_state_dict(progress.ema)
+            if self.pruner is not None:
+                self.pruner.steps_done = progress.pruner_steps
+            log.info("%s: resumed at epoch %d/%d (update %d; optimizer state of %d parameters restored)", self.s.name,
+                     progress.epoch, self.s.epochs, progress.updates, len(self.optimizer.state))
+        if self.pruner is not None:
+            self.pruner.attach(self.optimizer)
+        self.scheduler.step_update(progress.updates)
+        return progress
+
+    def step(self, x: torch.Tensor, y: torch.Tensor, progress: StageProgress) -> tuple:
+        """One update; returns (loss, outputs)."""
+        s, target = self.s, y
+        if self.mixup is not None:
+            x, target = self.mixup(x, y)
+        out = self.net(x)
+        loss = self.criterion(out, target)
+        if self.teacher is not None and s.distill_alpha > 0:
+            with torch.no_grad():
+                teacher_out = self.teacher(x)
+            loss = (1 - s.distill_alpha) * loss + s.distill_alpha * _kd_loss(out, teacher_out, s.distill_temperature)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.pruner is not None:
+            self.pruner.regularize(self.net)
+        for regularizer in self.regularizers:
+            regularizer.regularize(self.model)
+        self.optimizer.step()
+        progress.updates += 1
+        self.scheduler.step_update(progress.updates)
+        if self.ema is not None:
+            self.ema.update(self.model, step=progress.updates)
+        return loss, out
+
+    def epoch(self, epoch: int, progress: StageProgress) -> None:
+        from tqdm.auto import tqdm
+
+        s, pruner = self.s, self.pruner
+        self.loader.set_epoch(epoch)
         start, loss_sum, correct, seen = time.time(), 0.0, 0, 0
-        bar = tqdm(loader, desc=f"{s.name} {epoch + 1}/{s.epochs}", disable=not (dist.main and s.progress),
+        bar = tqdm(self.loader, desc=f"{s.name} {epoch + 1}/{s.epochs}", disable=not (self.dist.main and s.progress),
                    leave=False, dynamic_ncols=True, mininterval=1.0)
         for x, y in bar:
-            target = y
-            if mixup is not None:
-                x, target = mixup(x, y)
-            out = net(x)
-            loss = criterion(out, target)
-            if teacher is not None and s.distill_alpha > 0:
-                with torch.no_grad():
-                    teacher_out = teacher(x)
-                loss = (1 - s.distill_alpha) * loss + s.distill_alpha * _kd_loss(out, teacher_out,
-                                                                                 s.distill_temperature)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if pruner is not None:
-                pruner.regularize(net)
-            for regularizer in regularizers:
-                regularizer.regularize(model)
-            optimizer.step()
-            progress.updates += 1
-            scheduler.step_update(progress.updates)
-            if ema is not None:
-                ema.update(model, step=progress.updates)
+            loss, out = self.step(x, y, progress)
             loss_sum += loss.item() * len(y)
             correct += (out.argmax(1) == y).sum().item()
             seen += len(y)
@@ -194,30 +206,35 @@ def _epochs(model, net, data, s, dist, loader, optimizer, scheduler, ema, mixup,
             if pruner is not None:
                 gates = pruner.gates
                 postfix["gates~0"] = f"{sum(abs(g) < NEAR_ZERO for g in gates.values())}/{len(gates)}"
-                if dist.main and (progress.updates % trace_every == 0):
+                if self.dist.main and progress.updates % self.trace_every == 0:
                     progress.gamma_trace.append({"update": progress.updates, "gates": gates})
             bar.set_postfix(postfix, refresh=False)
         bar.close()
-        loss_sum, correct, seen = dist.all_sum(loss_sum, correct, seen)
+        loss_sum, correct, seen = self.dist.all_sum(loss_sum, correct, seen)
         progress.epoch = epoch + 1
         entry = {"stage": s.name, "epoch": epoch + 1, "epochs": s.epochs, "train_loss": loss_sum / seen,
-                 "train_acc": 100.0 * correct / seen, "lr": optimizer.param_groups[0]["lr"],
+                 "train_acc": 100.0 * correct / seen, "lr": self.optimizer.param_groups[0]["lr"],
                  "seconds": time.time() - start}
         if pruner is not None:
             gates = pruner.gates
-            entry["gates_near_zero"] = sum(abs(g) < NEAR_ZERO for g in gates.values())
-            entry["gates_zero"] = sum(g == 0.0 for g in gates.values())
-            entry["gates"] = len(gates)
+            entry.update(gates_near_zero=sum(abs(g) < NEAR_ZERO for g in gates.values()),
+                         gates_zero=sum(g == 0.0 for g in gates.values()), gates=len(gates))
             progress.pruner_steps = pruner.steps_done
-        if dist.main:
-            entry["val_acc"] = evaluate(ema.module if ema is not None else model, data)
+        if self.dist.main:
+            entry["val_acc"] = evaluate(self.ema.module if self.ema is not None else self.model, self.data)
         progress.epochs_log.append(entry)
         log.info("%s epoch %d/%d: loss %.4f, train acc %.2f%%, val acc %s, lr %.4g, %.0fs%s", s.name, epoch + 1,
                  s.epochs, entry["train_loss"], entry["train_acc"],
                  f"{entry['val_acc']:.2f}%" if "val_acc" in entry else "-", entry["lr"], entry["seconds"],
                  f", gates near 0 (|gamma| < {NEAR_ZERO}): {entry['gates_near_zero']}/{entry['gates']}, exactly 0: "
                  f"{entry['gates_zero']}" if pruner is not None else "")
-        progress.optimizer = optimizer.state_dict()
-        progress.ema = ema.state_dict() if ema is not None else None
-        if on_epoch_end is not None:
-            on_epoch_end(progress)
+        progress.optimizer = self.optimizer.state_dict()
+        progress.ema = self.ema.state_dict() if self.ema is not None else None
+
+    def finish(self) -> None:
+        if self.ema is not None:
+            self.model.load_state_dict(self.ema.module.state_dict())
+            log.info("%s: the model takes the EMA weights", self.s.name)
+        if self.pruner is not None:
+            self.pruner.detach()
+        self.model.eval()
