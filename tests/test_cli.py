@@ -125,18 +125,18 @@ def test_yaml_config_and_command_line_override(tmp_path):
     settings = report["settings"]
     assert settings["flops_reduction"] == 0.4 and settings["model"] == "cifar_resnet20"
     assert settings["sparsity_epochs"] == 1  # the --quick preset (one epoch per stage) overrides the file
-    # depth pruning, fusion, then torch-pruning channel pruning and its fine-tuning, all recorded and reloadable
+    # layer removal, torch-pruning channel pruning, one fine-tuning (BatchNorms still there), fusion; all recorded
     by = {r["stage"]: r for r in report["stages"]}
-    assert list(by) == ["baseline", "sparsity", "pruned", "finetuned", "fused", "channel_pruned", "channel_finetuned"]
-    assert by["channel_pruned"]["flops"] < by["fused"]["flops"]
-    assert by["channel_pruned"]["params"] < by["fused"]["params"]
+    assert list(by) == ["baseline", "sparsity", "pruned", "channel_pruned", "finetuned", "fused"]
+    assert by["channel_pruned"]["flops"] < by["pruned"]["flops"]
+    assert by["channel_pruned"]["params"] < by["pruned"]["params"]
     steps = [s["op"] for s in resconv_plugin.read_recipe(out / "model.safetensors")["steps"]]
-    assert steps == ["convert", "remove", "fuse", "channel_prune"]
+    assert steps == ["convert", "remove", "channel_prune", "fuse"]
     from resconv_plugin.cli._report import deployed
 
     x = torch.zeros(1, 1, 28, 28)
     figures = resconv_plugin.count_flops(deployed(resconv_plugin.load(out / "model.safetensors"), x), x)
-    assert (figures.total, figures.params) == (by["channel_finetuned"]["flops"], by["channel_finetuned"]["params"])
+    assert (figures.total, figures.params) == (by["fused"]["flops"], by["fused"]["params"])
 
 
 def _interrupt_and_resume(tmp_path: Path):
@@ -259,7 +259,6 @@ def test_efficientnet_lite0_adapter_matches_timm_layout():
      "give one of --flops-reduction, --latency-reduction, --threshold, --pruning-ratio; got --flops-reduction and "
      "--threshold"),
     (["compress", "--model", "cifar_resnet20", "--distill", "--finetune-epochs", "0"], "--distill needs"),
-    (["compress", "--model", "cifar_resnet20", "--channel-finetune-epochs", "2"], "needs --channel-pruning"),
     (["compress", "--model", "resnet18", "--pretrained-adapter", "efficientnet-lite0"],
      "renames keys for tf_efficientnet_lite0, not --model resnet18"),
     (["compress", "--model", "cifar_resnet20", "--mixup", "0.2", "--batch-size", "31"], "even per-process batch"),

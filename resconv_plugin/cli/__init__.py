@@ -118,10 +118,9 @@ def _add_compress_options(p: argparse.ArgumentParser, demo: bool = False) -> Non
     g.add_argument("--distill-alpha", type=float, default=0.5)
     g.add_argument("--distill-temperature", type=float, default=4.0)
 
-    g = p.add_argument_group("channel pruning after fusion (torch-pruning)")
+    g = p.add_argument_group("channel pruning (torch-pruning), after layer removal, before fine-tuning and fusion")
     g.add_argument("--channel-pruning", type=_fraction, default=0.0,
                    help="torch-pruning MetaPruner pruning_ratio, global, L2 magnitude (0 = none)")
-    g.add_argument("--channel-finetune-epochs", type=int, help="default: --finetune-epochs")
 
     g = p.add_argument_group("run")
     if not demo:
@@ -203,10 +202,6 @@ def _validate(args: argparse.Namespace, world: int = 1) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if args.distill and not args.finetune_epochs:
         raise ValueError("--distill needs fine-tuning epochs (--finetune-epochs > 0): distillation happens there")
-    if args.channel_finetune_epochs is None:
-        args.channel_finetune_epochs = args.finetune_epochs
-    elif args.channel_finetune_epochs and not args.channel_pruning:
-        raise ValueError("--channel-finetune-epochs needs --channel-pruning > 0")
     if args.pretrained_adapter:
         from resconv_plugin.integrations.weights import ADAPTER_MODELS
 
