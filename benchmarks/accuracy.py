@@ -167,10 +167,12 @@ def run_arch(arch, data, args):
         depth, info = depth_run(base, data, budget, args)
         target = resconv_plugin.count_flops(deployed(depth), EXAMPLE).total
         models[f"depth@{budget}"] = (depth, "depth", f"{budget:.0%}", info)
-        slim, sinfo = slim_run(base, data, target, args)
-        models[f"slim@{budget}"] = (slim, "slim", f"{budget:.0%}", sinfo)
-        combined, cinfo = combined_run(base, data, budget, target, args)
-        models[f"combined@{budget}"] = (combined, "combined", f"{budget:.0%}", cinfo)
+        if "slim" in args.methods:
+            slim, sinfo = slim_run(base, data, target, args)
+            models[f"slim@{budget}"] = (slim, "slim", f"{budget:.0%}", sinfo)
+        if "combined" in args.methods:
+            combined, cinfo = combined_run(base, data, budget, target, args)
+            models[f"combined@{budget}"] = (combined, "combined", f"{budget:.0%}", cinfo)
         print(f"{arch} budget {budget}: {time.time() - start:.0f}s", flush=True)
     for rate in args.no_finetune:
         model, info = depth_run(base, data, rate, args, finetune=False)
@@ -203,13 +205,16 @@ def main() -> None:
     parser.add_argument("--budgets", nargs="+", type=float, default=[0.5, 0.65])
     parser.add_argument("--no-finetune", nargs="*", type=float, default=[0.1, 0.2, 0.3])
     parser.add_argument("--slim-reg", type=float, default=1e-4)
+    parser.add_argument("--methods", nargs="+", default=["depth", "slim", "combined"],
+                        help="rows per budget (depth always runs: it sets the FLOPs target)")
+    parser.add_argument("--name", default="accuracy", help="results file name")
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache", default="runs/bench_cache", help="baselines are cached here")
     parser.add_argument("--quick", action="store_true", help="cifar_resnet20, 2048 images, 1 epoch per stage, "
                                                               "one budget")
     args = parser.parse_args()
-    name = "accuracy"
+    name = args.name
     if args.quick:
         args.archs, args.train_subset, args.base_epochs, args.sparsity_epochs, args.finetune_epochs = \
             ["cifar_resnet20"], 2048, 1, 1, 1
@@ -225,13 +230,16 @@ def main() -> None:
     for arch in args.archs:
         rs = {r["row"]: r for r in records if r["arch"] == arch}
         for budget in args.budgets:
-            d, s, c = rs[f"depth@{budget}"], rs[f"slim@{budget}"], rs[f"combined@{budget}"]
-            verdicts[f"{arch}@{budget}"] = {
-                "depth_top1_change": round(d["top1_change"], 2), "slim_top1_change": round(s["top1_change"], 2),
-                "combined_top1_change": round(c["top1_change"], 2),
-                "latency_depth_over_slim": round(d["latency_ms"] / s["latency_ms"], 3),
+            d = rs[f"depth@{budget}"]
+            verdict = verdicts[f"{arch}@{budget}"] = {
+                "depth_top1_change": round(d["top1_change"], 2),
                 "depth_flops_reduction": round(d["flops_reduction"], 3),
                 "paper_claim_60pct_within_0.3pt": d["flops_reduction"] >= 0.6 and d["top1_change"] >= -0.3}
+            for other in ("slim", "combined"):
+                if f"{other}@{budget}" in rs:
+                    o = rs[f"{other}@{budget}"]
+                    verdict[f"{other}_top1_change"] = round(o["top1_change"], 2)
+                    verdict[f"latency_depth_over_{other}"] = round(d["latency_ms"] / o["latency_ms"], 3)
     summary = {"benchmark": name, "verdicts": verdicts}
     header = ["arch", "row", "top-1 %", "change (pt)", "MFLOPs", "FLOPs removed", "params (k)",
               "CPU ms (b1)", "latency vs baseline"]

@@ -43,7 +43,7 @@ import torch_pruning as tp
 import resconv_plugin
 from resconv_plugin._latency import interleaved_latencies
 from resconv_plugin.integrations.torch_pruning import channel_pruner
-from _common import environment, write_results
+from _common import RESULTS, environment, write_results
 
 ARCHS = {
     "cifar_resnet56": {"size": 32, "level": "layer", "num_classes": 10},
@@ -60,7 +60,14 @@ def depth_pruned(base: torch.nn.Module, x: torch.Tensor, level: str, budget: flo
     with torch.no_grad():
         for gate in resconv_plugin.gated_modules(model).values():
             gate.gamma.fill_(torch.rand((), generator=g).item())
-    resconv_plugin.LayerPruner(model, x, flops_reduction=budget).step()
+    try:
+        pruner = resconv_plugin.LayerPruner(model, x, flops_reduction=budget)
+    except ValueError as exc:  # e.g. efficientnet_b0's gated blocks hold 54% of its FLOPs: take what is reachable
+        saved, total = resconv_plugin.LayerPruner(model, x, pruning_ratio=0.0).savings("flops")
+        reachable = sum(saved.values()) / total
+        print(f"note: {exc}; using {reachable - 0.02:.3f}", flush=True)
+        pruner = resconv_plugin.LayerPruner(model, x, flops_reduction=reachable - 0.02)
+    pruner.step()
     model = resconv_plugin.fuse(model.eval())
     resconv_plugin.fold_batchnorms(model)
     return model.eval()
@@ -209,6 +216,8 @@ def main() -> None:
                             + [f"{f['peak_mb_b32']:.0f}"])
             print(json.dumps({"arch": arch, "budget": budget, "depth/channel_r8": {
                 k: round(v, 3) for k, v in record["ratio_depth_over_channel_r8"].items()}}), flush=True)
+            with open(RESULTS / f"{args.name}.partial.jsonl", "a") as f:  # nothing lost if a later setting fails
+                f.write(json.dumps(record) + "\n")
     keys = sorted(k for k in records[0]["ratio_depth_over_channel"])
     summary = {
         "benchmark": args.name,
