@@ -38,6 +38,7 @@ import torch_pruning as tp
 import resconv_plugin
 from resconv_plugin._latency import interleaved_latencies
 from resconv_plugin.cli._dist import Dist
+from resconv_plugin.cli._report import deployed as deployed_copy
 from resconv_plugin.cli._train import StageSettings, evaluate, train_stage
 from resconv_plugin.data import BatchLoader, build_datasets
 from resconv_plugin.integrations.torch_pruning import channel_pruner
@@ -54,9 +55,7 @@ def train(model, data, name, epochs, lr, seed, pruner=None, regularizers=()):
 
 
 def deployed(model):
-    model = resconv_plugin.fuse(copy.deepcopy(model).eval())
-    resconv_plugin.fold_batchnorms(model)
-    return model.eval()
+    return deployed_copy(model, EXAMPLE)
 
 
 def slim_to(model, target_flops, tolerance=0.02, iterations=16):

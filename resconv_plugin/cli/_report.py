@@ -43,8 +43,8 @@ DEFINITIONS = {
 }
 
 
-def _plain(model: nn.Module, example: torch.Tensor) -> nn.Module:
-    """The model as deployed, in eval mode, on a copy: gates fused, every conv -> BatchNorm pair folded."""
+def deployed(model: nn.Module, example: torch.Tensor) -> nn.Module:
+    """A copy of ``model`` as deployed, in eval mode: gates fused, every conv -> BatchNorm pair folded."""
     from resconv_plugin._deploy import fold_batchnorms
 
     with torch.no_grad():
@@ -53,16 +53,11 @@ def _plain(model: nn.Module, example: torch.Tensor) -> nn.Module:
     return plain.eval()
 
 
-def deployed(model: nn.Module, example: torch.Tensor) -> nn.Module:
-    """A copy of ``model`` as deployed (see the module docs): gates fused, conv -> BatchNorm pairs folded, eval."""
-    return _plain(model, example)
-
-
 def measure(model: nn.Module, example: torch.Tensor, *, accuracy: Optional[float] = None,
             latency_repeats: int = 50) -> Dict[str, Any]:
     """FLOPs, params and CPU latency of ``model`` as deployed, plus the given accuracy."""
     was_training = model.training
-    plain = _plain(model, example)
+    plain = deployed(model, example)
     flops = count_flops(plain, example)
     with torch.no_grad():
         latency = median_latency(lambda: plain(example), repeats=latency_repeats)
