@@ -51,12 +51,15 @@ def _atomic_write(path: Path, text: str) -> None:
 
 
 def write_results(name: str, payload: Dict[str, object], header: Sequence[str], rows: List[Sequence[object]],
-                  notes: str = "") -> None:
-    """Write ``results/<name>.json`` and ``results/<name>.md`` (a table with the command and environment)."""
+                  notes: str = "", sections: str = "") -> None:
+    """Write ``results/<name>.json`` and ``results/<name>.md`` (a table with the command and environment, then
+    ``sections``: further markdown)."""
     _atomic_write(RESULTS / f"{name}.json", json.dumps(payload, indent=2) + "\n")
     env = payload["environment"]
     lines = [f"# {name}", "", f"Command: `{env['command']}`", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     lines += ["", notes, "", "Environment: " + ", ".join(f"{k} {v}" for k, v in env.items() if k != "command"), ""]
+    if sections:
+        lines += [sections]
     _atomic_write(RESULTS / f"{name}.md", "\n".join(lines))

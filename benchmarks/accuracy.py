@@ -18,6 +18,8 @@ folded; resconv_plugin fvcore count, batch 1, 1x28x28); CPU latency = median ms 
 an architecture timed in turns at the end (--repeats rounds). Seed --seed. Training: SGD momentum 0.9, weight decay
 5e-4, batch 128, cosine per update; sparsity / fine-tuning lr 0.02.
 
+Finished rows are kept under --cache/rows: the same command resumes an interrupted run at the next row.
+
 Usage: python benchmarks/accuracy.py [--quick] [--archs cifar_resnet20 cifar_resnet56] [--train-subset 20000]
 Ends with one JSON line (the summary).
 """
@@ -122,6 +124,36 @@ def combined_run(base, data, budget, target, args):
                                                "depth_share": 0.6}
 
 
+def interpolate(points, x):
+    """Piecewise-linear y at ``x`` over ``points`` [(x, y)]; None outside their x range."""
+    points = sorted(points)
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        if x0 <= x <= x1:
+            return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    return None
+
+
+def equal_latency(records, methods=("depth", "slim", "combined")):
+    """For every pruned point of a method: the top-1 each other method reaches at the same measured latency,
+    read off that method's accuracy-latency curve (its points plus the unpruned baseline, linear in between).
+    None where the point is faster than every point of the other method (no curve to read there)."""
+    base = next(r for r in records if r["method"] == "baseline")
+    curves = {m: [(base["latency_ms"], base["top1"])] + [(r["latency_ms"], r["top1"]) for r in records
+                                                         if r["method"] == m] for m in methods}
+    out = []
+    for r in records:
+        if r["method"] not in methods:
+            continue
+        for other in methods:
+            if other == r["method"] or len(curves[other]) < 2:
+                continue
+            at = interpolate(curves[other], r["latency_ms"])
+            out.append({"row": r["row"], "latency_ms": round(r["latency_ms"], 4), "top1": r["top1"], "vs": other,
+                        "other_top1_at_equal_latency": None if at is None else round(at, 2),
+                        "advantage_pt": None if at is None else round(r["top1"] - at, 2)})
+    return out
+
+
 def plot(records, arch, path):
     import matplotlib
 
@@ -161,20 +193,36 @@ def run_arch(arch, data, args):
         cache.parent.mkdir(parents=True, exist_ok=True)
         torch.save(base.state_dict(), cache)
     models = {"baseline": (base, "baseline", "", {})}
-    for budget in args.budgets:
+    rows = Path(args.cache) / "rows" / (f"{arch}_s{args.seed}_n{len(data)}_e{args.base_epochs}-{args.sparsity_epochs}"
+                                        f"-{args.finetune_epochs}_reg{args.slim_reg}")
+
+    def row(key, make):
+        """Each finished row's model is kept on disk (whole-module pickle: pruned shapes), so an interrupted run
+        resumes at the next row with the same command."""
+        path = rows / f"{key}.pt"
+        if path.exists():
+            print(f"{arch} {key}: from {path}", flush=True)
+            return torch.load(path, weights_only=False)
         start = time.time()
-        depth, info = depth_run(base, data, budget, args)
+        model, info = make()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save((model, info), path.with_suffix(".tmp"))
+        path.with_suffix(".tmp").replace(path)
+        print(f"{arch} {key}: {time.time() - start:.0f}s", flush=True)
+        return model, info
+
+    for budget in args.budgets:
+        depth, info = row(f"depth@{budget}", lambda: depth_run(base, data, budget, args))
         target = resconv_plugin.count_flops(deployed(depth), EXAMPLE).total
         models[f"depth@{budget}"] = (depth, "depth", f"{budget:.0%}", info)
         if "slim" in args.methods:
-            slim, sinfo = slim_run(base, data, target, args)
+            slim, sinfo = row(f"slim@{budget}", lambda: slim_run(base, data, target, args))
             models[f"slim@{budget}"] = (slim, "slim", f"{budget:.0%}", sinfo)
         if "combined" in args.methods:
-            combined, cinfo = combined_run(base, data, budget, target, args)
+            combined, cinfo = row(f"combined@{budget}", lambda: combined_run(base, data, budget, target, args))
             models[f"combined@{budget}"] = (combined, "combined", f"{budget:.0%}", cinfo)
-        print(f"{arch} budget {budget}: {time.time() - start:.0f}s", flush=True)
     for rate in args.no_finetune:
-        model, info = depth_run(base, data, rate, args, finetune=False)
+        model, info = row(f"depth@{rate}_noft", lambda: depth_run(base, data, rate, args, finetune=False))
         models[f"depth@{rate} no-ft"] = (model, "depth (no fine-tuning)", f"{rate:.0%}", info)
     plain = {k: deployed(m) for k, (m, *_rest) in models.items()}
     lat = interleaved_latencies({k: (lambda m=m: m(EXAMPLE)) for k, m in plain.items()}, repeats=args.repeats)
@@ -239,15 +287,27 @@ def main() -> None:
                     o = rs[f"{other}@{budget}"]
                     verdict[f"{other}_top1_change"] = round(o["top1_change"], 2)
                     verdict[f"latency_depth_over_{other}"] = round(d["latency_ms"] / o["latency_ms"], 3)
-    summary = {"benchmark": name, "verdicts": verdicts}
+    comparisons = {arch: equal_latency([r for r in records if r["arch"] == arch]) for arch in args.archs}
+    summary = {"benchmark": name, "verdicts": verdicts, "equal_latency": comparisons}
     header = ["arch", "row", "top-1 %", "change (pt)", "MFLOPs", "FLOPs removed", "params (k)",
               "CPU ms (b1)", "latency vs baseline"]
     rows = [[r["arch"], r["row"], f"{r['top1']:.2f}", f"{r['top1_change']:+.2f}", f"{r['flops'] / 1e6:.2f}",
              f"{r['flops_reduction']:.1%}", f"{r['params'] / 1e3:.1f}", f"{r['latency_ms']:.3f}",
              f"{r['latency_ratio']:.2f}"] for r in records]
+    lines = ["## Equal latency", "",
+             "Top-1 of each pruned point against the top-1 another method reaches at the same measured latency, read "
+             "off that method's accuracy-latency curve (its points plus the baseline, linear in between; '-' where "
+             "the point is faster than everything the other method produced). Advantage > 0: the row's method is "
+             "more accurate at equal latency.", "",
+             "| arch | row | CPU ms | top-1 % | vs | other's top-1 at this latency | advantage (pt) |",
+             "|---|---|---|---|---|---|---|"]
+    for arch, comps in comparisons.items():
+        lines += [f"| {arch} | {c['row']} | {c['latency_ms']:.3f} | {c['top1']:.2f} | {c['vs']} | "
+                  + ("- | - |" if c["advantage_pt"] is None else
+                     f"{c['other_top1_at_equal_latency']:.2f} | {c['advantage_pt']:+.2f} |") for c in comps]
     write_results(name, {"environment": environment(), "args": vars(args), "records": records, "summary": summary},
-                  header, rows, notes=__doc__.split("Usage:")[0].strip().replace("\n", " ")
-                  + f" Plots: {', '.join(f'{name}_{a}.png' for a in args.archs)}.")
+                  header, rows, notes=__doc__.split("Finished rows")[0].strip().replace("\n", " ")
+                  + f" Plots: {', '.join(f'{name}_{a}.png' for a in args.archs)}.", sections="\n".join(lines) + "\n")
     print(json.dumps(summary))
 
 
