@@ -4,7 +4,7 @@ torch-pruning's network slimming (BNScalePruner) at equal FLOPs and equal epoch 
 Per architecture (``cifar_resnet20`` fast, ``cifar_resnet56``), all from one baseline:
 * baseline: --base-epochs of SGD (lr 0.1, cosine) on the training subset.
 * depth@b: convert, --sparsity-epochs with ``LayerPruner(flops_reduction=b)`` (proximal L1 + budget cap), remove,
-  --finetune-epochs (the unfused model: its BatchNorms still train), fuse.
+  freeze the surviving gates, --finetune-epochs (the unfused model: its BatchNorms still train), fuse.
 * slim@b: --sparsity-epochs with ``BNScalePruner(reg=--slim-reg)`` (L1 on BN scales, torch-pruning), prune channels
   (``BNScaleImportance``, global) with the pruning_ratio bisected so FLOPs match depth@b within 2%,
   --finetune-epochs: the same epoch budget.
@@ -93,6 +93,7 @@ def depth_run(base, data, budget, args, finetune=True):
                                         sparsity_steps=sparsity_steps(data, args.sparsity_epochs))
     train(model, data, f"depth@{budget}", args.sparsity_epochs, 0.02, args.seed + 1, pruner=pruner)
     removed = pruner.step()
+    resconv_plugin.freeze_gates(model)  # the pruner no longer keeps them in [0, 1]
     if finetune:
         train(model, data, f"depth@{budget} ft", args.finetune_epochs, 0.02, args.seed + 2)
     return resconv_plugin.fuse(model.eval()), {"removed": len(removed),
@@ -119,6 +120,7 @@ def combined_run(base, data, budget, target, args):
     train(model, data, "combined", args.sparsity_epochs, 0.02, args.seed + 1, pruner=depth, regularizers=[slimming])
     removed = depth.step()
     model, ratio = slim_to(model.eval(), target)
+    resconv_plugin.freeze_gates(model)
     train(model, data, "combined ft", args.finetune_epochs, 0.02, args.seed + 2)
     return resconv_plugin.fuse(model.eval()), {"removed": len(removed), "channel_pruning_ratio": ratio,
                                                "depth_share": 0.6}

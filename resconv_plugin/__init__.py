@@ -24,7 +24,7 @@ from resconv_plugin._fuse import fuse, resconv_layers
 from resconv_plugin._gate import BlockGate
 from resconv_plugin._io import load, read_recipe, save
 from resconv_plugin._pruner import LayerPruner, StepReport, recalibrate_batchnorm
-from resconv_plugin._surgery import Removal, gated_modules
+from resconv_plugin._surgery import Removal, freeze_gates, gated_modules
 from resconv_plugin import models  # noqa: F401  (registers the CIFAR networks with timm)
 
 try:
@@ -51,6 +51,7 @@ __all__ = [
     "StepReport",
     "Removal",
     "gated_modules",
+    "freeze_gates",
     "recalibrate_batchnorm",
     "save",
     "load",

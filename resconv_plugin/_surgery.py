@@ -66,6 +66,37 @@ def gated_modules(model: nn.Module, graph: Optional[torch.fx.Graph] = None) -> D
     return gates
 
 
+def freeze_gates(model: nn.Module, frozen: bool = True) -> int:
+    """Stop (or resume) training the gates of every ResConv and BlockGate left in ``model``; returns how many.
+
+    Call it after :meth:`LayerPruner.step`, before fine-tuning. During sparsity training the pruner keeps each gate in
+    [0, 1]; afterwards nothing does, and a free scalar gate, whose gradient sums over a whole feature map, can run far
+    outside the convex range at fine-tuning learning rates (cifar_resnet56 on Fashion-MNIST, 27 layers removed, one
+    epoch at lr 0.02: gates reached -1.1 and 3.7 and top-1 fell from 63% to 40%; frozen it does not happen). A frozen
+    gate keeps its value (it is fused like any other); an optimizer built afterwards leaves it out, and one built
+    before skips it (its gradient stays None).
+
+    Args:
+        model: a converted model.
+        frozen: True to freeze, False to make the gates trainable again.
+
+    Example:
+        >>> import timm, torch, resconv_plugin
+        >>> model = timm.create_model("cifar_resnet20", num_classes=10, in_chans=1)
+        >>> _ = resconv_plugin.convert(model, torch.randn(2, 1, 28, 28))
+        >>> resconv_plugin.freeze_gates(model)
+        16
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(frozen, bool):
+        raise TypeError(f"frozen must be a bool, got {type(frozen).__name__} {frozen!r}")
+    gates = gated_modules(model)
+    for gate in gates.values():
+        gate.gamma.requires_grad_(not frozen)
+    return len(gates)
+
+
 def plan_removal(model: nn.Module, name: str, graph: Optional[torch.fx.Graph] = None) -> Removal:
     """What removing the gated layer or block ``name`` would replace (the model is not changed)."""
     graph = graph if graph is not None else trace(model)

@@ -300,3 +300,41 @@ def test_block_keeps_its_activation_when_input_may_be_negative():
     assert isinstance(model[2], nn.ReLU)
     with torch.no_grad():
         assert torch.equal(model(x), before)
+
+
+def test_freeze_gates_after_step_keeps_gates_through_fine_tuning():
+    from timm.optim import create_optimizer_v2
+
+    torch.manual_seed(0)
+    model = timm.create_model("cifar_resnet20", num_classes=10, in_chans=1)
+    x = torch.randn(8, 1, 28, 28)
+    resconv_plugin.convert(model, x)
+    early = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)  # built before freezing
+    pruner = LayerPruner(model, x, pruning_ratio=0.25)
+    with torch.no_grad():
+        for i, gate in enumerate(resconv_plugin.gated_modules(model).values()):
+            gate.gamma.fill_(0.0 if i % 4 == 0 else 0.7)
+    assert len(pruner.step()) == 4
+    assert resconv_plugin.freeze_gates(model) == 12
+    gates = resconv_plugin.gated_modules(model)
+    assert all(not g.gamma.requires_grad for g in gates.values())
+    late = create_optimizer_v2(model, "sgd", lr=0.5)
+    assert not any(p is g.gamma for group in late.param_groups for p in group["params"] for g in gates.values())
+    before = {n: g.gamma.item() for n, g in gates.items()}
+    weight = model.conv1.weight.detach().clone()
+    for opt in (early, late):
+        model.train()
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), torch.arange(8)).backward()
+        opt.step()
+    assert {n: g.gamma.item() for n, g in gates.items()} == before
+    assert not torch.equal(model.conv1.weight, weight)
+    assert resconv_plugin.freeze_gates(model, frozen=False) == 12
+    assert all(g.gamma.requires_grad for g in gates.values())
+
+
+@pytest.mark.parametrize("args, error, match", [((nn.Linear(2, 2), 1), TypeError, "frozen must be a bool"),
+                                                (("model",), TypeError, "model must be a torch.nn.Module")])
+def test_freeze_gates_bad_input(args, error, match):
+    with pytest.raises(error, match=match):
+        resconv_plugin.freeze_gates(*args)

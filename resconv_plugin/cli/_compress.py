@@ -34,7 +34,7 @@ from resconv_plugin._pruner import LayerPruner
 from resconv_plugin.cli._dist import Dist
 from resconv_plugin.cli._pretrained import create_baseline_model
 from resconv_plugin._flops import count_flops
-from resconv_plugin._surgery import gated_modules
+from resconv_plugin._surgery import freeze_gates, gated_modules
 from resconv_plugin.cli._report import deployed, stage_latencies, stage_table, write_report
 from resconv_plugin.cli._train import StageSettings, evaluate, train_stage
 from resconv_plugin.data import BatchLoader, ImageData, build_datasets
@@ -232,6 +232,7 @@ def compress(args, dist: Dist) -> Dict[str, Any]:
             return
         if args.distill:
             teacher[0] = load(run.out / "baseline.safetensors")
+        freeze_gates(run.model)  # the pruner no longer keeps them in [0, 1]
         train("finetune", args.finetune_epochs, args.finetune_lr, distill_alpha=args.distill_alpha if args.distill
               else 0.0, distill_temperature=args.distill_temperature, model_ema=args.model_ema,
               model_ema_decay=args.model_ema_decay)
