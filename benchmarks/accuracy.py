@@ -38,9 +38,9 @@ import torch
 import torch_pruning as tp
 
 import resconv_plugin
+from resconv_plugin._deploy import deployed
 from resconv_plugin._latency import interleaved_latencies
 from resconv_plugin.cli._dist import Dist
-from resconv_plugin.cli._report import deployed as deployed_copy
 from resconv_plugin.cli._train import StageSettings, evaluate, train_stage
 from resconv_plugin.data import BatchLoader, build_datasets
 from resconv_plugin.integrations.torch_pruning import channel_pruner
@@ -54,10 +54,6 @@ def train(model, data, name, epochs, lr, seed, pruner=None, regularizers=()):
         settings = StageSettings(name=name, epochs=epochs, lr=lr, seed=seed, progress=False)
         train_stage(model, data, settings, Dist(), pruner=pruner, regularizers=regularizers)
     return model.eval()
-
-
-def deployed(model):
-    return deployed_copy(model, EXAMPLE)
 
 
 def slim_to(model, target_flops, tolerance=0.02, iterations=16):
@@ -84,20 +80,31 @@ def sparsity_steps(data, epochs):
     return max(1, epochs * len(BatchLoader(data, True, 128)))
 
 
-def depth_run(base, data, budget, args, finetune=True):
-    """Sparsity training with the budget, removal, fine-tuning of the unfused model (its BatchNorms still train),
-    then fusion."""
+def depth_sparsity(base, data, flops_reduction, name, args, slimming=False):
+    """Convert a copy of ``base``, sparsity-train it with the LayerPruner's budget (and torch-pruning's BN-scale L1
+    when ``slimming``), remove the selected layers; returns the model (unfused, eval), the pruner, the removed names."""
     model = copy.deepcopy(base)
     resconv_plugin.convert(model, EXAMPLE)
-    pruner = resconv_plugin.LayerPruner(model, EXAMPLE, flops_reduction=budget,
+    pruner = resconv_plugin.LayerPruner(model, EXAMPLE, flops_reduction=flops_reduction,
                                         sparsity_steps=sparsity_steps(data, args.sparsity_epochs))
-    train(model, data, f"depth@{budget}", args.sparsity_epochs, 0.02, args.seed + 1, pruner=pruner)
+    regularizers = [channel_pruner(model, EXAMPLE, tp.pruner.BNScalePruner, reg=args.slim_reg)] if slimming else []
+    train(model, data, name, args.sparsity_epochs, 0.02, args.seed + 1, pruner=pruner, regularizers=regularizers)
     removed = pruner.step()
-    resconv_plugin.freeze_gates(model)  # the pruner no longer keeps them in [0, 1]
-    if finetune:
-        train(model, data, f"depth@{budget} ft", args.finetune_epochs, 0.02, args.seed + 2)
-    return resconv_plugin.fuse(model.eval()), {"removed": len(removed),
-                                               "removal_change": pruner.last_step.max_abs_change}
+    return model.eval(), pruner, removed
+
+
+def finetune_then_fuse(model, data, name, args):
+    """Fine-tune the unfused model (its BatchNorms still train) with the gates frozen (the pruner no longer keeps
+    them in [0, 1]), then fuse."""
+    resconv_plugin.freeze_gates(model)
+    train(model, data, name, args.finetune_epochs, 0.02, args.seed + 2)
+    return resconv_plugin.fuse(model.eval())
+
+
+def depth_run(base, data, budget, args, finetune=True):
+    model, pruner, removed = depth_sparsity(base, data, budget, f"depth@{budget}", args)
+    model = finetune_then_fuse(model, data, f"depth@{budget} ft", args) if finetune else resconv_plugin.fuse(model)
+    return model, {"removed": len(removed), "removal_change": pruner.last_step.max_abs_change}
 
 
 def slim_run(base, data, target, args):
@@ -111,19 +118,11 @@ def slim_run(base, data, target, args):
 
 def combined_run(base, data, budget, target, args):
     """Both regularisers in one sparsity phase; depth removal (60% of the budget), then channel pruning of the
-    still-unfused model down to ``target`` FLOPs, fine-tuning (BatchNorms still there), fusion."""
-    model = copy.deepcopy(base)
-    resconv_plugin.convert(model, EXAMPLE)
-    depth = resconv_plugin.LayerPruner(model, EXAMPLE, flops_reduction=0.6 * budget,
-                                       sparsity_steps=sparsity_steps(data, args.sparsity_epochs))
-    slimming = channel_pruner(model, EXAMPLE, tp.pruner.BNScalePruner, reg=args.slim_reg)
-    train(model, data, "combined", args.sparsity_epochs, 0.02, args.seed + 1, pruner=depth, regularizers=[slimming])
-    removed = depth.step()
-    model, ratio = slim_to(model.eval(), target)
-    resconv_plugin.freeze_gates(model)
-    train(model, data, "combined ft", args.finetune_epochs, 0.02, args.seed + 2)
-    return resconv_plugin.fuse(model.eval()), {"removed": len(removed), "channel_pruning_ratio": ratio,
-                                               "depth_share": 0.6}
+    still-unfused model down to ``target`` FLOPs, fine-tuning, fusion."""
+    model, _, removed = depth_sparsity(base, data, 0.6 * budget, "combined", args, slimming=True)
+    model, ratio = slim_to(model, target)
+    model = finetune_then_fuse(model, data, "combined ft", args)
+    return model, {"removed": len(removed), "channel_pruning_ratio": ratio, "depth_share": 0.6}
 
 
 def interpolate(points, x):

@@ -41,6 +41,7 @@ import torch
 import torch_pruning as tp
 
 import resconv_plugin
+from resconv_plugin._deploy import deployed
 from resconv_plugin._latency import interleaved_latencies
 from resconv_plugin.integrations.torch_pruning import channel_pruner
 from _common import RESULTS, environment, write_results
@@ -68,9 +69,7 @@ def depth_pruned(base: torch.nn.Module, x: torch.Tensor, level: str, budget: flo
         print(f"note: {exc}; using {reachable - 0.02:.3f}", flush=True)
         pruner = resconv_plugin.LayerPruner(model, x, flops_reduction=reachable - 0.02)
     pruner.step()
-    model = resconv_plugin.fuse(model.eval())
-    resconv_plugin.fold_batchnorms(model)
-    return model.eval()
+    return deployed(model)
 
 
 def channel_pruned(base: torch.nn.Module, x: torch.Tensor, ratio: float, round_to) -> torch.nn.Module:

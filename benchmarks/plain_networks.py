@@ -17,7 +17,6 @@ Ends with one JSON line (the summary).
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import warnings
 
@@ -25,6 +24,7 @@ import timm
 import torch
 
 import resconv_plugin
+from resconv_plugin._deploy import deployed
 from resconv_plugin.cli._dist import Dist
 from resconv_plugin.cli._train import StageSettings, evaluate, train_stage
 from resconv_plugin.data import build_datasets
@@ -61,9 +61,7 @@ def main() -> None:
             if variant == "resconv":
                 gammas = [g.gamma.item() for g in resconv_plugin.resconv_layers(model).values()]
                 model = resconv_plugin.fuse(model.eval())
-            deployed = copy.deepcopy(model).eval()
-            resconv_plugin.fold_batchnorms(deployed)
-            flops = resconv_plugin.count_flops(deployed, x)
+            flops = resconv_plugin.count_flops(deployed(model), x)
             record = {"arch": arch, "variant": variant, "converted": converted, "epochs": args.epochs,
                       "top1": evaluate(model, data), "train_loss": progress.epochs_log[-1]["train_loss"],
                       "flops": flops.total, "params": flops.params,

@@ -1,4 +1,5 @@
-"""``fold_batchnorms``: fold every eval-mode BatchNorm into the conv before it (the usual deployment step).
+"""``fold_batchnorms``: fold every eval-mode BatchNorm into the conv before it (the usual deployment step);
+``deployed``: a copy with gates fused and BatchNorms folded.
 
 :func:`fuse` folds the BatchNorms inside ResConv layers; this folds the rest (convs that change width or stride, the
 stem, projection shortcuts) and works on any model, converted or not, depth- or channel-pruned. Benchmarks use it so
@@ -7,19 +8,21 @@ that every network compared is measured as it would be deployed.
 
 from __future__ import annotations
 
+import copy
 from typing import List
 
 import torch
 from torch import nn
 
 from resconv_plugin._block import identity_compatibility
+from resconv_plugin._fuse import fuse
 from resconv_plugin._fusion import fold_batchnorm
 from resconv_plugin._graph import find_conv_sites
 from resconv_plugin._recipe import record_step
 from resconv_plugin._utils import check_module, set_submodule
 from resconv_plugin.integrations.timm import split_norm_act
 
-__all__ = ["fold_batchnorms"]
+__all__ = ["fold_batchnorms", "deployed"]
 
 
 @torch.no_grad()
@@ -72,3 +75,19 @@ def fold_batchnorms(model: nn.Module, names: List[str] = None) -> List[str]:
     if folded:
         record_step(model, "fold_batchnorm", names=folded)
     return folded
+
+
+def deployed(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` as deployed, in eval mode: gates fused, every conv -> BatchNorm pair folded.
+
+    Example:
+        >>> import timm, torch, resconv_plugin
+        >>> from resconv_plugin._deploy import deployed
+        >>> model = resconv_plugin.create_model("cifar_resnet20", num_classes=10, in_chans=1)
+        >>> type(deployed(model).layer1[0].conv1).__name__
+        'Conv2d'
+    """
+    with torch.no_grad():
+        plain = fuse(copy.deepcopy(model).eval(), inplace=True)
+        fold_batchnorms(plain)
+    return plain.eval()

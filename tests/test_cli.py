@@ -132,10 +132,10 @@ def test_yaml_config_and_command_line_override(tmp_path):
     assert by["channel_pruned"]["params"] < by["pruned"]["params"]
     steps = [s["op"] for s in resconv_plugin.read_recipe(out / "model.safetensors")["steps"]]
     assert steps == ["convert", "remove", "channel_prune", "fuse"]
-    from resconv_plugin.cli._report import deployed
+    from resconv_plugin._deploy import deployed
 
     x = torch.zeros(1, 1, 28, 28)
-    figures = resconv_plugin.count_flops(deployed(resconv_plugin.load(out / "model.safetensors"), x), x)
+    figures = resconv_plugin.count_flops(deployed(resconv_plugin.load(out / "model.safetensors")), x)
     assert (figures.total, figures.params) == (by["fused"]["flops"], by["fused"]["params"])
 
 

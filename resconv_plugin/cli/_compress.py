@@ -18,7 +18,6 @@ import copy
 import logging
 import os
 import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -35,7 +34,8 @@ from resconv_plugin.cli._dist import Dist
 from resconv_plugin.cli._pretrained import create_baseline_model
 from resconv_plugin._flops import count_flops
 from resconv_plugin._surgery import freeze_gates, gated_modules
-from resconv_plugin.cli._report import deployed, stage_latencies, stage_table, write_report
+from resconv_plugin._deploy import deployed
+from resconv_plugin.cli._report import stage_latencies, stage_table, write_report
 from resconv_plugin.cli._train import StageSettings, evaluate, train_stage
 from resconv_plugin.data import BatchLoader, ImageData, build_datasets
 
@@ -127,7 +127,7 @@ class Run:
         (reloadable with ``resconv_plugin.load``; the latencies of all stages are measured together at the end)."""
         if self.dist.main:
             top1 = evaluate(model, data)
-            plain = deployed(model, example)
+            plain = deployed(model)
             flops = count_flops(plain, example)
             save(plain, self.out / "stages" / f"{stage}.safetensors", model_name=self.args.model,
                  model_kwargs=self.model_kwargs())

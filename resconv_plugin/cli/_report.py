@@ -14,7 +14,6 @@ Definitions (also written into every report):
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import tempfile
@@ -24,13 +23,13 @@ from typing import Any, Dict, List, Optional
 import torch
 from torch import nn
 
+from resconv_plugin._deploy import deployed
 from resconv_plugin._flops import count_flops
-from resconv_plugin._fuse import fuse
 from resconv_plugin._latency import median_latency
 from resconv_plugin._surgery import gated_modules
 from resconv_plugin._utils import format_table
 
-__all__ = ["measure", "deployed", "stage_latencies", "DEFINITIONS", "stage_table", "write_report",
+__all__ = ["measure", "stage_latencies", "DEFINITIONS", "stage_table", "write_report",
            "write_text_atomic"]
 
 DEFINITIONS = {
@@ -43,21 +42,11 @@ DEFINITIONS = {
 }
 
 
-def deployed(model: nn.Module, example: torch.Tensor) -> nn.Module:
-    """A copy of ``model`` as deployed, in eval mode: gates fused, every conv -> BatchNorm pair folded."""
-    from resconv_plugin._deploy import fold_batchnorms
-
-    with torch.no_grad():
-        plain = fuse(copy.deepcopy(model).eval(), inplace=True)
-        fold_batchnorms(plain)
-    return plain.eval()
-
-
 def measure(model: nn.Module, example: torch.Tensor, *, accuracy: Optional[float] = None,
             latency_repeats: int = 50) -> Dict[str, Any]:
     """FLOPs, params and CPU latency of ``model`` as deployed, plus the given accuracy."""
     was_training = model.training
-    plain = deployed(model, example)
+    plain = deployed(model)
     flops = count_flops(plain, example)
     with torch.no_grad():
         latency = median_latency(lambda: plain(example), repeats=latency_repeats)
