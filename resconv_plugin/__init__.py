@@ -18,14 +18,17 @@ from importlib.metadata import PackageNotFoundError, version
 from resconv_plugin._block import ResConv, identity_compatibility
 from resconv_plugin._convert import ConversionReport, ConvertedLayer, SkippedConv, convert
 from resconv_plugin._create import create_model
-from resconv_plugin._deploy import fold_batchnorms
+from resconv_plugin._deploy import deployed, fold_batchnorms
 from resconv_plugin._flops import FlopReport, count_flops, count_params
 from resconv_plugin._fuse import fuse, resconv_layers
 from resconv_plugin._gate import BlockGate
 from resconv_plugin._io import load, read_recipe, save
-from resconv_plugin._pruner import LayerPruner, StepReport, recalibrate_batchnorm
+from resconv_plugin._latency import interleaved_latencies, median_latency
+from resconv_plugin._onnx import OnnxExport, export_onnx, onnx_session
+from resconv_plugin.distill import DistillationLoss, distillation_loss
 from resconv_plugin._surgery import Removal, freeze_gates, gated_modules
-from resconv_plugin import models  # noqa: F401  (registers the CIFAR networks with timm)
+from resconv_plugin.pruning import LayerPruner, StepReport, recalibrate_batchnorm
+from resconv_plugin import models, pruning  # noqa: F401  (registers the CIFAR networks with timm)
 
 try:
     __version__ = version("resconv-plugin")
@@ -42,6 +45,7 @@ __all__ = [
     "SkippedConv",
     "fuse",
     "fold_batchnorms",
+    "deployed",
     "resconv_layers",
     "count_flops",
     "count_params",
@@ -53,6 +57,13 @@ __all__ = [
     "gated_modules",
     "freeze_gates",
     "recalibrate_batchnorm",
+    "distillation_loss",
+    "DistillationLoss",
+    "interleaved_latencies",
+    "median_latency",
+    "export_onnx",
+    "onnx_session",
+    "OnnxExport",
     "save",
     "load",
     "read_recipe",

@@ -1,18 +1,23 @@
-"""``save`` / ``load``: weights in safetensors with the JSON recipe that rebuilds the structure, no pickled code.
+"""``save`` / ``load``: weights in safetensors with a JSON recipe that rebuilds the structure, no pickled code.
 
 The file is one ``.safetensors`` file; its header metadata holds ``resconv_recipe``, a JSON document:
 
 .. code-block:: json
 
-    {"format": "resconv_plugin.checkpoint.v1", "resconv_plugin_version": "0.1.0",
+    {"format": "resconv_plugin.checkpoint.v2", "resconv_plugin_version": "0.1.0",
      "model": {"name": "resnet18", "kwargs": {"num_classes": 10, "in_chans": 3}},
-     "steps": [{"op": "convert", "level": "layer", "names": [...], "init_gamma": 1.0, "input_shapes": [[1, 3, 64, 64]]},
-               {"op": "remove", "names": [...]},
-               {"op": "fuse"},
-               {"op": "channel_prune", "history": [[module, is_out_channels, [indices]], ...], "input_shapes": [...]}]}
+     "structure": [{"path": "layer1.0.conv1", "class": "torch.nn.modules.conv.Conv2d",
+                    "attrs": {"in_channels": 44, "out_channels": 44, "groups": 1, ...},
+                    "params": {"weight": {"shape": [44, 44, 3, 3], "dtype": "float32"}, "bias": null}, ...}, ...],
+     "steps": [{"op": "convert", ...}, {"op": "remove", "names": [...]}, {"op": "fuse"}, ...]}
 
-``load`` creates the timm model, replays the steps in order and loads the weights strictly. Read the recipe alone
-with :func:`read_recipe` (or any safetensors reader: ``safe_open(path, "pt").metadata()``).
+The structure is read off the model itself (``resconv_plugin._structure``): so a model changed by anything (our
+steps, torch-pruning's pruners used directly, ``timm.utils.reparameterize_model``) reloads. ``save`` checks, before
+it writes, that the recipe rebuilds a model whose state dict matches the model's (names and shapes), and raises a
+ValueError naming the module otherwise: it never writes a file ``load`` cannot read. ``steps`` is the history of
+resconv_plugin's own changes, for people reading the file. ``load`` creates the timm model, reshapes it to the
+structure and loads the weights strictly (files of format v1, which replayed the steps, still load). Read the recipe
+alone with :func:`read_recipe` (or any safetensors reader: ``safe_open(path, "pt").metadata()``).
 """
 
 from __future__ import annotations
@@ -27,11 +32,14 @@ import torch
 from torch import nn
 
 from resconv_plugin._recipe import recipe_steps
+from resconv_plugin._structure import StructureError, apply_structure, describe
 from resconv_plugin._utils import check_module
 
-__all__ = ["save", "load", "read_recipe", "make_recipe", "build_from_recipe", "state_dict_differences", "FORMAT"]
+__all__ = ["save", "load", "read_recipe", "make_recipe", "build_from_recipe", "check_rebuilds",
+           "state_dict_differences", "FORMAT"]
 
-FORMAT = "resconv_plugin.checkpoint.v1"
+FORMAT = "resconv_plugin.checkpoint.v2"
+_FORMAT_V1 = "resconv_plugin.checkpoint.v1"
 _META_KEY = "resconv_recipe"
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -92,6 +100,7 @@ def save(model: nn.Module, path: PathLike, *, model_name: Optional[str] = None,
 
     recipe = make_recipe(model, model_name=model_name, model_kwargs=model_kwargs)
     state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+    check_rebuilds(recipe, state)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -111,7 +120,21 @@ def make_recipe(model: nn.Module, *, model_name: Optional[str] = None,
     check_module(model)
     name, kwargs = _model_identity(model, model_name, model_kwargs)
     return {"format": FORMAT, "resconv_plugin_version": _version(),
-            "model": {"name": name, "kwargs": _jsonable(kwargs)}, "steps": _jsonable(recipe_steps(model))}
+            "model": {"name": name, "kwargs": _jsonable(kwargs)}, "structure": describe(model),
+            "steps": _jsonable(recipe_steps(model))}
+
+
+def check_rebuilds(recipe: Dict[str, Any], state: Dict[str, torch.Tensor]) -> None:
+    """Raise a ValueError unless ``recipe`` rebuilds a model whose state dict has the names and shapes of ``state``
+    (what :func:`save` checks before writing)."""
+    try:
+        rebuilt = build_from_recipe(recipe, "save")
+    except ValueError as exc:
+        raise ValueError(f"cannot save this model: {exc}") from exc
+    differences = state_dict_differences(rebuilt.state_dict(), state)
+    if differences:
+        raise ValueError(f"cannot save this model: rebuilding {recipe['model']['name']} from its description does "
+                         f"not give the same tensors ({differences}); nothing was written")
 
 
 def build_from_recipe(recipe: Dict[str, Any], source: object = "recipe") -> nn.Module:
@@ -127,6 +150,13 @@ def build_from_recipe(recipe: Dict[str, Any], source: object = "recipe") -> nn.M
                          + (f" (close: {', '.join(close)})" if close else "")
                          + "; if a package registers it, import that package before load()")
     model = timm.create_model(name, pretrained=False, **kwargs)
+    if "structure" in recipe:
+        try:
+            apply_structure(model, recipe["structure"])
+        except StructureError as exc:
+            raise ValueError(f"{source}: {exc}") from exc
+        _copy_recipe(model, recipe)
+        return model
     for index, step in enumerate(recipe.get("steps", [])):
         try:
             _replay(model, step)
@@ -160,9 +190,9 @@ def read_recipe(path: PathLike) -> Dict[str, Any]:
         recipe = json.loads(metadata[_META_KEY])
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path}: the recipe is not valid JSON: {exc}") from exc
-    if not isinstance(recipe, dict) or recipe.get("format") != FORMAT:
-        raise ValueError(f"{path}: unsupported recipe format {recipe.get('format') if isinstance(recipe, dict) else recipe!r}, "
-                         f"expected {FORMAT}")
+    if not isinstance(recipe, dict) or recipe.get("format") not in (FORMAT, _FORMAT_V1):
+        found = recipe.get("format") if isinstance(recipe, dict) else recipe
+        raise ValueError(f"{path}: unsupported recipe format {found!r}, expected {FORMAT} (or {_FORMAT_V1})")
     return recipe
 
 
@@ -188,6 +218,13 @@ def load(path: PathLike) -> nn.Module:
         raise ValueError(f"{path}: cannot read the weights (corrupt?): {exc}") from exc
     _load_state(model, state, path)
     return model.eval()
+
+
+def _copy_recipe(model: nn.Module, recipe: Dict[str, Any]) -> None:
+    """The rebuilt model carries the saved history, so saving it again keeps it."""
+    steps = recipe_steps(model)
+    steps.clear()
+    steps.extend(recipe.get("steps", []))
 
 
 def _replay(model: nn.Module, step: Dict[str, Any]) -> None:

@@ -23,7 +23,7 @@ from typing import Optional, Tuple, Union
 import torch
 
 __all__ = ["DATASETS", "DEFAULT_DIRS", "MEAN_STD", "read_idx", "load_idx_dataset", "find_dataset_dir",
-           "load_cifar10", "ImageData", "build_datasets", "BatchLoader"]
+           "load_cifar10", "ImageData", "build_datasets", "BatchLoader", "calibration_batch"]
 
 #: Dataset kinds the ``resconv`` command reads.
 DATASETS = ("fashion-mnist", "mnist", "cifar10", "imagefolder")
@@ -316,3 +316,28 @@ def _crop_flip(x: torch.Tensor, pad: int, shifts: torch.Tensor, flips: torch.Ten
         crop = padded[i, :, dy:dy + h, dx:dx + w]
         out[i] = crop.flip(-1) if flip else crop
     return out
+
+
+def calibration_batch(data: ImageData, size: int = 256, seed: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
+    """A fixed random batch of ``size`` training images (normalised, not augmented for in-memory data) and their
+    labels: what :class:`~resconv_plugin.LayerPruner` measures importance on (``calibration_inputs`` /
+    ``calibration_targets``). Drawn from the training split so that no test image decides what is pruned.
+
+    Example:
+        >>> data = build_datasets("fashion-mnist")  # doctest: +SKIP
+        >>> x, y = calibration_batch(data, 256)  # doctest: +SKIP
+    """
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"size must be a positive int, got {size!r}")
+    n = len(data)
+    idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:size].sort().values
+    if data.in_memory:
+        images, labels = data.train
+        x = images[idx].float().div_(255)
+        if x.shape[-1] != data.img_size:
+            x = torch.nn.functional.interpolate(x, size=data.img_size, mode="bilinear", align_corners=False)
+        mean = torch.tensor(data.mean).view(1, -1, 1, 1)
+        std = torch.tensor(data.std).view(1, -1, 1, 1)
+        return (x - mean) / std, labels[idx]
+    items = [data.train[i] for i in idx.tolist()]
+    return torch.stack([x for x, _ in items]), torch.tensor([int(y) for _, y in items])

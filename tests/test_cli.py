@@ -258,7 +258,8 @@ def test_efficientnet_lite0_adapter_matches_timm_layout():
     (["compress", "--model", "cifar_resnet20", "--flops-reduction", "0.3", "--threshold", "0.1"],
      "give one of --flops-reduction, --latency-reduction, --threshold, --pruning-ratio; got --flops-reduction and "
      "--threshold"),
-    (["compress", "--model", "cifar_resnet20", "--distill", "--finetune-epochs", "0"], "--distill needs"),
+    (["compress", "--model", "cifar_resnet20", "--distill", "--finetune-epochs", "0", "--sparsity-epochs", "0"],
+     "--distill needs"),
     (["compress", "--model", "resnet18", "--pretrained-adapter", "efficientnet-lite0"],
      "renames keys for tf_efficientnet_lite0, not --model resnet18"),
     (["compress", "--model", "cifar_resnet20", "--mixup", "0.2", "--batch-size", "31"], "even per-process batch"),

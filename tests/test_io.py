@@ -105,9 +105,21 @@ def test_load_errors(tmp_path):
     mismatched = rewrite(tmp_path / "mismatched.safetensors", state=state)
     with pytest.raises(ValueError, match=r"weights do not match.*fc.weight: file \(5, 512\) vs model \(10, 512\)"):
         resconv_plugin.load(mismatched)
-    bad_step = rewrite(tmp_path / "badstep.safetensors", dict(recipe, steps=[{"op": "remove", "names": ["layer9"]}]))
+    v1 = {k: v for k, v in recipe.items() if k != "structure"}
+    bad_step = rewrite(tmp_path / "badstep.safetensors", dict(v1, format="resconv_plugin.checkpoint.v1",
+                                                              steps=[{"op": "remove", "names": ["layer9"]}]))
     with pytest.raises(ValueError, match="recipe step 0 \\('remove'\\) does not apply"):
-        resconv_plugin.load(bad_step)
+        resconv_plugin.load(bad_step)  # the first format replayed steps: still read
+    entry = {"path": "layer9.conv", "class": "torch.nn.modules.conv.Conv2d", "attrs": {}, "opaque": [],
+             "params": {}, "buffers": {}, "non_persistent": [], "children": []}
+    bad_structure = rewrite(tmp_path / "badstructure.safetensors",
+                            dict(recipe, structure=recipe["structure"] + [entry]))
+    with pytest.raises(ValueError, match="module 'layer9.conv': its parent 'layer9' does not exist"):
+        resconv_plugin.load(bad_structure)
+    foreign = rewrite(tmp_path / "foreign.safetensors",
+                      dict(recipe, structure=recipe["structure"] + [dict(entry, path="extra", **{"class": "os.system"})]))
+    with pytest.raises(ValueError, match="class os.system is outside torch.nn, timm, resconv_plugin"):
+        resconv_plugin.load(foreign)
     plain = tmp_path / "plain.safetensors"
     save_file({"w": torch.zeros(1)}, str(plain))
     with pytest.raises(ValueError, match="without a resconv_plugin recipe"):

@@ -153,7 +153,8 @@ def test_nonzero_removal_reports_change_and_recalibrates(resnet18):
 
 
 def fused_flops(model, x):
-    return resconv_plugin.count_flops(resconv_plugin.fuse(copy.deepcopy(model).eval()), x).total
+    """FLOPs of the model as deployed (gates fused, BatchNorms folded): the pruner's denominator."""
+    return resconv_plugin.count_flops(resconv_plugin.deployed(model), x).total
 
 
 @pytest.mark.parametrize("target", [0.2, 0.45])
@@ -221,10 +222,15 @@ def test_budget_driven_sparsity_zeroes_the_budget():
 
 
 def test_ignored_layers(resnet18):
+    """Each entry covers the module and everything inside it (torch-pruning's rule): a stage, a block by name, a
+    layer by its inner conv; a class covers every instance and what it holds."""
     model, x = resnet18
-    pruner = LayerPruner(model, x, ignored_layers=["layer1.0", model.layer1[0].conv1, timm.models.resnet.BasicBlock])
-    expected = {n for n in resconv_plugin.gated_modules(model) if n.count(".") == 2} - {"layer1.0.conv1"}
-    assert set(pruner.gates) == expected  # blocks ignored by class, one block by name, one layer by module
+    everything = set(resconv_plugin.gated_modules(model))
+    pruner = LayerPruner(model, x, ignored_layers=[model.layer1, "layer2.0", model.layer3[1].conv1.conv])
+    expected = {n for n in everything if not n.startswith(("layer1.", "layer2.0"))} - {"layer3.1.conv1"}
+    assert set(pruner.gates) == expected and "layer2.1" in expected and "layer3.1" in expected
+    with pytest.raises(ValueError, match="ignored_layers cover all 13 gates of ResNet"):
+        LayerPruner(model, x, ignored_layers=[timm.models.resnet.BasicBlock])
 
 
 def test_history_rebuilds_structure(resnet18):

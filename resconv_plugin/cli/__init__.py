@@ -1,4 +1,4 @@
-"""The ``resconv`` command: ``compress``, ``report`` and ``demo``.
+"""The ``resconv`` command: ``compress``, ``report``, ``export`` and ``demo``.
 
 Examples::
 
@@ -7,6 +7,7 @@ Examples::
     resconv compress --config my_run.yaml --channel-pruning 0.2
     torchrun --nproc_per_node=2 -m resconv_plugin.cli compress --model cifar_resnet20 ...
     resconv report runs/r56/model.safetensors --data fashion-mnist
+    resconv export runs/r56/model.safetensors --onnx r56.onnx
 
 Settings come from the command line and/or a YAML file (``--config``; keys are the long option names, with ``-`` or
 ``_``); the command line wins. Re-running the same command resumes an interrupted run from its last checkpoint.
@@ -30,6 +31,8 @@ log = logging.getLogger("resconv")
 
 BUDGETS = ("flops_reduction", "latency_reduction", "threshold", "pruning_ratio")
 DEFAULT_BUDGET = ("flops_reduction", 0.5)
+#: The importance criterion of ``resconv compress`` (chosen from benchmarks/results/ablation_depth.md).
+DEFAULT_IMPORTANCE = "magnitude"
 QUICK = {"train_subset": 1024, "val_subset": 512, "latency_repeats": 10, "epochs": 1, "sparsity_epochs": 1,
          "finetune_epochs": 1}
 DEMO = {"model": "cifar_resnet20", "data": "fashion-mnist", "train_subset": 20000, "epochs": 4, "lr": 0.1,
@@ -90,7 +93,12 @@ def _add_compress_options(p: argparse.ArgumentParser, demo: bool = False) -> Non
     g.add_argument("--latency-reduction", type=_fraction, help="fraction of measured CPU latency to remove")
     g.add_argument("--threshold", type=_fraction, help="remove every gate with |gamma| <= this")
     g.add_argument("--pruning-ratio", type=_fraction, help="fraction of the gates to remove")
-    g.add_argument("--reg", type=float, default=1e-2, help="L1 strength on the gates (LayerPruner reg)")
+    g.add_argument("--importance", choices=["magnitude", "removal", "removal-iterative", "taylor"],
+                   default=DEFAULT_IMPORTANCE, help="which gates go (LayerPruner importance): |gamma|, the measured "
+                   "loss increase when the gate is removed (re-measured after each choice with -iterative), or "
+                   f"|gamma dL/dgamma| (default {DEFAULT_IMPORTANCE})")
+    g.add_argument("--reg", type=float, help="L1 strength on the gates (LayerPruner reg; default 1e-2 with "
+                                             "magnitude importance, else 0)")
     g.add_argument("--cap-start", type=float, default=0.0, help="LayerPruner cap_start")
     g.add_argument("--ignored-layers", nargs="*", default=[], help="gate names never removed")
 
@@ -114,7 +122,8 @@ def _add_compress_options(p: argparse.ArgumentParser, demo: bool = False) -> Non
     g.add_argument("--cutmix", type=float, default=0.0, help="timm CutMix alpha (baseline training)")
     g.add_argument("--model-ema", action="store_true", help="timm ModelEmaV3 in baseline and fine-tuning stages")
     g.add_argument("--model-ema-decay", type=float, default=0.998)
-    g.add_argument("--distill", action="store_true", help="fine-tune with distillation from the baseline")
+    g.add_argument("--distill", action="store_true", help="sparsity-train and fine-tune with distillation from the "
+                                                          "baseline")
     g.add_argument("--distill-alpha", type=float, default=0.5)
     g.add_argument("--distill-temperature", type=float, default=4.0)
 
@@ -159,6 +168,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--latency-repeats", type=int, default=50)
     p.add_argument("--max-rows", type=int, default=60, help="rows of the per-layer table")
     p.add_argument("--json", type=Path, help="also write the figures here")
+    p = sub.add_parser("export", help="export a saved model to ONNX (fused, BatchNorms folded), checked in ONNX "
+                                      "Runtime against PyTorch")
+    p.add_argument("checkpoint", type=Path, help="a model.safetensors written by resconv / resconv_plugin.save, "
+                                                 "or its run folder")
+    p.add_argument("--onnx", type=Path, required=True, help="the .onnx file to write")
+    p.add_argument("--input-size", type=int, nargs=3, metavar=("C", "H", "W"),
+                   help="example input (default: the one the model was converted with)")
+    p.add_argument("--static-batch", action="store_true", help="fix the batch dimension to 1")
+    p.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
     return parser
 
 
@@ -200,8 +218,9 @@ def _validate(args: argparse.Namespace, world: int = 1) -> None:
     for name in ("epochs", "sparsity_epochs", "finetune_epochs", "train_subset", "val_subset"):
         if getattr(args, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    if args.distill and not args.finetune_epochs:
-        raise ValueError("--distill needs fine-tuning epochs (--finetune-epochs > 0): distillation happens there")
+    if args.distill and not (args.finetune_epochs or args.sparsity_epochs):
+        raise ValueError("--distill needs training epochs (--sparsity-epochs or --finetune-epochs > 0): "
+                         "distillation happens there")
     if args.pretrained_adapter:
         from resconv_plugin.integrations.weights import ADAPTER_MODELS
 
@@ -270,13 +289,13 @@ def _run_compress(argv: Sequence[str]) -> int:
     return 0
 
 
-def _run_report(args: argparse.Namespace) -> int:
+def _load_checkpoint(args: argparse.Namespace):
+    """The model of ``args.checkpoint`` (a file or a run folder), its recipe, its path and a batch-1 example input
+    (``--input-size``, else the one it was converted with, else timm's default)."""
     import torch
 
     import resconv_plugin
     from resconv_plugin._create import default_example_input
-    from resconv_plugin._utils import format_table
-    from resconv_plugin.cli._report import measure
 
     path = args.checkpoint / "model.safetensors" if args.checkpoint.is_dir() else args.checkpoint
     model = resconv_plugin.load(path)
@@ -286,6 +305,30 @@ def _run_report(args: argparse.Namespace) -> int:
     else:
         shapes = [s["input_shapes"][0] for s in recipe.get("steps", []) if s.get("input_shapes")]
         example = torch.zeros(1, *shapes[0][1:]) if shapes else default_example_input(model)
+    return model, recipe, path, example
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    import torch
+
+    import resconv_plugin
+
+    model, recipe, path, example = _load_checkpoint(args)
+    example = torch.randn(example.shape, generator=torch.Generator().manual_seed(0))
+    result = resconv_plugin.export_onnx(model, example, args.onnx, dynamic_batch=not args.static_batch,
+                                        opset=args.opset)
+    print(f"{path} -> {result.path} (opset {result.opset}, input {'x'.join(map(str, example.shape[1:]))}, "
+          f"{'dynamic' if not args.static_batch else 'static'} batch): ONNX Runtime agrees with PyTorch, max "
+          f"relative error {result.max_relative_error:.2e} at batch {', '.join(map(str, result.checked_batches))}")
+    return 0
+
+
+def _run_report(args: argparse.Namespace) -> int:
+    import resconv_plugin
+    from resconv_plugin._utils import format_table
+    from resconv_plugin.cli._report import measure
+
+    model, recipe, path, example = _load_checkpoint(args)
     top1 = None
     if args.data:
         from resconv_plugin.cli._train import evaluate
@@ -320,11 +363,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         if argv and argv[0] == "report":
             return _run_report(parser.parse_args(argv))
+        if argv and argv[0] == "export":
+            return _run_export(parser.parse_args(argv))
         if argv and argv[0] in ("compress", "demo"):
             return _run_compress(argv)
         parser.parse_args(argv)  # prints help / usage errors
         return 2
-    except (ValueError, TypeError, FileNotFoundError) as exc:
+    except (ValueError, TypeError, FileNotFoundError, ImportError) as exc:
         print(f"resconv: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

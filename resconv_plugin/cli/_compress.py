@@ -1,8 +1,9 @@
 """The ``resconv compress`` workflow: stages, each checkpointed, so that re-running the command resumes.
 
 baseline (train / fine-tune, or load ``--pretrained-file``) -> convert -> sparsity training (LayerPruner with a
-budget) -> prune -> optional channel pruning (torch-pruning, on the depth-pruned model before fusion) -> fine-tune
-(optionally distilled from the baseline) -> fuse -> save (``resconv_plugin.save``) -> report.
+budget and an importance criterion) -> prune -> optional channel pruning (torch-pruning, on the depth-pruned model
+before fusion) -> fine-tune -> fuse -> save (``resconv_plugin.save``) -> report. With ``--distill`` the sparsity
+training and the fine-tuning are distilled from the baseline.
 
 Fine-tuning comes before fusion: fusion folds each ResConv's BatchNorm into its conv, and fine-tuning the fused,
 BatchNorm-free layers lost 15 points of top-1 in a first benchmark run (cifar_resnet20, 50% FLOPs).
@@ -29,7 +30,7 @@ from torch import nn
 from resconv_plugin._convert import convert
 from resconv_plugin._fuse import fuse
 from resconv_plugin._io import build_from_recipe, load, make_recipe, save
-from resconv_plugin._pruner import LayerPruner
+from resconv_plugin.pruning import LayerPruner
 from resconv_plugin.cli._dist import Dist
 from resconv_plugin.cli._pretrained import create_baseline_model
 from resconv_plugin._flops import count_flops
@@ -37,7 +38,7 @@ from resconv_plugin._surgery import freeze_gates, gated_modules
 from resconv_plugin._deploy import deployed
 from resconv_plugin.cli._report import stage_latencies, stage_table, write_report
 from resconv_plugin.cli._train import StageSettings, evaluate, train_stage
-from resconv_plugin.data import BatchLoader, ImageData, build_datasets
+from resconv_plugin.data import BatchLoader, ImageData, build_datasets, calibration_batch
 
 __all__ = ["compress", "STAGES", "RESUME_IGNORED"]
 
@@ -147,14 +148,20 @@ def _stage_settings(args, name: str, epochs: int, lr: float, **overrides) -> Sta
                          progress=args.progress, **overrides)
 
 
-def _make_pruner(args, model: nn.Module, example: torch.Tensor, calib: torch.Tensor, dist: Dist,
+def _distill_settings(args) -> Dict[str, float]:
+    return {"distill_alpha": args.distill_alpha if args.distill else 0.0,
+            "distill_temperature": args.distill_temperature}
+
+
+def _make_pruner(args, model: nn.Module, example: torch.Tensor, calib, dist: Dist,
                  sparsity_steps: Optional[int] = None) -> LayerPruner:
-    pruner = LayerPruner(model, example, reg=args.reg, threshold=args.threshold, pruning_ratio=args.pruning_ratio,
-                         flops_reduction=args.flops_reduction, latency_reduction=args.latency_reduction,
-                         sparsity_steps=sparsity_steps, cap_start=args.cap_start, calibration_inputs=calib,
+    pruner = LayerPruner(model, example, importance=args.importance, reg=args.reg, threshold=args.threshold,
+                         pruning_ratio=args.pruning_ratio, flops_reduction=args.flops_reduction,
+                         latency_reduction=args.latency_reduction, sparsity_steps=sparsity_steps,
+                         cap_start=args.cap_start, calibration_inputs=calib[0], calibration_targets=calib[1],
                          ignored_layers=args.ignored_layers or None)
-    if args.latency_reduction is not None:  # measured latency differs per process: rank 0's decides
-        pruner._costs = dist.broadcast(pruner._costs)
+    if args.latency_reduction is not None:  # measured latency differs per process: rank 0's table decides
+        pruner.load_state_dict(dist.broadcast(pruner.state_dict()))
     return pruner
 
 
@@ -171,7 +178,7 @@ def compress(args, dist: Dist) -> Dict[str, Any]:
     args.in_chans = data.in_chans
     run = Run(args, dist)
     example = torch.zeros(1, data.in_chans, data.img_size, data.img_size)
-    calib = next(iter(BatchLoader(data, False, 256)))[0]
+    calib = calibration_batch(data, 256, seed=args.seed)  # training images: no test image decides what goes
     log.info("data %s: %d training / %d validation images, %d classes, %dx%dx%d", args.data, len(data),
              len(data.val[1]) if data.in_memory else len(data.val), data.num_classes, data.in_chans, data.img_size,
              data.img_size)
@@ -210,14 +217,17 @@ def compress(args, dist: Dist) -> Dict[str, Any]:
         steps = args.sparsity_epochs * len(BatchLoader(data, True, args.batch_size))
         pruner = _make_pruner(args, run.model, example, calib, dist, sparsity_steps=max(steps, 1))
         if args.sparsity_epochs:
-            train("sparsity", args.sparsity_epochs, args.sparsity_lr, pruner=pruner)
+            if args.distill:
+                teacher[0] = load(run.out / "baseline.safetensors")
+            train("sparsity", args.sparsity_epochs, args.sparsity_lr, pruner=pruner, **_distill_settings(args))
+            teacher[0] = None
         run.record("sparsity", run.model, data, example)
 
     def prune() -> None:
         pruner = _make_pruner(args, run.model, example, calib, dist)
         removed = pruner.step()
         if any(g == 0.0 for g in pruner.gates.values()):  # beyond the budget, but exactly the identity: free
-            extra = LayerPruner(run.model, example, threshold=0.0, calibration_inputs=calib,
+            extra = LayerPruner(run.model, example, threshold=0.0, calibration_inputs=calib[0],
                                 ignored_layers=args.ignored_layers or None)
             removed += extra.step()
             log.info("prune: also removed %d more gates at exactly 0 (%s)", len(extra.last_step.removed),
@@ -233,9 +243,8 @@ def compress(args, dist: Dist) -> Dict[str, Any]:
         if args.distill:
             teacher[0] = load(run.out / "baseline.safetensors")
         freeze_gates(run.model)  # the pruner no longer keeps them in [0, 1]
-        train("finetune", args.finetune_epochs, args.finetune_lr, distill_alpha=args.distill_alpha if args.distill
-              else 0.0, distill_temperature=args.distill_temperature, model_ema=args.model_ema,
-              model_ema_decay=args.model_ema_decay)
+        train("finetune", args.finetune_epochs, args.finetune_lr, model_ema=args.model_ema,
+              model_ema_decay=args.model_ema_decay, **_distill_settings(args))
         teacher[0] = None
         run.record("finetuned", run.model, data, example)
 
@@ -279,7 +288,7 @@ def _preflight(args, example: torch.Tensor, run: Run) -> None:
     probe = run.model if run.model is not None else timm.create_model(args.model, **run.model_kwargs())
     probe = copy.deepcopy(probe)
     convert(probe, example, level=args.level, init_gamma=args.init_gamma)
-    LayerPruner(probe, example, threshold=args.threshold, pruning_ratio=args.pruning_ratio,
+    LayerPruner(probe, example, importance=args.importance, threshold=args.threshold, pruning_ratio=args.pruning_ratio,
                 flops_reduction=args.flops_reduction, latency_reduction=args.latency_reduction, latency_repeats=5,
                 ignored_layers=args.ignored_layers or None)
 

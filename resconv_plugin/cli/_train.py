@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from resconv_plugin.cli._dist import Dist
+from resconv_plugin.distill import distillation_loss
 from resconv_plugin.cli._syncbn import global_batchnorm
 from resconv_plugin.data import BatchLoader, ImageData
 
@@ -63,7 +63,7 @@ class StageProgress:
     updates: int = 0
     optimizer: Optional[dict] = None
     ema: Optional[dict] = None
-    pruner_steps: int = 0
+    pruner: Optional[dict] = None
     epochs_log: List[dict] = field(default_factory=list)
     gamma_trace: List[dict] = field(default_factory=list)
 
@@ -82,12 +82,6 @@ def evaluate(model: nn.Module, data: ImageData, batch_size: int = 500) -> float:
         total += len(y)
     model.train(was_training)
     return 100.0 * correct / max(total, 1)
-
-
-def _kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
-    t = temperature
-    return F.kl_div(F.log_softmax(student / t, 1), F.log_softmax(teacher / t, 1), log_target=True,
-                    reduction="batchmean") * t * t
 
 
 def train_stage(model: nn.Module, data: ImageData, settings: StageSettings, dist: Dist, *,
@@ -151,13 +145,14 @@ class _Stage:
             teacher.eval()
 
     def restore(self, resume: Optional[dict]) -> StageProgress:
-        progress = StageProgress(**resume) if resume else StageProgress()
+        known = StageProgress.__dataclass_fields__
+        progress = StageProgress(**{k: v for k, v in resume.items() if k in known}) if resume else StageProgress()
         if resume:
             self.optimizer.load_state_dict(progress.optimizer)
             if self.ema is not None and progress.ema is not None:
                 self.ema.load_state_dict(progress.ema)
-            if self.pruner is not None:
-                self.pruner.steps_done = progress.pruner_steps
+            if self.pruner is not None and progress.pruner is not None:
+                self.pruner.load_state_dict(progress.pruner)
             log.info("%s: resumed at epoch %d/%d (update %d; optimizer state of %d parameters restored)", self.s.name,
                      progress.epoch, self.s.epochs, progress.updates, len(self.optimizer.state))
         if self.pruner is not None:
@@ -175,7 +170,8 @@ class _Stage:
         if self.teacher is not None and s.distill_alpha > 0:
             with torch.no_grad():
                 teacher_out = self.teacher(x)
-            loss = (1 - s.distill_alpha) * loss + s.distill_alpha * _kd_loss(out, teacher_out, s.distill_temperature)
+            loss = (1 - s.distill_alpha) * loss + s.distill_alpha * distillation_loss(out, teacher_out,
+                                                                                      s.distill_temperature)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.pruner is not None:
@@ -219,7 +215,7 @@ class _Stage:
             gates = pruner.gates
             entry.update(gates_near_zero=sum(abs(g) < NEAR_ZERO for g in gates.values()),
                          gates_zero=sum(g == 0.0 for g in gates.values()), gates=len(gates))
-            progress.pruner_steps = pruner.steps_done
+            progress.pruner = pruner.state_dict()
         if self.dist.main:
             entry["val_acc"] = evaluate(self.ema.module if self.ema is not None else self.model, self.data)
         progress.epochs_log.append(entry)

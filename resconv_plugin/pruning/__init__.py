@@ -1,0 +1,29 @@
+"""Depth pruning: :class:`LayerPruner` and its parts, after torch-pruning's pruner / importance split.
+
+* :mod:`~resconv_plugin.pruning.importance`: gate importance criteria (gates -> scores).
+* :mod:`~resconv_plugin.pruning.cost`: what each removal saves (FLOPs, a measured latency table).
+* :mod:`~resconv_plugin.pruning.select`: which gates meet a budget at least importance (pure functions).
+* :mod:`~resconv_plugin.pruning.schedule`: the budget cap of budget-driven sparsity training.
+* :mod:`~resconv_plugin.pruning.regularizer`: L1 on the gates (proximal or sub-gradient).
+* :mod:`~resconv_plugin.pruning.calibration`: measurements on a calibration batch, BatchNorm re-estimation.
+* :mod:`~resconv_plugin.pruning.pruner`: :class:`LayerPruner`, composing them.
+
+A new importance criterion is one :class:`GateImportance` subclass, passed as ``LayerPruner(importance=...)``.
+"""
+
+from resconv_plugin.pruning.calibration import calibration_loss, output_divergence, recalibrate_batchnorm
+from resconv_plugin.pruning.cost import flops_savings, latency_table, predicted_saving
+from resconv_plugin.pruning.importance import (
+    IMPORTANCES, GateImportance, MagnitudeImportance, RemovalImportance, TaylorImportance, make_importance,
+)
+from resconv_plugin.pruning.pruner import LayerPruner, StepReport
+from resconv_plugin.pruning.regularizer import MODES, L1Regularizer
+from resconv_plugin.pruning.schedule import CapSchedule
+from resconv_plugin.pruning.select import select_count, select_iteratively, select_within_budget
+
+__all__ = [
+    "LayerPruner", "StepReport", "GateImportance", "MagnitudeImportance", "RemovalImportance", "TaylorImportance",
+    "IMPORTANCES", "make_importance", "flops_savings", "latency_table", "predicted_saving", "select_within_budget",
+    "select_iteratively", "select_count", "CapSchedule", "L1Regularizer", "MODES", "output_divergence",
+    "calibration_loss", "recalibrate_batchnorm",
+]

@@ -1,0 +1,80 @@
+"""What removing each gate saves, on the model as deployed (gates fused, every conv -> BatchNorm folded).
+
+One denominator everywhere: budgets, reports and benchmarks all count the deployed model (``deployed``).
+
+* :func:`flops_savings`: fvcore FLOPs of the fused layer (or the whole fused block) plus the activation its removal
+  also drops, minus an activation a removed block leaves behind.
+* :func:`latency_table`: a lookup table measured on the deployed model at the given input (its batch size) and
+  memory format: for each gate, the deployed model *with that gate removed* is timed against the full deployed model,
+  all of them in turns (median of ``repeats`` rounds); the saving is the difference (0 where noise makes it
+  negative). Unlike timing a layer alone, this sees what removal really changes in the whole forward pass (a
+  dropped activation, memory traffic, kernel launches). A set's predicted saving is the sum of its entries
+  (:func:`predicted_saving`); ``benchmarks/ablation_depth.py`` reports how well that predicts the measured latency.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Dict, Iterable, Tuple
+
+import torch
+from torch import nn
+
+from resconv_plugin._deploy import deployed
+from resconv_plugin._flops import count_flops
+from resconv_plugin._graph import trace
+from resconv_plugin._latency import interleaved_latencies
+from resconv_plugin._surgery import plan_removal, remove
+
+__all__ = ["flops_savings", "latency_table", "predicted_saving", "COST_KINDS"]
+
+COST_KINDS = ("flops", "latency")
+Savings = Tuple[Dict[str, float], float]
+
+
+def flops_savings(model: nn.Module, names: Iterable[str], example_inputs: Tuple[torch.Tensor, ...]) -> Savings:
+    """``({name: FLOPs saved by removing it}, FLOPs of the deployed model)`` (fvcore, resconv_plugin's handles)."""
+    graph = trace(model)
+    plans = {name: plan_removal(model, name, graph) for name in names}
+    report = count_flops(deployed(model), example_inputs)
+    by = report.by_module
+    saved = {}
+    for name, plan in plans.items():
+        n = by.get(name, 0)
+        if plan.removed_activation:
+            n += by.get(plan.removed_activation, 0)
+        if plan.kept_activation:
+            n -= by.get(plan.kept_activation, 0)
+        saved[name] = float(n)
+    return saved, float(report.total)
+
+
+@torch.no_grad()
+def latency_table(model: nn.Module, names: Iterable[str], example_inputs: Tuple[torch.Tensor, ...], *,
+                  repeats: int = 20, channels_last: bool = False) -> Savings:
+    """``({name: seconds saved by removing it}, seconds of the deployed model)``, measured in turns on this machine.
+
+    Args:
+        model: the converted model (not changed).
+        names: the gates to measure.
+        example_inputs: the deployment input (its batch size is the one measured).
+        repeats: timing rounds (median).
+        channels_last: time the models and inputs in ``torch.channels_last`` memory format.
+    """
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    inputs = tuple(t.contiguous(memory_format=fmt) if t.dim() == 4 else t for t in example_inputs)
+    models = {"": deployed(model).to(memory_format=fmt)}
+    for name in names:
+        variant = copy.deepcopy(model)
+        remove(variant, [name])
+        models[name] = deployed(variant).to(memory_format=fmt)
+    times = interleaved_latencies({k: (lambda m=m: m(*inputs)) for k, m in models.items()}, repeats=repeats)
+    full = times.pop("")
+    return {name: max(0.0, full - t) for name, t in times.items()}, full
+
+
+def predicted_saving(savings: Dict[str, float], names: Iterable[str]) -> float:
+    """The table's prediction for removing ``names`` together: the sum of their entries (a layer inside a block
+    in ``names`` goes with the block and is not counted twice)."""
+    names = list(names)
+    return sum(savings[n] for n in names if not any(n.startswith(f"{b}.") for b in names))

@@ -1,0 +1,223 @@
+"""Gate importance criteria: gates -> scores (higher = more important to keep), after ``torch_pruning.importance``.
+
+Each criterion is a small callable class; :class:`~resconv_plugin.LayerPruner` takes one (or its name) as
+``importance=``. A new criterion is a subclass of :class:`GateImportance` with ``__call__`` (and, if it learns from
+training, ``observe``).
+
+* :class:`MagnitudeImportance` (``"magnitude"``): ``|gamma|``, the paper's criterion. It knows nothing before
+  sparsity training has separated the gates (all start at 1).
+* :class:`RemovalImportance` (``"removal"``): what setting the gate to 0 does on the calibration batch: the increase
+  of the task loss when ``calibration_targets`` are given, else the label-free KL divergence of the softmax from the
+  unpruned model's outputs (mean squared difference for outputs that are not logits). ``iterative=True``
+  re-measures after each chosen gate (the pruner then selects greedily, seeing interactions between removals).
+* :class:`TaylorImportance` (``"taylor"``): the first-order estimate ``|gamma * dL/dgamma|`` of the loss change when
+  the gate goes to 0, averaged over the training steps seen by :meth:`~TaylorImportance.observe` (free: the
+  gradients are there after ``loss.backward()``); before any step, one backward pass on the calibration batch (with
+  its targets, else the model's own predictions as labels).
+
+Example:
+    >>> import timm, torch, resconv_plugin
+    >>> model = timm.create_model("cifar_resnet20", num_classes=10, in_chans=1)
+    >>> x = torch.randn(8, 1, 28, 28)
+    >>> _ = resconv_plugin.convert(model, x)
+    >>> gates = resconv_plugin.gated_modules(model)
+    >>> scores = RemovalImportance()(model, gates, inputs=(x,))
+    >>> len(scores) == len(gates)
+    True
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Dict, Iterator, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from resconv_plugin._utils import eval_mode
+from resconv_plugin.pruning.calibration import calibration_loss, output_divergence
+
+__all__ = ["GateImportance", "MagnitudeImportance", "RemovalImportance", "TaylorImportance", "IMPORTANCES",
+           "make_importance"]
+
+Gates = Mapping[str, nn.Module]
+Inputs = Optional[Tuple[torch.Tensor, ...]]
+
+
+class GateImportance:
+    """Base class of gate importance criteria.
+
+    Attributes:
+        iterative: the criterion wants to be re-measured after each chosen gate (``removed=`` then names them).
+        needs_inputs: the criterion measures the model on the calibration inputs.
+    """
+
+    iterative: bool = False
+    needs_inputs: bool = False
+    name: str = "custom"
+
+    def __call__(self, model: nn.Module, gates: Gates, *, inputs: Inputs = None,
+                 targets: Optional[torch.Tensor] = None, removed: Sequence[str] = ()) -> Dict[str, float]:
+        """``{name: score}`` for every gate in ``gates`` (those in ``removed`` are taken as already at 0)."""
+        raise NotImplementedError
+
+    def observe(self, gates: Gates) -> None:
+        """Called by the pruner after each ``loss.backward()`` of sparsity training (gradients available)."""
+
+    def reset(self) -> None:
+        """Forget what :meth:`observe` accumulated (called after each selection)."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class MagnitudeImportance(GateImportance):
+    """``|gamma|`` (the paper's criterion).
+
+    Example:
+        >>> from resconv_plugin import BlockGate
+        >>> MagnitudeImportance()(None, {"b": BlockGate(torch.nn.BatchNorm2d(2), init_gamma=0.5)})
+        {'b': 0.5}
+    """
+
+    name = "magnitude"
+
+    def __call__(self, model, gates, *, inputs=None, targets=None, removed=()):
+        return {n: abs(g.gamma.item()) for n, g in gates.items()}
+
+
+@contextlib.contextmanager
+def gates_at_zero(gates: Gates, names: Sequence[str]) -> Iterator[None]:
+    """Set the named gates to exactly 0 for the block (what their removal computes), then restore them."""
+    saved = [(gates[n].gamma, gates[n].gamma.detach().clone()) for n in names]
+    try:
+        with torch.no_grad():
+            for gamma, _ in saved:
+                gamma.zero_()
+        yield
+    finally:
+        with torch.no_grad():
+            for gamma, value in saved:
+                gamma.copy_(value)
+
+
+def _inside_any(name: str, blocks: Sequence[str]) -> bool:
+    return any(name.startswith(f"{b}.") for b in blocks)
+
+
+class RemovalImportance(GateImportance):
+    """The measured effect of setting each gate to 0 on the calibration batch (eval mode).
+
+    With ``targets``: the increase of the cross-entropy loss. Without: ``KL(softmax(unpruned) || softmax(pruned))``
+    minus the same for the current removals (mean squared difference of the outputs for non-classifier outputs).
+    A gate whose removal changes nothing scores 0.
+
+    Args:
+        iterative: ask the pruner to re-measure after each chosen gate (greedy selection with re-measurement).
+    """
+
+    needs_inputs = True
+    name = "removal"
+
+    def __init__(self, iterative: bool = False) -> None:
+        if not isinstance(iterative, bool):
+            raise TypeError(f"iterative must be a bool, got {type(iterative).__name__}")
+        self.iterative = iterative
+
+    @torch.no_grad()
+    def __call__(self, model, gates, *, inputs=None, targets=None, removed=()):
+        if not inputs:
+            raise ValueError("RemovalImportance measures the model: pass calibration_inputs (a batch of real "
+                             "inputs) to the LayerPruner")
+        removed = [n for n in removed if n in gates]
+        with eval_mode(model):
+            reference = None if targets is not None else model(*inputs)
+
+            def measure() -> float:
+                out = model(*inputs)
+                return calibration_loss(out, targets) if targets is not None else output_divergence(reference, out)
+
+            with gates_at_zero(gates, removed):
+                base = measure()
+                scores = {}
+                for name in gates:
+                    if name in removed or _inside_any(name, removed):
+                        scores[name] = 0.0
+                        continue
+                    with gates_at_zero(gates, [name]):
+                        scores[name] = measure() - base
+        return scores
+
+    def __repr__(self) -> str:
+        return f"RemovalImportance(iterative={self.iterative})"
+
+
+class TaylorImportance(GateImportance):
+    """First-order Taylor estimate of the loss change when a gate goes to 0: ``|gamma * dL/dgamma|``.
+
+    Averaged over the ``observe()`` calls since the last :meth:`reset` (the pruner calls ``observe`` in every
+    ``regularize()``); with none yet, one backward pass on the calibration batch (cross-entropy with
+    ``targets``, else with the model's own predicted classes).
+    """
+
+    name = "taylor"
+
+    def __init__(self) -> None:
+        self._sums: Dict[str, float] = {}
+        self._count = 0
+
+    def observe(self, gates: Gates) -> None:
+        with torch.no_grad():
+            for name, gate in gates.items():
+                if gate.gamma.grad is not None:
+                    value = (gate.gamma * gate.gamma.grad).abs().item()
+                    self._sums[name] = self._sums.get(name, 0.0) + value
+        self._count += 1
+
+    def reset(self) -> None:
+        self._sums, self._count = {}, 0
+
+    def __call__(self, model, gates, *, inputs=None, targets=None, removed=()):
+        if self._count:
+            return {n: self._sums.get(n, 0.0) / self._count for n in gates}
+        if not inputs:
+            raise ValueError("TaylorImportance has seen no training step yet: pass calibration_inputs to the "
+                             "LayerPruner (or call regularize() during training first)")
+        gammas = [g.gamma for g in gates.values()]
+        with eval_mode(model), torch.enable_grad():
+            out = model(*inputs)
+            logits = out[0] if isinstance(out, (tuple, list)) else out
+            labels = targets if targets is not None else logits.detach().argmax(1)
+            loss = F.cross_entropy(logits, labels.to(logits.device))
+            grads = torch.autograd.grad(loss, gammas, allow_unused=True)
+        return {n: 0.0 if grad is None else (g.gamma.detach() * grad).abs().item()
+                for (n, g), grad in zip(gates.items(), grads)}
+
+    def state_dict(self) -> dict:
+        return {"sums": dict(self._sums), "count": self._count}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._sums, self._count = dict(state.get("sums", {})), int(state.get("count", 0))
+
+
+#: Criterion names accepted by ``LayerPruner(importance=...)``.
+IMPORTANCES = {"magnitude": MagnitudeImportance, "removal": RemovalImportance, "taylor": TaylorImportance}
+
+
+def make_importance(importance: Union[str, GateImportance]) -> GateImportance:
+    """The criterion for a name in :data:`IMPORTANCES` (``"removal-iterative"`` too) or an instance."""
+    if isinstance(importance, GateImportance):
+        return importance
+    if importance == "removal-iterative":
+        return RemovalImportance(iterative=True)
+    if isinstance(importance, str) and importance in IMPORTANCES:
+        return IMPORTANCES[importance]()
+    raise ValueError(f"importance must be one of {sorted(IMPORTANCES) + ['removal-iterative']} or a "
+                     f"GateImportance instance, got {importance!r}")

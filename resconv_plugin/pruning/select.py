@@ -1,0 +1,200 @@
+"""Choosing which gates to remove under a budget: pure functions of scores, savings and the target.
+
+The problem: pick the set of gates whose removal saves at least ``target`` (FLOPs or seconds) while removing the
+least importance, i.e. a covering knapsack: minimise ``sum(score)`` subject to ``sum(saving) >= target``.
+
+* :func:`select_within_budget` with ``method="dp"`` (the default) solves it exactly by dynamic programming over the
+  savings rounded *down* to ``target / resolution`` (so a set the DP accepts always meets the real target; a gate
+  saving less than one unit cannot help the DP). Scores are assumed additive: the importance of a set is the sum of
+  its gates' importances. Why DP and not greedy: ranking by importance per unit of saving and filling the budget can
+  overshoot with a costly last gate where two cheaper ones would have done (a test shows such a case); the DP costs
+  milliseconds for a few hundred gates.
+* ``method="greedy"``: rank by score per unit of saving, fill the budget, then drop every chosen gate that is no
+  longer needed (most important first). Used automatically when gates are nested (a gated block holding gated
+  layers: their savings are not additive) or when the rounded DP finds no solution.
+* :func:`select_iteratively`: the greedy with re-measurement. After each chosen gate the scores of the rest are
+  measured again with the chosen ones removed (interactions between removals are seen; the DP cannot do that).
+
+Ties (equal score per saving) go to the gate that saves more, then to module order. Scores below 0 (removing the
+gate helped) count as 0.
+
+Example:
+    >>> select_within_budget({"a": 3.0, "b": 1.0, "c": 1.2}, {"a": 10.0, "b": 6.0, "c": 4.0}, target=10.0)
+    ['b', 'c']
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Dict, List, Mapping, Optional, Sequence
+
+import numpy as np
+
+__all__ = ["select_within_budget", "select_iteratively", "select_count", "METHODS"]
+
+METHODS = ("dp", "greedy")
+
+
+def _check(scores: Mapping[str, float], savings: Mapping[str, float], target: float) -> None:
+    missing = [n for n in scores if n not in savings]
+    if missing:
+        raise ValueError(f"no saving given for {missing[:5]}")
+    if not isinstance(target, (int, float)) or isinstance(target, bool) or not math.isfinite(target) or target < 0:
+        raise ValueError(f"target must be a finite number >= 0, got {target!r}")
+
+
+def _inside(name: str, block: str) -> bool:
+    return name.startswith(f"{block}.")
+
+
+def _nested(names: Sequence[str]) -> bool:
+    return any(_inside(a, b) for a in names for b in names if a != b)
+
+
+def _ratio_key(score: float, saving: float, rank: int):
+    return (max(score, 0.0) / saving if saving > 0 else math.inf, -saving, rank)
+
+
+def _net_saving(name: str, chosen: Sequence[str], savings: Mapping[str, float]) -> float:
+    """What adding ``name`` to ``chosen`` saves: a block counts once, minus its layers already chosen."""
+    return savings[name] - sum(savings[c] for c in chosen if _inside(c, name))
+
+
+def _add(name: str, chosen: List[str]) -> None:
+    chosen[:] = [c for c in chosen if not _inside(c, name)] + [name]
+
+
+def _total(chosen: Sequence[str], savings: Mapping[str, float]) -> float:
+    return sum(savings[c] for c in chosen)
+
+
+def _drop_unneeded(chosen: List[str], scores: Mapping[str, float], savings: Mapping[str, float],
+                   target: float) -> List[str]:
+    for name in sorted(chosen, key=lambda n: -max(scores[n], 0.0)):
+        if _total(chosen, savings) - savings[name] >= target:
+            chosen.remove(name)
+    return chosen
+
+
+def _greedy(scores: Mapping[str, float], savings: Mapping[str, float], target: float,
+            rank: Mapping[str, int]) -> List[str]:
+    chosen: List[str] = []
+    for name in sorted(scores, key=lambda n: _ratio_key(scores[n], savings[n], rank[n])):
+        if _total(chosen, savings) >= target:
+            break
+        if savings[name] <= 0 or any(_inside(name, c) for c in chosen):
+            continue
+        _add(name, chosen)
+    return _drop_unneeded(chosen, scores, savings, target)
+
+
+def _dp(scores: Mapping[str, float], savings: Mapping[str, float], target: float, rank: Mapping[str, int],
+        resolution: int) -> Optional[List[str]]:
+    names = sorted(scores, key=lambda n: rank[n])
+    unit = target / resolution
+    weights = [min(resolution, int(math.floor(savings[n] / unit))) for n in names]
+    scale = max([abs(scores[n]) for n in names] + [1e-12])
+    # tiny tie-breakers: among equal totals prefer larger savings, then module order
+    by_preference = sorted(range(len(names)), key=lambda i: (-savings[names[i]], rank[names[i]]))
+    tie = {i: scale * 1e-9 * (k + 1) for k, i in enumerate(by_preference)}
+    dp = np.full(resolution + 1, np.inf)
+    dp[0] = 0.0
+    keep = []
+    for i, name in enumerate(names):
+        w = weights[i]
+        if w <= 0:
+            keep.append(None)
+            continue
+        shifted = np.concatenate([np.full(min(w, resolution + 1), dp[0]), dp[:max(resolution + 1 - w, 0)]])
+        candidate = shifted + max(scores[name], 0.0) + tie[i]
+        better = candidate < dp
+        dp = np.where(better, candidate, dp)
+        keep.append(better)
+    if not math.isfinite(dp[resolution]):
+        return None
+    chosen, j = [], resolution
+    for i in range(len(names) - 1, -1, -1):
+        if keep[i] is not None and keep[i][j]:
+            chosen.append(names[i])
+            j = max(0, j - weights[i])
+    return sorted(chosen, key=lambda n: _ratio_key(scores[n], savings[n], rank[n]))
+
+
+def select_within_budget(scores: Mapping[str, float], savings: Mapping[str, float], target: float, *,
+                         order: Optional[Sequence[str]] = None, method: str = "dp",
+                         resolution: int = 2000) -> List[str]:
+    """The gates to remove: at least ``target`` saved, least total score removed.
+
+    Args:
+        scores: ``{name: importance}`` of the candidate gates (higher = more important).
+        savings: ``{name: what removing it saves}`` (FLOPs or seconds), for every candidate.
+        target: the saving to reach, in the units of ``savings``.
+        order: module order, for ties (default: the order of ``scores``).
+        method: ``"dp"`` (exact for additive scores) or ``"greedy"`` (importance per saving, then drop the
+            unneeded); nested gates always use the greedy.
+        resolution: DP units per ``target``.
+
+    Returns:
+        The chosen names, cheapest score per saving first. Empty when ``target`` is 0.
+
+    Raises:
+        ValueError: the candidates cannot reach ``target`` together, an unknown method, a missing saving.
+    """
+    _check(scores, savings, target)
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if target <= 0:
+        return []
+    rank = {n: i for i, n in enumerate(order or list(scores))}
+    rank.update({n: len(rank) + i for i, n in enumerate(n for n in scores if n not in rank)})
+    names = list(scores)
+    reachable = sum(savings[n] for n in names if savings[n] > 0 and not any(_inside(n, b) for b in names))
+    if reachable < target:
+        raise ValueError(f"the {len(names)} candidate gates save at most {reachable:.6g}, less than the target "
+                         f"{target:.6g}")
+    if method == "dp" and not _nested(names):
+        chosen = _dp(scores, savings, target, rank, resolution)
+        if chosen is not None:
+            return chosen
+    return _greedy(scores, savings, target, rank)
+
+
+def select_iteratively(score_fn: Callable[[List[str]], Dict[str, float]], savings: Mapping[str, float],
+                       target: float, *, order: Sequence[str]) -> List[str]:
+    """Greedy with re-measurement: ``score_fn(chosen)`` scores every gate given that ``chosen`` are removed.
+
+    Each round takes the gate with the smallest score per unit of (net) saving, until ``target`` is met; a final
+    pass drops gates that are no longer needed (with their last measured scores).
+
+    Args:
+        score_fn: ``chosen -> {name: score}`` for the gates still available.
+        savings: ``{name: saving}`` of every gate in ``order``.
+        target: the saving to reach.
+        order: every candidate, in module order.
+    """
+    _check({n: 0.0 for n in order}, savings, target)
+    rank = {n: i for i, n in enumerate(order)}
+    chosen: List[str] = []
+    last: Dict[str, float] = {}
+    while _total(chosen, savings) < target:
+        available = [n for n in order if n not in chosen and not any(_inside(n, c) for c in chosen)
+                     and _net_saving(n, chosen, savings) > 0]
+        if not available:
+            raise ValueError(f"the {len(order)} candidate gates save at most {_total(chosen, savings):.6g}, less "
+                             f"than the target {target:.6g}")
+        scores = score_fn(list(chosen))
+        best = min(available, key=lambda n: _ratio_key(scores[n], _net_saving(n, chosen, savings), rank[n]))
+        last[best] = scores[best]
+        _add(best, chosen)
+    return _drop_unneeded(chosen, last, savings, target)
+
+
+def select_count(scores: Mapping[str, float], count: int, savings: Optional[Mapping[str, float]] = None, *,
+                 order: Optional[Sequence[str]] = None) -> List[str]:
+    """The ``count`` gates of lowest score (ties: larger saving, then module order)."""
+    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+        raise ValueError(f"count must be an int >= 0, got {count!r}")
+    rank = {n: i for i, n in enumerate(order or list(scores))}
+    savings = savings or {}
+    ranked = sorted(scores, key=lambda n: (scores[n], -savings.get(n, 0.0), rank.get(n, len(rank))))
+    return ranked[:count]
