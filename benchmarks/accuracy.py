@@ -38,8 +38,7 @@ import torch
 import torch_pruning as tp
 
 import resconv_plugin
-from resconv_plugin._deploy import deployed
-from resconv_plugin._latency import interleaved_latencies
+from resconv_plugin import deployed, interleaved_latencies
 from resconv_plugin.cli._dist import Dist
 from resconv_plugin.cli._train import StageSettings, evaluate, train_stage
 from resconv_plugin.data import BatchLoader, build_datasets

@@ -30,7 +30,7 @@ import timm
 import torch
 
 import resconv_plugin
-from resconv_plugin._latency import interleaved_latencies
+from resconv_plugin import interleaved_latencies
 from _common import environment, write_results
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))

@@ -41,8 +41,7 @@ import torch
 import torch_pruning as tp
 
 import resconv_plugin
-from resconv_plugin._deploy import deployed
-from resconv_plugin._latency import interleaved_latencies
+from resconv_plugin import deployed, interleaved_latencies
 from resconv_plugin.integrations.torch_pruning import channel_pruner
 from _common import RESULTS, environment, write_results
 

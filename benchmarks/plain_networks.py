@@ -24,7 +24,7 @@ import timm
 import torch
 
 import resconv_plugin
-from resconv_plugin._deploy import deployed
+from resconv_plugin import deployed
 from resconv_plugin.cli._dist import Dist
 from resconv_plugin.cli._train import StageSettings, evaluate, train_stage
 from resconv_plugin.data import build_datasets
