@@ -65,7 +65,8 @@ def fold_batchnorms(model: nn.Module, names: List[str] = None) -> List[str]:
                           device=conv.weight.device, dtype=conv.weight.dtype)
         if type(conv) is not nn.Conv2d:  # e.g. timm's Conv2dSame: keep its class (and forward) with the new weights
             plain = conv
-            plain.bias = nn.Parameter(torch.empty(conv.out_channels, dtype=conv.weight.dtype))
+            plain.bias = nn.Parameter(torch.empty(conv.out_channels, dtype=conv.weight.dtype,
+                                                  device=conv.weight.device))
         plain.weight.copy_(weight.to(plain.weight.dtype))
         plain.bias.copy_(bias.to(plain.bias.dtype))
         plain.train(conv.training)

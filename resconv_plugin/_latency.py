@@ -1,4 +1,8 @@
-"""Latency measured on this machine: median wall time of repeated runs after a warm-up."""
+"""Latency measured on this machine: median wall time of repeated runs after a warm-up.
+
+On a GPU the clock waits for the device: every timed run is bracketed by ``torch.cuda.synchronize()`` (when CUDA has
+been initialised in this process), so queued kernels are counted, not just their launch.
+"""
 
 from __future__ import annotations
 
@@ -12,17 +16,25 @@ from torch import nn
 __all__ = ["median_latency", "module_latencies", "interleaved_latencies"]
 
 
+def _sync() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+def _timed(fn: Callable[[], object]) -> float:
+    _sync()
+    start = time.perf_counter()
+    fn()
+    _sync()
+    return time.perf_counter() - start
+
+
 @torch.no_grad()
 def median_latency(fn: Callable[[], object], repeats: int = 20, warmup: int = 3) -> float:
     """Median seconds of ``fn()`` over ``repeats`` runs, after ``warmup`` runs that are not timed."""
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(_timed(fn) for _ in range(repeats))
 
 
 @torch.no_grad()
@@ -59,7 +71,5 @@ def interleaved_latencies(fns: Dict[str, Callable[[], object]], repeats: int = 3
     times: Dict[str, list] = {key: [] for key in keys}
     for r in range(repeats):
         for key in keys[r % len(keys):] + keys[:r % len(keys)]:
-            start = time.perf_counter()
-            fns[key]()
-            times[key].append(time.perf_counter() - start)
+            times[key].append(_timed(fns[key]))
     return {key: statistics.median(values) for key, values in times.items()}

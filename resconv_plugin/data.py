@@ -251,14 +251,17 @@ class BatchLoader:
         seed: seed of the order and the augmentation; the epoch is added (:meth:`set_epoch`).
         rank, world: this process and the number of processes.
         workers: DataLoader workers for ImageFolder.
+        device: where the batches go. For in-memory data on a GPU the uint8 images are copied from pinned memory
+            without blocking and augmented and normalised there; ImageFolder batches are pinned and copied.
     """
 
     def __init__(self, data: ImageData, train: bool, batch_size: int, seed: int = 0, rank: int = 0, world: int = 1,
-                 workers: int = 0) -> None:
+                 workers: int = 0, device: Union[str, torch.device, None] = None) -> None:
         if batch_size % world:
             raise ValueError(f"the global batch ({batch_size}) must divide evenly over {world} processes")
         self.data, self.train, self.batch, self.seed = data, train, batch_size, seed
         self.rank, self.world, self.workers, self.epoch = rank, world, workers, 0
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.split = data.train if train else data.val
         self.size = len(self.split[1]) if data.in_memory else len(self.split)
         if train and self.size < batch_size:
@@ -287,12 +290,20 @@ class BatchLoader:
             for step, idx in enumerate(self._rank_batches()):
                 yield self._tensor_batch(idx, step)
         else:
-            yield from torch.utils.data.DataLoader(self.split, num_workers=self.workers,
-                                                   batch_sampler=[i.tolist() for i in self._rank_batches()])
+            cuda = self.device.type == "cuda"
+            for x, y in torch.utils.data.DataLoader(self.split, num_workers=self.workers, pin_memory=cuda,
+                                                    batch_sampler=[i.tolist() for i in self._rank_batches()]):
+                yield x.to(self.device, non_blocking=cuda), y.to(self.device, non_blocking=cuda)
 
     def _tensor_batch(self, idx: torch.Tensor, step: int):
         images, labels = self.split
-        x = images[idx].float().div_(255)
+        x, y = images[idx], labels[idx]
+        if self.device.type == "cuda":
+            x = x.pin_memory().to(self.device, non_blocking=True)
+            y = y.pin_memory().to(self.device, non_blocking=True)
+        elif self.device.type != "cpu":
+            x, y = x.to(self.device), y.to(self.device)
+        x = x.float().div_(255)
         if self.train:
             g = torch.Generator().manual_seed((self.seed * 100003 + self.epoch) * 100003 + step)
             n = self.batch  # drawn for the whole global batch; this rank keeps its rows
@@ -303,19 +314,22 @@ class BatchLoader:
             x = _crop_flip(x, pad, shifts[rows], flips[rows] & self.data.flip)
         if x.shape[-1] != self.data.img_size:
             x = torch.nn.functional.interpolate(x, size=self.data.img_size, mode="bilinear", align_corners=False)
-        mean = torch.tensor(self.data.mean).view(1, -1, 1, 1)
-        std = torch.tensor(self.data.std).view(1, -1, 1, 1)
-        return (x - mean) / std, labels[idx]
+        mean = torch.tensor(self.data.mean, device=x.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.data.std, device=x.device).view(1, -1, 1, 1)
+        return (x - mean) / std, y
 
 
 def _crop_flip(x: torch.Tensor, pad: int, shifts: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
-    h, w = x.shape[-2:]
+    """Per-image crop of the zero-padded batch at ``shifts`` (dy, dx) and horizontal flip where ``flips``, in one
+    gather (on whatever device ``x`` is)."""
+    n, _, h, w = x.shape
     padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
-    out = torch.empty_like(x)
-    for i, ((dy, dx), flip) in enumerate(zip(shifts.tolist(), flips.tolist())):
-        crop = padded[i, :, dy:dy + h, dx:dx + w]
-        out[i] = crop.flip(-1) if flip else crop
-    return out
+    shifts, flips = shifts.to(x.device), flips.to(x.device)
+    rows = shifts[:, :1] + torch.arange(h, device=x.device)[None, :]
+    along = torch.arange(w, device=x.device)[None, :]
+    cols = shifts[:, 1:] + torch.where(flips[:, None], w - 1 - along, along)
+    out = padded[torch.arange(n, device=x.device)[:, None, None], :, rows[:, :, None], cols[:, None, :]]
+    return out.permute(0, 3, 1, 2).contiguous()
 
 
 def calibration_batch(data: ImageData, size: int = 256, seed: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:

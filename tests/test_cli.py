@@ -21,7 +21,7 @@ from resconv_plugin.cli._train import evaluate
 from helpers import require_fashion_mnist
 
 BIN = Path(sys.executable).parent
-QUICK = ["--model", "cifar_resnet20", "--quick", "--no-progress", "--latency-repeats", "3"]
+QUICK = ["--model", "cifar_resnet20", "--quick", "--no-progress", "--latency-repeats", "3", "--device", "cpu"]
 
 
 def run_cli(*args: str, timeout: int = 600, **kw) -> subprocess.CompletedProcess:
@@ -271,6 +271,7 @@ def test_efficientnet_lite0_adapter_matches_timm_layout():
     (["compress", "--model", "convnext_atto", "--quick", "--img-size", "64"],
      "ConvNeXt has no conv layer that can become a ResConv"),
     (["report", "/nonexistent.safetensors"], "no checkpoint at /nonexistent.safetensors"),
+    (["compress", "--model", "cifar_resnet20", "--device", "tpu9"], "--device 'tpu9' is not a device name"),
 ])
 def test_bad_input_messages(argv, message, tmp_path, capsys):
     if "--quick" in argv or argv[0] == "compress" and "--data" not in argv and "cifar_resnet21" not in argv:

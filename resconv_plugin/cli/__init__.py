@@ -131,6 +131,17 @@ def _add_compress_options(p: argparse.ArgumentParser, demo: bool = False) -> Non
     g.add_argument("--channel-pruning", type=_fraction, default=0.0,
                    help="torch-pruning MetaPruner pruning_ratio, global, L2 magnitude (0 = none)")
 
+    g = p.add_argument_group("device")
+    g.add_argument("--device", default="auto", help="where to train: cuda, cuda:N, cpu (default: cuda when "
+                                                     "available, else cpu; under torchrun each process takes the GPU "
+                                                     "of its LOCAL_RANK)")
+    g.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none",
+                   help="mixed-precision training (autocast; fp16 with a gradient scaler). Gates and the proximal "
+                        "step stay float32: zeros stay exactly 0")
+    g.add_argument("--channels-last", action="store_true", help="train in channels-last memory format")
+    g.add_argument("--latency-device", help="device the latency table of --latency-reduction is measured on (the "
+                                            "one you deploy to; default: the training device)")
+
     g = p.add_argument_group("run")
     if not demo:
         g.add_argument("--output", type=Path, help="run folder (default: runs/<model>-<data>)")
@@ -239,7 +250,7 @@ def _validate(args: argparse.Namespace, world: int = 1) -> None:
         log.warning("--sparsity-epochs 0 with a threshold: only gates already at or below it are removed")
 
 
-def parse_compress_args(argv: Sequence[str], world: int = 1) -> argparse.Namespace:
+def parse_compress_args(argv: Sequence[str], world: int = 1, validate: bool = True) -> argparse.Namespace:
     """Parse ``compress`` / ``demo`` arguments with YAML defaults, quick / demo presets and validation."""
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -253,6 +264,8 @@ def parse_compress_args(argv: Sequence[str], world: int = 1) -> argparse.Namespa
     if args.quick:  # a preset of defaults: options given on the command line still win
         sub.set_defaults(**QUICK)
         args = parser.parse_args(argv)
+    if not validate:
+        return args
     _validate(args, world)
     if args.output is None:
         args.output = Path("runs") / f"{args.model}-{args.data}"
@@ -274,11 +287,18 @@ def _setup_logging(level: str, log_file: Optional[Path], main_process: bool) -> 
         log.addHandler(handler)
 
 
+def _device_option(argv: Sequence[str]) -> str:
+    """``--device`` from the command line (or its YAML), needed before the process group is joined."""
+    args = parse_compress_args(argv, validate=False)
+    return args.device
+
+
 def _run_compress(argv: Sequence[str]) -> int:
     from resconv_plugin.cli._compress import compress
     from resconv_plugin.cli._dist import init_distributed
 
-    dist = init_distributed()
+    device = _device_option(argv)
+    dist = init_distributed(device)
     try:
         args = parse_compress_args(argv, dist.world)
         _setup_logging(args.log_level, args.output / "log.txt", dist.main)

@@ -46,7 +46,7 @@ log = logging.getLogger("resconv")
 
 STAGES = ("baseline", "convert", "sparsity", "prune", "channel_prune", "finetune", "fuse", "save")
 #: Settings that may change between a run and its resumption.
-RESUME_IGNORED = {"output", "restart", "config", "progress", "workers", "log_level", "command"}
+RESUME_IGNORED = {"output", "restart", "config", "progress", "workers", "log_level", "command", "device"}
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
@@ -103,6 +103,7 @@ class Run:
         if saved["recipe"] is not None:
             self.model = build_from_recipe(saved["recipe"], self.path)
             self.model.load_state_dict(saved["weights"])
+            self.model.to(self.dist.device)
         progress = saved.get("progress")
         where = f"{progress['stage']} epoch {progress['epoch']}" if progress else f"after {saved['done'][-1:]}"
         self.state["resumed"].append({"at": where, "time": time.time()})
@@ -118,7 +119,7 @@ class Run:
         if self.model is not None:
             self.state["recipe"] = make_recipe(self.model, model_name=self.args.model,
                                                model_kwargs=self.model_kwargs())
-            self.state["weights"] = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+            self.state["weights"] = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
         if self.dist.main:
             _atomic_torch_save(self.state, self.path)
         self.dist.barrier()
@@ -145,7 +146,8 @@ def _stage_settings(args, name: str, epochs: int, lr: float, **overrides) -> Sta
                          momentum=args.momentum, weight_decay=args.weight_decay, sched=args.sched,
                          warmup_epochs=min(args.warmup_epochs, max(epochs - 1, 0)), min_lr=args.min_lr,
                          smoothing=args.smoothing, seed=args.seed + STAGES.index(name), workers=args.workers,
-                         progress=args.progress, **overrides)
+                         progress=args.progress, amp=None if args.amp == "none" else args.amp,
+                         channels_last=args.channels_last, **overrides)
 
 
 def _distill_settings(args) -> Dict[str, float]:
@@ -159,7 +161,7 @@ def _make_pruner(args, model: nn.Module, example: torch.Tensor, calib, dist: Dis
                          pruning_ratio=args.pruning_ratio, flops_reduction=args.flops_reduction,
                          latency_reduction=args.latency_reduction, sparsity_steps=sparsity_steps,
                          cap_start=args.cap_start, calibration_inputs=calib[0], calibration_targets=calib[1],
-                         ignored_layers=args.ignored_layers or None)
+                         ignored_layers=args.ignored_layers or None, latency_device=args.latency_device)
     if args.latency_reduction is not None:  # measured latency differs per process: rank 0's table decides
         pruner.load_state_dict(dist.broadcast(pruner.state_dict()))
     return pruner
@@ -177,8 +179,11 @@ def compress(args, dist: Dist) -> Dict[str, Any]:
                          f"{args.data}")
     args.in_chans = data.in_chans
     run = Run(args, dist)
-    example = torch.zeros(1, data.in_chans, data.img_size, data.img_size)
-    calib = calibration_batch(data, 256, seed=args.seed)  # training images: no test image decides what goes
+    device = dist.device
+    cpu_example = torch.zeros(1, data.in_chans, data.img_size, data.img_size)
+    example = cpu_example.to(device)
+    calib = tuple(t.to(device) for t in calibration_batch(data, 256, seed=args.seed))  # training images: no test
+    # image decides what goes
     log.info("data %s: %d training / %d validation images, %d classes, %dx%dx%d", args.data, len(data),
              len(data.val[1]) if data.in_memory else len(data.val), data.num_classes, data.in_chans, data.img_size,
              data.img_size)
@@ -199,7 +204,7 @@ def compress(args, dist: Dist) -> Dict[str, Any]:
 
     def baseline() -> None:
         if run.model is None:
-            run.model = create_baseline_model(args, run.out, dist)
+            run.model = create_baseline_model(args, run.out, dist).to(device)
             run.save()
         if args.epochs:
             train("baseline", args.epochs, args.lr, model_ema=args.model_ema, model_ema_decay=args.model_ema_decay,
@@ -271,14 +276,14 @@ def compress(args, dist: Dist) -> Dict[str, Any]:
         "baseline": baseline, "convert": convert_stage, "sparsity": sparsity, "prune": prune, "finetune": finetune,
         "fuse": fuse_stage, "channel_prune": channel_prune, "save": save_stage}
     if "convert" not in run.state["done"]:
-        _preflight(args, example, run)
+        _preflight(args, cpu_example, run)
     for name in STAGES:
         if name in run.state["done"]:
             continue
         steps[name]()
         run.state["done"].append(name)
         run.save()
-    return _finish(run, data, example)
+    return _finish(run, data, cpu_example)
 
 
 def _preflight(args, example: torch.Tensor, run: Run) -> None:
@@ -286,10 +291,11 @@ def _preflight(args, example: torch.Tensor, run: Run) -> None:
     import timm
 
     probe = run.model if run.model is not None else timm.create_model(args.model, **run.model_kwargs())
-    probe = copy.deepcopy(probe)
+    probe = copy.deepcopy(probe).cpu()
     convert(probe, example, level=args.level, init_gamma=args.init_gamma)
     LayerPruner(probe, example, importance=args.importance, threshold=args.threshold, pruning_ratio=args.pruning_ratio,
                 flops_reduction=args.flops_reduction, latency_reduction=args.latency_reduction, latency_repeats=5,
+                latency_device=args.latency_device,
                 ignored_layers=args.ignored_layers or None)
 
 

@@ -1,4 +1,5 @@
-"""BatchNorm with statistics over the global batch in a distributed CPU run (torch's SyncBatchNorm needs a GPU).
+"""BatchNorm with statistics over the global batch in a distributed run: torch's ``SyncBatchNorm`` on CUDA (NCCL),
+our :class:`GlobalBatchNorm2d` on CPU (gloo; torch's SyncBatchNorm refuses CPU tensors).
 
 Under ``torchrun``, every ``nn.BatchNorm2d`` of the model trains as :class:`GlobalBatchNorm2d` (the instance's class
 is swapped for the stage, as ``torch.nn.utils.parametrize`` does: same parameters, buffers and state dict), so a
@@ -16,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["GlobalBatchNorm2d", "global_batchnorm"]
+__all__ = ["GlobalBatchNorm2d", "global_batchnorm", "synchronized_batchnorm"]
 
 
 class _AllReduceSum(torch.autograd.Function):
@@ -71,3 +72,27 @@ def global_batchnorm(model: nn.Module, enabled: bool = True) -> Iterator[nn.Modu
     finally:
         for m in swapped:
             m.__class__ = nn.BatchNorm2d
+
+
+@contextmanager
+def synchronized_batchnorm(model: nn.Module, dist_info) -> Iterator[nn.Module]:
+    """Within the block, every exact ``nn.BatchNorm2d`` normalises over the global batch of a distributed run:
+    as ``nn.SyncBatchNorm`` when the run is on CUDA (same parameters, buffers and state dict; the class is swapped
+    for the block), as :class:`GlobalBatchNorm2d` on CPU. Nothing changes in a single-process run."""
+    if not dist_info.enabled:
+        yield model
+        return
+    if dist_info.device.type != "cuda":
+        with global_batchnorm(model):
+            yield model
+        return
+    swapped = [m for m in model.modules() if type(m) is nn.BatchNorm2d]
+    for m in swapped:
+        m.__class__ = nn.SyncBatchNorm
+        m.process_group = None
+    try:
+        yield model
+    finally:
+        for m in swapped:
+            m.__class__ = nn.BatchNorm2d
+            del m.process_group

@@ -17,7 +17,7 @@ from torch import nn
 
 from resconv_plugin.cli._dist import Dist
 from resconv_plugin.distill import distillation_loss
-from resconv_plugin.cli._syncbn import global_batchnorm
+from resconv_plugin.cli._syncbn import synchronized_batchnorm
 from resconv_plugin.data import BatchLoader, ImageData
 
 __all__ = ["StageSettings", "train_stage", "evaluate", "NEAR_ZERO"]
@@ -53,6 +53,8 @@ class StageSettings:
     workers: int = 0
     progress: bool = True
     gamma_points_per_epoch: int = 20
+    amp: Optional[str] = None
+    channels_last: bool = False
 
 
 @dataclass
@@ -64,6 +66,7 @@ class StageProgress:
     optimizer: Optional[dict] = None
     ema: Optional[dict] = None
     pruner: Optional[dict] = None
+    scaler: Optional[dict] = None
     epochs_log: List[dict] = field(default_factory=list)
     gamma_trace: List[dict] = field(default_factory=list)
 
@@ -71,13 +74,23 @@ class StageProgress:
         return dict(self.__dict__)
 
 
+#: ``--amp`` choices -> autocast dtype.
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter (CPU for a model without parameters)."""
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, data: ImageData, batch_size: int = 500) -> float:
-    """Top-1 accuracy (%) of ``model`` on the validation split (eval mode; training flag restored)."""
+    """Top-1 accuracy (%) of ``model`` on the validation split, on the model's device (eval mode; training flag
+    restored)."""
     was_training = model.training
     model.eval()
     correct = total = 0
-    for x, y in BatchLoader(data, False, batch_size):
+    for x, y in BatchLoader(data, False, batch_size, device=model_device(model)):
         correct += (model(x).argmax(1) == y).sum().item()
         total += len(y)
     model.train(was_training)
@@ -100,8 +113,9 @@ def train_stage(model: nn.Module, data: ImageData, settings: StageSettings, dist
     """
     stage = _Stage(model, data, settings, dist, pruner, teacher, regularizers)
     progress = stage.restore(resume)
-    with global_batchnorm(model, dist.enabled):
-        stage.net = nn.parallel.DistributedDataParallel(model) if dist.enabled else model
+    with synchronized_batchnorm(model, dist):
+        stage.net = nn.parallel.DistributedDataParallel(
+            model, device_ids=[stage.device.index] if stage.device.type == "cuda" else None) if dist.enabled else model
         model.train()
         for epoch in range(progress.epoch, settings.epochs):
             stage.epoch(epoch, progress)
@@ -124,8 +138,14 @@ class _Stage:
 
         self.model, self.net, self.data, self.s, self.dist = model, model, data, s, dist
         self.pruner, self.teacher, self.regularizers = pruner, teacher, list(regularizers)
+        self.device = model_device(model)
         self.loader = BatchLoader(data, True, s.batch_size, seed=s.seed, rank=dist.rank, world=dist.world,
-                                  workers=s.workers)
+                                  workers=s.workers, device=self.device)
+        if s.amp is not None and s.amp not in AMP_DTYPES:
+            raise ValueError(f"amp must be one of {sorted(AMP_DTYPES)} or None, got {s.amp!r}")
+        self.autocast_dtype = AMP_DTYPES.get(s.amp)
+        # fp16 needs loss scaling (bf16 has float32's range); gates and the proximal step stay in float32
+        self.scaler = torch.amp.GradScaler(self.device.type) if s.amp == "fp16" else None
         self.optimizer = create_optimizer_v2(model, opt=s.opt, lr=s.lr, weight_decay=s.weight_decay,
                                              momentum=s.momentum)
         self.scheduler, _ = create_scheduler_v2(self.optimizer, sched=s.sched, num_epochs=s.epochs,
@@ -142,7 +162,9 @@ class _Stage:
             self.criterion = nn.CrossEntropyLoss()
         self.trace_every = max(1, len(self.loader) // max(1, s.gamma_points_per_epoch))
         if teacher is not None:
-            teacher.eval()
+            teacher.eval().to(self.device)
+        if s.channels_last:
+            model.to(memory_format=torch.channels_last)
 
     def restore(self, resume: Optional[dict]) -> StageProgress:
         known = StageProgress.__dataclass_fields__
@@ -151,6 +173,8 @@ class _Stage:
             self.optimizer.load_state_dict(progress.optimizer)
             if self.ema is not None and progress.ema is not None:
                 self.ema.load_state_dict(progress.ema)
+            if self.scaler is not None and progress.scaler is not None:
+                self.scaler.load_state_dict(progress.scaler)
             if self.pruner is not None and progress.pruner is not None:
                 self.pruner.load_state_dict(progress.pruner)
             log.info("%s: resumed at epoch %d/%d (update %d; optimizer state of %d parameters restored)", self.s.name,
@@ -160,25 +184,39 @@ class _Stage:
         self.scheduler.step_update(progress.updates)
         return progress
 
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None)
+
     def step(self, x: torch.Tensor, y: torch.Tensor, progress: StageProgress) -> tuple:
         """One update; returns (loss, outputs)."""
         s, target = self.s, y
+        if s.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         if self.mixup is not None:
             x, target = self.mixup(x, y)
-        out = self.net(x)
-        loss = self.criterion(out, target)
-        if self.teacher is not None and s.distill_alpha > 0:
-            with torch.no_grad():
-                teacher_out = self.teacher(x)
-            loss = (1 - s.distill_alpha) * loss + s.distill_alpha * distillation_loss(out, teacher_out,
-                                                                                      s.distill_temperature)
+        with self._autocast():
+            out = self.net(x)
+            loss = self.criterion(out, target)
+            if self.teacher is not None and s.distill_alpha > 0:
+                with torch.no_grad():
+                    teacher_out = self.teacher(x)
+                loss = (1 - s.distill_alpha) * loss + s.distill_alpha * distillation_loss(
+                    out.float(), teacher_out.float(), s.distill_temperature)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)  # the regularisers see true gradients
+        else:
+            loss.backward()
         if self.pruner is not None:
             self.pruner.regularize(self.net)
         for regularizer in self.regularizers:
             regularizer.regularize(self.model)
-        self.optimizer.step()
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)  # skipped on inf / nan gradients (the pruner's step then waits)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
         progress.updates += 1
         self.scheduler.step_update(progress.updates)
         if self.ema is not None:
@@ -226,6 +264,7 @@ class _Stage:
                  f"{entry['gates_zero']}" if pruner is not None else "")
         progress.optimizer = self.optimizer.state_dict()
         progress.ema = self.ema.state_dict() if self.ema is not None else None
+        progress.scaler = self.scaler.state_dict() if self.scaler is not None else None
 
     def finish(self) -> None:
         if self.ema is not None:

@@ -15,7 +15,7 @@ One denominator everywhere: budgets, reports and benchmarks all count the deploy
 from __future__ import annotations
 
 import copy
-from typing import Dict, Iterable, Tuple
+from typing import Dict, Iterable, Tuple, Union
 
 import torch
 from torch import nn
@@ -51,7 +51,8 @@ def flops_savings(model: nn.Module, names: Iterable[str], example_inputs: Tuple[
 
 @torch.no_grad()
 def latency_table(model: nn.Module, names: Iterable[str], example_inputs: Tuple[torch.Tensor, ...], *,
-                  repeats: int = 20, channels_last: bool = False) -> Savings:
+                  repeats: int = 20, channels_last: bool = False,
+                  device: Union[str, torch.device, None] = None) -> Savings:
     """``({name: seconds saved by removing it}, seconds of the deployed model)``, measured in turns on this machine.
 
     Args:
@@ -60,14 +61,17 @@ def latency_table(model: nn.Module, names: Iterable[str], example_inputs: Tuple[
         example_inputs: the deployment input (its batch size is the one measured).
         repeats: timing rounds (median).
         channels_last: time the models and inputs in ``torch.channels_last`` memory format.
+        device: the device to time on (the one you deploy to; default: the inputs' device). On CUDA every timed
+            forward is synchronised.
     """
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    inputs = tuple(t.contiguous(memory_format=fmt) if t.dim() == 4 else t for t in example_inputs)
-    models = {"": deployed(model).to(memory_format=fmt)}
+    device = torch.device(device) if device is not None else example_inputs[0].device
+    inputs = tuple((t.contiguous(memory_format=fmt) if t.dim() == 4 else t).to(device) for t in example_inputs)
+    models = {"": deployed(model).to(device, memory_format=fmt)}
     for name in names:
         variant = copy.deepcopy(model)
         remove(variant, [name])
-        models[name] = deployed(variant).to(memory_format=fmt)
+        models[name] = deployed(variant).to(device, memory_format=fmt)
     times = interleaved_latencies({k: (lambda m=m: m(*inputs)) for k, m in models.items()}, repeats=repeats)
     full = times.pop("")
     return {name: max(0.0, full - t) for name, t in times.items()}, full

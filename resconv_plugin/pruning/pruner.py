@@ -133,6 +133,8 @@ class LayerPruner:
         hysteresis: advantage kept by the current set at a re-ranking, in [0, 1).
         latency_repeats: timing rounds of the latency table.
         latency_channels_last: time the latency table in channels-last memory format.
+        latency_device: the device the latency table is measured on (the one you deploy to; default: the example
+            inputs' device).
 
     Example:
         >>> import timm, torch, resconv_plugin
@@ -174,6 +176,7 @@ class LayerPruner:
         hysteresis: float = 0.0,
         latency_repeats: int = 20,
         latency_channels_last: bool = False,
+        latency_device: Union[str, torch.device, None] = None,
     ) -> None:
         self.model = check_module(model)
         self.example_inputs = as_input_tuple(example_inputs)
@@ -219,6 +222,7 @@ class LayerPruner:
         if isinstance(latency_repeats, bool) or not isinstance(latency_repeats, int) or latency_repeats < 1:
             raise ValueError(f"latency_repeats must be a positive int, got {latency_repeats!r}")
         self.latency_repeats, self.latency_channels_last = latency_repeats, bool(latency_channels_last)
+        self.latency_device = torch.device(latency_device) if latency_device is not None else None
         self.ignored_layers = list(ignored_layers or [])
         for item in self.ignored_layers:
             if not isinstance(item, (str, nn.Module, type)):
@@ -385,7 +389,8 @@ class LayerPruner:
             else:
                 self._costs[kind] = latency_table(self.model, list(self._gates), self.example_inputs,
                                                   repeats=self.latency_repeats,
-                                                  channels_last=self.latency_channels_last)
+                                                  channels_last=self.latency_channels_last,
+                                                  device=self.latency_device)
         return self._costs[kind]
 
     def _target(self) -> tuple:

@@ -1,0 +1,130 @@
+"""Device handling: batches on the training device, mixed precision (bf16 on CPU; gates stay float32 and exactly 0),
+channels-last training, the vectorised augmentation, and (on a machine with a GPU) the same on CUDA."""
+
+import copy
+import subprocess
+import sys
+
+import pytest
+import timm
+import torch
+
+import resconv_plugin
+from helpers import randomize_bn, rel_err
+from resconv_plugin.cli._dist import Dist, resolve_device
+from resconv_plugin.cli._train import StageSettings, evaluate, train_stage
+from resconv_plugin.data import BatchLoader, ImageData, _crop_flip
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none on this machine)")
+
+
+def synthetic(n: int = 256, seed: int = 0) -> ImageData:
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (n, 1, 28, 28), dtype=torch.uint8, generator=g)
+    labels = torch.randint(0, 10, (n,), generator=g)
+    return ImageData("synthetic", (images, labels), (images[:64], labels[:64]), 10, 1, 28, (0.5,), (0.25,))
+
+
+def loop_crop_flip(x, pad, shifts, flips):
+    """The reference: one image at a time."""
+    h, w = x.shape[-2:]
+    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+    out = torch.empty_like(x)
+    for i, ((dy, dx), flip) in enumerate(zip(shifts.tolist(), flips.tolist())):
+        crop = padded[i, :, dy:dy + h, dx:dx + w]
+        out[i] = crop.flip(-1) if flip else crop
+    return out
+
+
+def test_vectorised_crop_flip_equals_per_image_loop():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(16, 3, 9, 7, generator=g)
+    shifts = torch.randint(0, 5, (16, 2), generator=g)
+    flips = torch.rand(16, generator=g) < 0.5
+    assert torch.equal(_crop_flip(x, 2, shifts, flips), loop_crop_flip(x, 2, shifts, flips))
+
+
+def test_batches_and_evaluation_on_an_explicit_cpu_device():
+    data = synthetic()
+    x, y = next(iter(BatchLoader(data, True, 32, device="cpu")))
+    assert x.device.type == "cpu" and x.dtype == torch.float32 and y.shape == (32,)
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert Dist(device=torch.device("cpu")).all_sum(1.0, 2.0) == [1.0, 2.0]
+    model = timm.create_model("cifar_resnet20", num_classes=10, in_chans=1)
+    assert 0.0 <= evaluate(model, data) <= 100.0
+    with pytest.raises(ValueError, match="is not a device name"):
+        resolve_device("tpu9")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA: the message is for machines without")
+def test_cuda_requested_without_cuda_says_so():
+    with pytest.raises(ValueError, match="CUDA is not available on this machine .* use --device cpu"):
+        resolve_device("cuda")
+
+
+def test_bf16_autocast_on_cpu_keeps_gates_float32_and_exactly_zero():
+    torch.manual_seed(0)
+    data = synthetic()
+    model = timm.create_model("cifar_resnet20", num_classes=10, in_chans=1)
+    example = torch.zeros(1, 1, 28, 28)
+    resconv_plugin.convert(model, example)
+    steps = len(BatchLoader(data, True, 64))
+    pruner = resconv_plugin.LayerPruner(model, example, flops_reduction=0.3, sparsity_steps=steps, zero_at=0.5)
+    settings = StageSettings(name="amp", epochs=1, lr=0.05, batch_size=64, progress=False, amp="bf16")
+    train_stage(model, data, settings, Dist(), pruner=pruner)
+    chosen = pruner.select()
+    assert chosen and all(pruner.gates[n] == 0.0 for n in chosen)
+    assert all(g.gamma.dtype == torch.float32 for g in resconv_plugin.gated_modules(model).values())
+    with pytest.raises(ValueError, match="amp must be one of"):
+        train_stage(model, data, StageSettings(name="x", epochs=1, lr=0.1, amp="int8", progress=False), Dist())
+
+
+def test_channels_last_training_matches_nchw():
+    torch.manual_seed(0)
+    data = synthetic()
+    base = timm.create_model("cifar_resnet20", num_classes=10, in_chans=1)
+    resconv_plugin.convert(base, torch.zeros(1, 1, 28, 28))
+    results = {}
+    for channels_last in (False, True):
+        model = copy.deepcopy(base)
+        settings = StageSettings(name="fmt", epochs=1, lr=0.05, batch_size=64, progress=False,
+                                 channels_last=channels_last)
+        train_stage(model, data, settings, Dist())
+        results[channels_last] = {k: v.float() for k, v in model.state_dict().items()}
+    for key, value in results[False].items():
+        torch.testing.assert_close(results[True][key], value, rtol=1e-3, atol=1e-4, msg=key)
+
+
+# ------------------------------------------------------------------------------------------------ on a GPU
+@needs_cuda
+def test_fusion_and_removal_exact_on_cuda():
+    torch.manual_seed(0)
+    model = randomize_bn(timm.create_model("resnet18", num_classes=10)).cuda().eval()
+    x = torch.randn(2, 3, 64, 64, device="cuda")
+    resconv_plugin.convert(model, x)
+    gates = resconv_plugin.gated_modules(model)
+    with torch.no_grad():
+        for g in gates.values():
+            g.gamma.uniform_(0.2, 1.0)
+        gates["layer2.1.conv1"].gamma.zero_()
+        before = model(x)
+    pruner = resconv_plugin.LayerPruner(model, x)
+    assert pruner.step() == ["layer2.1.conv1"] and pruner.last_step.max_abs_change == 0.0
+    with torch.no_grad():
+        fused = resconv_plugin.deployed(model)
+        assert next(fused.parameters()).is_cuda
+        assert rel_err(fused(x), before) < 1e-5
+
+
+@needs_cuda
+@pytest.mark.parametrize("amp", ["none", "bf16"])
+def test_compress_quick_on_cuda(tmp_path, amp):
+    from helpers import require_fashion_mnist
+
+    require_fashion_mnist()
+    run = subprocess.run([sys.executable, "-m", "resconv_plugin.cli", "compress", "--model", "cifar_resnet20",
+                          "--quick", "--no-progress", "--device", "cuda", "--amp", amp, "--output", str(tmp_path)],
+                         capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert (tmp_path / "model.safetensors").is_file()
+
