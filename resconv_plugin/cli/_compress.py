@@ -229,7 +229,12 @@ def compress(args, dist: Dist) -> Dict[str, Any]:
         run.record("sparsity", run.model, data, example)
 
     def prune() -> None:
-        pruner = _make_pruner(args, run.model, example, calib, dist)
+        annealed = args.sparsity_epochs > 0 and args.threshold is None  # the budget cap drove its set to exactly 0
+        if annealed:  # remove exactly that set (and any other gate at 0): no re-ranking of a changed model
+            pruner = LayerPruner(run.model, example, threshold=0.0, calibration_inputs=calib[0],
+                                 ignored_layers=args.ignored_layers or None)
+        else:
+            pruner = _make_pruner(args, run.model, example, calib, dist)
         removed = pruner.step()
         if any(g == 0.0 for g in pruner.gates.values()):  # beyond the budget, but exactly the identity: free
             extra = LayerPruner(run.model, example, threshold=0.0, calibration_inputs=calib[0],
