@@ -13,15 +13,12 @@ channel-pruned structure. Build a new pruner after any module swap (depth ``step
 
 from __future__ import annotations
 
-import contextlib
-import re
-import warnings
-from typing import Any, Iterable, List, Optional, Tuple, Union
+from typing import Any, Iterable, List, Optional, Union
 
-import torch
 import torch_pruning as tp
 from torch import nn
 
+from resconv_plugin._channel_replay import quiet_about_gates, replay_channel_pruning
 from resconv_plugin._recipe import record_step
 from resconv_plugin._utils import ExampleInputs, as_input_tuple, check_module
 
@@ -98,7 +95,7 @@ def channel_pruner(
         kwargs[key] = dict(kwargs.get(key) or {})  # fresh dicts: torch-pruning's defaults are shared
     flags = [(m, m.training) for m in model.modules()]
     try:
-        with _quiet_about_gates(model):
+        with quiet_about_gates(model):
             pruner = pruner_class(model, inputs[0] if len(inputs) == 1 else inputs, importance=importance,
                                   ignored_layers=ignored, **kwargs)
     finally:
@@ -108,31 +105,3 @@ def channel_pruner(
                 input_shapes=[list(t.shape) for t in inputs])
     return pruner
 
-
-@contextlib.contextmanager
-def _quiet_about_gates(model: nn.Module):
-    """torch-pruning warns about 'unwrapped parameters' for the gates' scalar gamma and then (having no dimension
-    to prune) leaves them alone. Drop that warning when it names only gates; pass every other warning on."""
-    gate_names = {n for n, p in model.named_parameters() if p.dim() == 0 and n.endswith("gamma")}
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        yield
-    for w in caught:
-        text = str(w.message)
-        named = re.findall(r"'([^']+)'", text.split("]")[0]) if "Unwrapped parameters detected" in text else None
-        if named is not None and set(named) <= gate_names:
-            continue
-        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-
-
-def replay_channel_pruning(model: nn.Module, history: list, input_shapes: List[List[int]]) -> None:
-    """Redo a recorded channel-pruning history on ``model`` (used by ``resconv_plugin.load``)."""
-    inputs: Tuple[torch.Tensor, ...] = tuple(torch.zeros(shape) for shape in input_shapes)
-    flags = [(m, m.training) for m in model.modules()]
-    with _quiet_about_gates(model):
-        graph = tp.DependencyGraph().build_dependency(model,
-                                                      example_inputs=inputs[0] if len(inputs) == 1 else inputs)
-    for m, flag in flags:
-        m.training = flag
-    graph.load_pruning_history([[name, bool(out), [int(i) for i in idxs]] for name, out, idxs in history])
-    record_step(model, "channel_prune", history=graph.pruning_history(), input_shapes=input_shapes)

@@ -15,6 +15,31 @@ Example:
 
 from importlib.metadata import PackageNotFoundError, version
 
+
+def _source_checkout_integrations() -> None:
+    """Installed, setuptools maps ``resconv_plugin.integrations`` to the top-level ``integrations/`` folder. From a
+    plain source checkout (``PYTHONPATH=.``) nothing does: register that folder under the same name, so the same
+    imports work both ways. The core never imports it (host glue depends on the core, not the reverse)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    name = f"{__name__}.integrations"
+    if name in sys.modules or importlib.util.find_spec(name) is not None:
+        return
+    folder = Path(__file__).resolve().parent.parent / "integrations"
+    if not (folder / "__init__.py").is_file():
+        return
+    spec = importlib.util.spec_from_file_location(name, folder / "__init__.py",
+                                                  submodule_search_locations=[str(folder)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    globals()["integrations"] = module  # what the import system does for a submodule it loads
+
+
+_source_checkout_integrations()
+
 from resconv_plugin._block import ResConv, identity_compatibility
 from resconv_plugin._convert import ConversionReport, ConvertedLayer, SkippedConv, convert
 from resconv_plugin._create import create_model

@@ -11,7 +11,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from resconv_plugin._fusion import fuse_resconv_params
-from resconv_plugin.integrations.timm import NORM_ACT_TYPES, SAME_PADDING_CONVS
+from resconv_plugin._timm import NORM_ACT_TYPES, SAME_PADDING_CONVS
 
 __all__ = ["ResConv", "Reason", "identity_compatibility", "bn_compatibility"]
 

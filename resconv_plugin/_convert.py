@@ -16,7 +16,7 @@ from resconv_plugin._recipe import record_step
 from resconv_plugin._utils import (
     ExampleInputs, as_input_tuple, check_module, eval_mode, format_table, run_example, set_submodule,
 )
-from resconv_plugin.integrations.timm import split_norm_act
+from resconv_plugin._timm import split_norm_act
 
 __all__ = ["convert", "ConversionReport", "ConvertedLayer", "SkippedConv"]
 

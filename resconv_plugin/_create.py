@@ -19,7 +19,7 @@ def check_model_name(name: str) -> str:
     if not isinstance(name, str):
         raise TypeError(f"model name must be a str, got {type(name).__name__}")
     if not timm.is_model(name):
-        from resconv_plugin.integrations.timm import close_model_names
+        from resconv_plugin._timm import close_model_names
 
         close = close_model_names(name)
         raise ValueError(f"unknown model {name!r}" + (f"; did you mean: {', '.join(close)}?" if close else

@@ -20,7 +20,7 @@ from resconv_plugin._fusion import fold_batchnorm
 from resconv_plugin._graph import find_conv_sites
 from resconv_plugin._recipe import record_step
 from resconv_plugin._utils import check_module, set_submodule
-from resconv_plugin.integrations.timm import split_norm_act
+from resconv_plugin._timm import split_norm_act
 
 __all__ = ["fold_batchnorms", "deployed"]
 

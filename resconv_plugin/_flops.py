@@ -1,4 +1,5 @@
-"""``count_flops``: complete FLOP counts on fvcore, per layer, with the convention of ``integrations.fvcore``."""
+"""``count_flops``: complete FLOP counts on fvcore, per layer, with the convention of ``_fvcore_handles`` (re-exported
+as ``resconv_plugin.integrations.fvcore`` (``OP_HANDLES``))."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ class FlopReport:
 
     Attributes:
         total: all FLOPs of one forward pass on the example inputs (one multiply-add = 1 flop; the convention of
-            ``resconv_plugin.integrations.fvcore`` for everything else).
+            ``resconv_plugin.integrations.fvcore`` (``OP_HANDLES``) for everything else).
         by_layer: ``{name: flops}`` for each layer with non-zero FLOPs, in module order. A layer is a module with no
             children, or a conv, linear, BatchNorm (timm's BatchNormAct2d with its activation) or ResConv (conv,
             BatchNorm and gate), each counted whole. Ops a container runs in its own
@@ -87,7 +88,7 @@ def count_flops(model: nn.Module, example_inputs: ExampleInputs) -> FlopReport:
     """Count FLOPs and parameters of ``model`` on ``example_inputs`` with fvcore, completely.
 
     fvcore's own handles are kept (conv, linear, matmul, BatchNorm, ...); the handles of
-    ``resconv_plugin.integrations.fvcore`` add elementwise ops, activations, pools and reductions, so nothing is
+    ``resconv_plugin.integrations.fvcore`` (``OP_HANDLES``) add elementwise ops, activations, pools and reductions, so nothing is
     left uncounted in timm CNNs (``report.unsupported`` lists anything that still is). The model is traced in eval
     mode under ``torch.no_grad`` (deployment FLOPs; BatchNorm statistics untouched); training flags are restored.
 
@@ -110,7 +111,7 @@ def count_flops(model: nn.Module, example_inputs: ExampleInputs) -> FlopReport:
     """
     from fvcore.nn import FlopCountAnalysis
 
-    from resconv_plugin.integrations.fvcore import OP_HANDLES
+    from resconv_plugin._fvcore_handles import OP_HANDLES
 
     check_module(model)
     inputs = as_input_tuple(example_inputs)

@@ -19,7 +19,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from resconv_plugin._block import Reason, ResConv, bn_compatibility, identity_compatibility
 from resconv_plugin._gate import BlockGate
-from resconv_plugin.integrations import timm as timm_glue
+from resconv_plugin import _timm as timm_glue
 
 __all__ = ["ConvSite", "BlockSite", "call_counts", "find_conv_sites", "find_residual_blocks", "trace"]
 

@@ -143,7 +143,7 @@ def build_from_recipe(recipe: Dict[str, Any], source: object = "recipe") -> nn.M
 
     name, kwargs = recipe["model"]["name"], recipe["model"].get("kwargs", {})
     if not timm.is_model(name):
-        from resconv_plugin.integrations.timm import close_model_names
+        from resconv_plugin._timm import close_model_names
 
         close = close_model_names(name)
         raise ValueError(f"{source}: the recipe is for model {name!r}, which timm does not know"
@@ -253,7 +253,7 @@ def _replay(model: nn.Module, step: Dict[str, Any]) -> None:
         if sorted(done) != sorted(names):
             raise ValueError(f"BatchNorms not foldable here: {sorted(set(names) - set(done))[:5]}")
     elif op == "channel_prune":
-        from resconv_plugin.integrations.torch_pruning import replay_channel_pruning
+        from resconv_plugin._channel_replay import replay_channel_pruning
 
         replay_channel_pruning(model, step["history"], step["input_shapes"])
     else:
