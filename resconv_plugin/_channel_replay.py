@@ -13,7 +13,6 @@ import warnings
 from typing import List, Tuple
 
 import torch
-import torch_pruning as tp
 from torch import nn
 
 from resconv_plugin._recipe import record_step
@@ -42,6 +41,8 @@ def replay_channel_pruning(model: nn.Module, history: list, input_shapes: List[L
     inputs: Tuple[torch.Tensor, ...] = tuple(torch.zeros(shape) for shape in input_shapes)
     flags = [(m, m.training) for m in model.modules()]
     with quiet_about_gates(model):
+        import torch_pruning as tp  # here: ``import resconv_plugin`` stays lean
+
         graph = tp.DependencyGraph().build_dependency(model,
                                                       example_inputs=inputs[0] if len(inputs) == 1 else inputs)
     for m, flag in flags:

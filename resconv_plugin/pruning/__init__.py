@@ -7,15 +7,20 @@
 * :mod:`~resconv_plugin.pruning.regularizer`: L1 on the gates (proximal or sub-gradient).
 * :mod:`~resconv_plugin.pruning.calibration`: measurements on a calibration batch, BatchNorm re-estimation.
 * :mod:`~resconv_plugin.pruning.pruner`: :class:`LayerPruner`, composing them.
+* :mod:`~resconv_plugin.pruning.channels`: torch-pruning's channel pruners set up for gated models.
+* :mod:`~resconv_plugin.pruning.joint`: :class:`JointPruner`, one budget split between depth and width.
 
 A new importance criterion is one :class:`GateImportance` subclass, passed as ``LayerPruner(importance=...)``.
 """
 
 from resconv_plugin.pruning.calibration import calibration_loss, output_divergence, recalibrate_batchnorm
 from resconv_plugin.pruning.cost import flops_savings, latency_table, predicted_saving
+from resconv_plugin.pruning.channels import channel_pruner, classifier_of
 from resconv_plugin.pruning.importance import (
-    IMPORTANCES, GateImportance, MagnitudeImportance, RemovalImportance, TaylorImportance, make_importance,
+    IMPORTANCES, FixedSetImportance, GateImportance, MagnitudeImportance, RemovalImportance, TaylorImportance,
+    make_importance,
 )
+from resconv_plugin.pruning.joint import JointPlan, JointPruner, SplitCandidate
 from resconv_plugin.pruning.pruner import LayerPruner, StepReport
 from resconv_plugin.pruning.regularizer import MODES, L1Regularizer
 from resconv_plugin.pruning.schedule import CapSchedule
@@ -25,5 +30,6 @@ __all__ = [
     "LayerPruner", "StepReport", "GateImportance", "MagnitudeImportance", "RemovalImportance", "TaylorImportance",
     "IMPORTANCES", "make_importance", "flops_savings", "latency_table", "predicted_saving", "select_within_budget",
     "select_iteratively", "select_count", "CapSchedule", "L1Regularizer", "MODES", "output_divergence",
-    "calibration_loss", "recalibrate_batchnorm",
+    "calibration_loss", "recalibrate_batchnorm", "FixedSetImportance", "JointPruner", "JointPlan", "SplitCandidate",
+    "channel_pruner", "classifier_of",
 ]

@@ -38,8 +38,8 @@ from torch import nn
 from resconv_plugin._utils import eval_mode
 from resconv_plugin.pruning.calibration import calibration_loss, output_divergence
 
-__all__ = ["GateImportance", "MagnitudeImportance", "RemovalImportance", "TaylorImportance", "IMPORTANCES",
-           "make_importance"]
+__all__ = ["GateImportance", "MagnitudeImportance", "RemovalImportance", "TaylorImportance", "FixedSetImportance",
+           "IMPORTANCES", "make_importance"]
 
 Gates = Mapping[str, nn.Module]
 Inputs = Optional[Tuple[torch.Tensor, ...]]
@@ -205,6 +205,32 @@ class TaylorImportance(GateImportance):
 
     def load_state_dict(self, state: dict) -> None:
         self._sums, self._count = dict(state.get("sums", {})), int(state.get("count", 0))
+
+
+class FixedSetImportance(GateImportance):
+    """The gates you name score 0 (they go first), every other gate 1: budget selection then takes the named set
+    (when it meets the budget; ties among the rest go to the larger saving). For training a set chosen elsewhere,
+    e.g. ``JointPruner``'s plan.
+
+    Args:
+        names: the gates to remove.
+    """
+
+    name = "fixed"
+
+    def __init__(self, names: Sequence[str]) -> None:
+        if isinstance(names, str) or not all(isinstance(n, str) for n in names):
+            raise TypeError(f"names must be a sequence of gate names, got {names!r}")
+        self.names = list(names)
+
+    def __call__(self, model, gates, *, inputs=None, targets=None, removed=()):
+        missing = [n for n in self.names if n not in gates]
+        if missing:
+            raise ValueError(f"FixedSetImportance names gates the pruner does not have: {missing[:5]}")
+        return {n: 0.0 if n in self.names else 1.0 for n in gates}
+
+    def __repr__(self) -> str:
+        return f"FixedSetImportance({self.names!r})"
 
 
 #: Criterion names accepted by ``LayerPruner(importance=...)``.

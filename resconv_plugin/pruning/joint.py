@@ -1,0 +1,241 @@
+"""``JointPruner``: one latency (or FLOPs) budget, split between removing layers and removing channels by measurement.
+
+For each candidate split ``s`` (the share of the budget that depth pruning takes, e.g. 0, 0.25, ..., 1), on a copy of
+the model:
+
+1. depth: the gates of least importance whose removal saves ``s`` of the budget are set to 0 and removed
+   (``LayerPruner.rank()``: the same criteria and selection as the depth pruner; capped at what depth can reach);
+2. width: torch-pruning's ``MetaPruner`` (global, ``GroupMagnitudeImportance`` by default) prunes channels of what is
+   left, its ``pruning_ratio`` bisected until the cost of the deployed model meets the whole budget;
+3. score: the task loss on the calibration batch (with ``calibration_targets``, else the KL divergence from the
+   unpruned model's outputs), with the BatchNorm statistics as they are and re-estimated on the batch (the unpruned
+   reference treated the same way), the lower of the two.
+
+The split with the lowest score wins. ``s = 0`` is pure channel pruning and ``s = 1`` pure depth pruning (topped up
+with channels only when depth alone cannot reach the budget), so the choice includes both. The proxy is one-shot:
+what the network keeps before any retraining. Train the chosen plan afterwards (``LayerPruner`` budget-driven
+sparsity with ``importance=FixedSetImportance(plan.best.depth_names)``, then ``channel_pruner`` with
+``plan.best.channel_ratio``, then fine-tuning), or call :meth:`JointPruner.apply` for the one-shot result.
+
+Costs: ``"latency"`` (the deployed model timed in turns with the deployed baseline on this machine, batch of the
+example input), ``"flops"`` (deterministic), or any ``callable(deployed_model) -> float``.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from resconv_plugin._deploy import deployed
+from resconv_plugin._flops import count_flops
+from resconv_plugin._latency import interleaved_latencies
+from resconv_plugin._surgery import gated_modules, remove
+from resconv_plugin._utils import ExampleInputs, as_input_tuple, check_module, eval_mode
+from resconv_plugin.pruning.calibration import calibration_loss, output_divergence, recalibrate_batchnorm
+from resconv_plugin.pruning.importance import GateImportance
+
+__all__ = ["JointPruner", "JointPlan", "SplitCandidate"]
+
+Cost = Union[str, Callable[[nn.Module], float]]
+
+
+@dataclass
+class SplitCandidate:
+    """One split of the budget, measured.
+
+    Attributes:
+        depth_share: the share of the budget depth pruning was asked to take.
+        depth_names: the gates removed.
+        channel_ratio: torch-pruning's ``pruning_ratio`` that met the rest (0 when depth alone met it).
+        cost_rel: the deployed model's cost relative to the deployed baseline's.
+        score: the proxy (lower is better): calibration loss (or divergence) after BatchNorm re-estimation.
+    """
+
+    depth_share: float
+    depth_names: List[str]
+    channel_ratio: float
+    cost_rel: float
+    score: float
+
+
+@dataclass
+class JointPlan:
+    """Every candidate split, and the best one."""
+
+    target_rel: float
+    candidates: List[SplitCandidate] = field(default_factory=list)
+
+    @property
+    def best(self) -> SplitCandidate:
+        return min(self.candidates, key=lambda c: (c.score, -c.depth_share))
+
+
+class JointPruner:
+    """Choose how much of one budget comes from removing layers and how much from removing channels.
+
+    Args:
+        model: a converted model (ResConv layers and / or gated blocks), not changed by :meth:`plan`.
+        example_inputs: the deployment input (batch size of the latency measurement, input of FLOP counts).
+        reduction: the fraction of the cost to remove, in (0, 1).
+        calibration_inputs: a batch of real inputs for importance, BatchNorm re-estimation and the score.
+        calibration_targets: their labels (task loss); without, the divergence from the unpruned outputs.
+        cost: ``"latency"``, ``"flops"`` or ``callable(deployed_model) -> float``.
+        depth_shares: the candidate splits.
+        importance: the depth criterion (as ``LayerPruner(importance=...)``).
+        channel_importance: torch-pruning importance for the channel part (default ``GroupMagnitudeImportance``).
+        round_to: torch-pruning's ``round_to`` for the channel part.
+        latency_repeats: timing rounds per measurement with ``cost="latency"``.
+        tolerance: the channel ratio is bisected until the cost is within this fraction below the target.
+
+    Example:
+        >>> import torch, resconv_plugin
+        >>> model = resconv_plugin.create_model("cifar_resnet20", num_classes=10, in_chans=1).eval()
+        >>> x = torch.randn(64, 1, 28, 28)
+        >>> plan = JointPruner(model, x[:1], 0.4, calibration_inputs=x, cost="flops").plan()  # doctest: +SKIP
+        >>> plan.best.depth_share, plan.best.cost_rel <= 0.6  # doctest: +SKIP
+    """
+
+    def __init__(self, model: nn.Module, example_inputs: ExampleInputs, reduction: float, *,
+                 calibration_inputs: ExampleInputs, calibration_targets: Optional[torch.Tensor] = None,
+                 cost: Cost = "latency", depth_shares: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0),
+                 importance: Union[str, GateImportance] = "removal", channel_importance=None,
+                 round_to: Optional[int] = None, latency_repeats: int = 20, tolerance: float = 0.02) -> None:
+        self.model = check_module(model)
+        self.example_inputs = as_input_tuple(example_inputs)
+        self.calibration_inputs = as_input_tuple(calibration_inputs)
+        self.calibration_targets = calibration_targets
+        if isinstance(reduction, bool) or not isinstance(reduction, (int, float)) or not 0.0 < reduction < 1.0:
+            raise ValueError(f"reduction must be in (0, 1), got {reduction!r}")
+        if not (cost in ("latency", "flops") or callable(cost)):
+            raise ValueError(f"cost must be 'latency', 'flops' or a callable(deployed_model) -> float, got {cost!r}")
+        shares = list(depth_shares)
+        if not shares or any(isinstance(s, bool) or not isinstance(s, (int, float)) or not 0.0 <= s <= 1.0
+                             for s in shares):
+            raise ValueError(f"depth_shares must be fractions in [0, 1], got {depth_shares!r}")
+        if not gated_modules(model):
+            raise ValueError(f"{type(model).__name__} has no gates: call resconv_plugin.convert(model, x) first")
+        self.reduction, self.cost, self.depth_shares = float(reduction), cost, shares
+        self.importance, self.channel_importance, self.round_to = importance, channel_importance, round_to
+        self.latency_repeats, self.tolerance = latency_repeats, tolerance
+        self._base = deployed(model)
+        self._references = self._outputs(model)
+
+    # ------------------------------------------------------------------------------------------------ costs
+    def cost_rel(self, candidate: nn.Module) -> float:
+        """The cost of ``candidate`` (any model; measured as deployed) relative to the deployed baseline's."""
+        plain = deployed(candidate)
+        if callable(self.cost):
+            return self.cost(plain) / self.cost(self._base)
+        if self.cost == "flops":
+            return count_flops(plain, self.example_inputs).total / count_flops(self._base, self.example_inputs).total
+        x = self.example_inputs
+        times = interleaved_latencies({"c": lambda: plain(*x), "b": lambda: self._base(*x)},
+                                      repeats=self.latency_repeats)
+        return times["c"] / times["b"]
+
+    # ------------------------------------------------------------------------------------------------ parts
+    def _depth(self, share: float) -> tuple:
+        from resconv_plugin.pruning.pruner import LayerPruner
+
+        model = copy.deepcopy(self.model)
+        if share <= 0:
+            return model, []
+        kind = "latency_reduction" if self.cost == "latency" else "flops_reduction"
+        probe = LayerPruner(model, self.example_inputs, importance=self.importance, **{kind: 0.0},
+                            calibration_inputs=self.calibration_inputs, calibration_targets=self.calibration_targets)
+        saved, total = probe.savings("latency" if kind == "latency_reduction" else "flops")
+        names = list(probe.gates)
+        reachable = sum(saved[n] for n in names if not any(n.startswith(f"{b}.") for b in names)) / total
+        fraction = min(share * self.reduction, reachable * 0.999)
+        setattr(probe, kind, fraction)
+        chosen = probe.rank()
+        with torch.no_grad():
+            gates = gated_modules(model)
+            for name in chosen:
+                gates[name].gamma.zero_()
+        remove(model, chosen)
+        return model, chosen
+
+    def _channels(self, model: nn.Module, ratio: float) -> nn.Module:
+        """A copy of ``model`` (unfused: its BatchNorms stay, as in the training workflow) with channels pruned."""
+        import torch_pruning as tp
+
+        from resconv_plugin.pruning.channels import channel_pruner
+
+        pruned = copy.deepcopy(model).eval()
+        if ratio <= 0:
+            return pruned
+        kwargs = {"round_to": self.round_to} if self.round_to else {}
+        importance = self.channel_importance or tp.importance.GroupMagnitudeImportance()
+        channel_pruner(pruned, self.example_inputs, tp.pruner.MetaPruner, importance=importance, pruning_ratio=ratio,
+                       global_pruning=True, **kwargs).step()
+        return pruned.eval()
+
+    def _meet(self, model: nn.Module, target: float) -> tuple:
+        """Bisect the channel ratio until the cost is at most ``target`` (and within ``tolerance`` of it)."""
+        rel = self.cost_rel(model)
+        if rel <= target:
+            return model, 0.0, rel
+        lo, hi, best = 0.0, 0.95, None
+        for _ in range(12):
+            ratio = (lo + hi) / 2
+            candidate = self._channels(model, ratio)
+            rel = self.cost_rel(candidate)
+            if rel <= target:
+                if best is None or ratio < best[1]:
+                    best = (candidate, ratio, rel)
+                hi = ratio
+                if rel >= target - self.tolerance:
+                    break
+            else:
+                lo = ratio
+        if best is None:
+            raise ValueError(f"channel pruning up to ratio 0.95 does not reach {target:.3f} of the cost")
+        return best
+
+    def _outputs(self, model: nn.Module) -> tuple:
+        """Outputs on the calibration batch as the model is, and after re-estimating its BatchNorm statistics."""
+        with eval_mode(model), torch.no_grad():
+            raw = model(*self.calibration_inputs)
+        model = copy.deepcopy(model)
+        recalibrate_batchnorm(model, self.calibration_inputs)
+        with eval_mode(model), torch.no_grad():
+            return raw, model(*self.calibration_inputs)
+
+    def score(self, candidate: nn.Module) -> float:
+        """The proxy (lower is better): the calibration loss, or the divergence from the unpruned model's outputs,
+        of the candidate as it is and after BatchNorm re-estimation (each against the unpruned model treated the
+        same way), whichever is lower: re-estimation repairs what channel pruning shifts, and an exact removal needs
+        none (re-estimating would only move the statistics of layers that were the identity)."""
+        scores = []
+        for reference, out in zip(self._references, self._outputs(candidate)):
+            scores.append(calibration_loss(out, self.calibration_targets) if self.calibration_targets is not None
+                          else output_divergence(reference, out))
+        return min(scores)
+
+    # ------------------------------------------------------------------------------------------------ plan
+    def plan(self) -> JointPlan:
+        """Measure every candidate split (see the module docstring) and return them all with the best."""
+        target = 1.0 - self.reduction
+        plan = JointPlan(target_rel=target)
+        for share in self.depth_shares:
+            depth_model, names = self._depth(share)
+            model, ratio, rel = self._meet(depth_model, target)
+            plan.candidates.append(SplitCandidate(depth_share=share, depth_names=names, channel_ratio=ratio,
+                                                  cost_rel=rel, score=self.score(model)))
+        return plan
+
+    def apply(self, split: SplitCandidate) -> nn.Module:
+        """The one-shot pruned model of ``split`` (unfused: fine-tune it, then ``fuse``)."""
+        model = copy.deepcopy(self.model)
+        with torch.no_grad():
+            gates = gated_modules(model)
+            for name in split.depth_names:
+                gates[name].gamma.zero_()
+        remove(model, split.depth_names)
+        return self._channels(model, split.channel_ratio)
+

@@ -1,0 +1,115 @@
+"""JointPruner: one budget split between depth and width by measurement. Hand-built nets where one side is clearly
+better (free to remove), a deterministic cost (FLOPs) so that nothing depends on timing."""
+
+import pytest
+import torch
+from torch import nn
+
+import resconv_plugin
+from resconv_plugin.pruning import FixedSetImportance, JointPruner, LayerPruner
+
+C = 8
+
+
+class Chain(nn.Module):
+    """stem conv (1 -> C) + BN + ReLU, then six C -> C conv + BN layers (each becomes a ResConv), mean pool, linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, C, 3, padding=1, bias=False), nn.BatchNorm2d(C), nn.ReLU())
+        self.layers = nn.Sequential(*[nn.Sequential(nn.Conv2d(C, C, 3, padding=1, bias=False), nn.BatchNorm2d(C))
+                                      for _ in range(6)])
+        self.head = nn.Linear(C, 3)
+
+    def forward(self, x):
+        return self.head(self.layers(self.stem(x)).mean((2, 3)))
+
+
+def make(identity_layers=(), dead_channels=()):
+    torch.manual_seed(0)
+    net = Chain()
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2), m.running_var.uniform_(0.5, 1.5)
+                m.weight.uniform_(0.5, 1.5), m.bias.uniform_(-0.2, 0.2)
+        for i in identity_layers:  # centre tap + neutral BatchNorm: the layer computes its input
+            conv, bn = net.layers[i]
+            conv.weight.zero_()
+            conv.weight[:, :, 1, 1] = torch.eye(C)
+            bn.running_mean.zero_(), bn.running_var.fill_(1 - bn.eps), bn.weight.fill_(1), bn.bias.zero_()
+        for c in dead_channels:  # a channel that is 0 everywhere and feeds nothing: free to prune
+            net.stem[0].weight[c].zero_()
+            net.stem[1].weight[c], net.stem[1].bias[c], net.stem[1].running_mean[c] = 0.0, 0.0, 0.0
+            for conv, bn in net.layers:
+                conv.weight[c].zero_(), conv.weight[:, c].zero_()
+                bn.weight[c], bn.bias[c], bn.running_mean[c] = 0.0, 0.0, 0.0
+            net.head.weight[:, c].zero_()
+    x = torch.randn(32, 1, 12, 12, generator=torch.Generator().manual_seed(1))
+    resconv_plugin.convert(net.eval(), x[:1])
+    return net, x
+
+
+def test_chooses_pure_depth_where_layers_are_free_to_remove():
+    net, x = make(identity_layers=(1, 3, 5))
+    plan = JointPruner(net, x[:1], 0.3, calibration_inputs=x, cost="flops").plan()
+    best = plan.best
+    assert best.depth_share == 1.0 and best.channel_ratio == 0.0
+    assert set(best.depth_names) <= {"layers.1.0", "layers.3.0", "layers.5.0"}
+    assert best.cost_rel <= 0.7  # the budget is met
+    width = next(c for c in plan.candidates if c.depth_share == 0.0)
+    assert width.channel_ratio > 0 and width.cost_rel <= 0.7
+    assert best.score < 1e-9 < width.score  # an exact removal costs nothing
+
+
+def test_chooses_pure_width_where_channels_are_free_to_remove():
+    net, x = make(dead_channels=(0, 3, 5, 6))
+    pruner = JointPruner(net, x[:1], 0.4, calibration_inputs=x, cost="flops", depth_shares=(0.0, 0.5, 1.0))
+    plan = pruner.plan()
+    best = plan.best
+    assert best.depth_share == 0.0 and not best.depth_names and best.channel_ratio > 0
+    assert best.cost_rel <= 0.6
+    depth = next(c for c in plan.candidates if c.depth_share == 1.0)
+    assert depth.depth_names and best.score < 1e-9 < depth.score
+    pruned = pruner.apply(best)  # the one-shot model computes what the unpruned one did
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(x), net(x), rtol=1e-4, atol=1e-5)
+
+
+def test_budget_met_within_one_channel_group():
+    """The channel ratio found is the smallest that meets the budget: one channel group less would miss it."""
+    net, x = make()
+    pruner = JointPruner(net, x[:1], 0.35, calibration_inputs=x, cost="flops", depth_shares=(0.0,))
+    best = pruner.plan().best
+    assert best.cost_rel <= 0.65
+    kept = [m.out_channels for m in pruner.apply(best).modules() if isinstance(m, nn.Conv2d)][0]
+    assert kept < C
+    one_less = pruner._channels(pruner.model, (C - kept - 1) / C)  # one channel (this net's group) fewer pruned
+    assert [m.out_channels for m in one_less.modules() if isinstance(m, nn.Conv2d)][0] == kept + 1
+    assert pruner.cost_rel(one_less) > 0.65
+
+
+def test_fixed_set_importance_trains_a_chosen_set():
+    net, x = make()
+    names = ["layers.0.0", "layers.4.0"]
+    pruner = LayerPruner(net, x[:1], importance=FixedSetImportance(names), pruning_ratio=2 / 6)
+    assert sorted(pruner.select()) == names
+    with pytest.raises(ValueError, match="names gates the pruner does not have"):
+        LayerPruner(net, x[:1], importance=FixedSetImportance(["nope"]), pruning_ratio=0.3).select()
+    with pytest.raises(TypeError, match="names must be a sequence of gate names"):
+        FixedSetImportance("layers.0.0")
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(reduction=1.0), r"reduction must be in \(0, 1\)"),
+    (dict(cost="watts"), "cost must be 'latency', 'flops' or a callable"),
+    (dict(depth_shares=(0.5, 2.0)), r"depth_shares must be fractions in \[0, 1\]"),
+])
+def test_bad_arguments(kwargs, match):
+    net, x = make()
+    args = dict(reduction=0.3, cost="flops")
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        JointPruner(net, x[:1], args.pop("reduction"), calibration_inputs=x, **args)
+    with pytest.raises(ValueError, match="has no gates"):
+        JointPruner(Chain(), x[:1], 0.3, calibration_inputs=x)
