@@ -84,7 +84,7 @@ def main() -> None:
     parser.add_argument("--flops-reduction", type=float, default=0.3)
     parser.add_argument("--reg", type=float, default=1e-2)
     parser.add_argument("--cap-start", type=float, default=0.0)
-    parser.add_argument("--finetune-epochs", type=int, default=0, help="fine-tune the fused pruned model after")
+    parser.add_argument("--finetune-epochs", type=int, default=0, help="fine-tune the pruned model after removal, before fusion (gates frozen)")
     parser.add_argument("--lr", type=float, default=0.1)
     parser.add_argument("--sparsity-lr", type=float, default=0.02)
     parser.add_argument("--batch", type=int, default=128)
@@ -128,8 +128,8 @@ def main() -> None:
     converted_acc = accuracy(model, x_test, y_test)
     steps = args.sparsity_epochs * (len(x_train) // args.batch)
     pruner = resconv_plugin.LayerPruner(model, example, reg=args.reg, flops_reduction=args.flops_reduction,
-                                        sparsity_steps=steps, calibration_inputs=x_test[:256],
-                                        cap_start=args.cap_start)
+                                        sparsity_steps=steps, calibration_inputs=x_train[:256],
+                                        cap_start=args.cap_start)  # training images: no test image decides
     train(model, x_train, y_train, args.sparsity_epochs, args.sparsity_lr, args.batch, args.seed + 1, pruner,
           label="sparsity")
     gates = pruner.gates
@@ -137,14 +137,15 @@ def main() -> None:
     sparse_acc = accuracy(model, x_test, y_test)
     removed = pruner.step()
     pruned_acc = accuracy(model, x_test, y_test)
-    fused = resconv_plugin.fuse(model)
+    finetuned_acc = None
+    if args.finetune_epochs:  # before fusion: the remaining ResConv layers keep their BatchNorms while they train
+        resconv_plugin.freeze_gates(model)  # the pruner no longer keeps the gates in [0, 1]
+        train(model, x_train, y_train, args.finetune_epochs, args.sparsity_lr, args.batch, args.seed + 2,
+              label="fine-tune")
+        finetuned_acc = accuracy(model, x_test, y_test)
+    fused = resconv_plugin.fuse(model.eval())
     fused_acc = accuracy(fused, x_test, y_test)
     fused_flops = resconv_plugin.count_flops(fused, example)
-    finetuned_acc = None
-    if args.finetune_epochs:
-        train(fused, x_train, y_train, args.finetune_epochs, args.sparsity_lr, args.batch, args.seed + 2,
-              label="fine-tune")
-        finetuned_acc = accuracy(fused, x_test, y_test)
 
     summary = {
         "model": args.model, "model_kwargs": kwargs, "seed": args.seed, "train_images": len(x_train), "test_images": len(x_test),
@@ -164,10 +165,10 @@ def main() -> None:
         "torch": torch.__version__, "timm": timm.__version__,
     }
     print(f"baseline {baseline_acc:.2f}% -> after sparsity {sparse_acc:.2f}% -> removed {len(removed)} layers "
-          f"{pruned_acc:.2f}% (change {pruned_acc - sparse_acc:+.2f}) -> fused {fused_acc:.2f}%; FLOPs "
-          f"{baseline_flops.total / 1e6:.2f}M -> {fused_flops.total / 1e6:.2f}M "
-          f"(-{100 * summary['flops_reduction']:.1f}%)"
-          + (f"; fine-tuned {args.finetune_epochs} epochs: {finetuned_acc:.2f}%" if finetuned_acc is not None else ""))
+          f"{pruned_acc:.2f}% (change {pruned_acc - sparse_acc:+.2f})"
+          + (f" -> fine-tuned {args.finetune_epochs} epochs {finetuned_acc:.2f}%" if finetuned_acc is not None else "")
+          + f" -> fused {fused_acc:.2f}%; FLOPs {baseline_flops.total / 1e6:.2f}M -> {fused_flops.total / 1e6:.2f}M "
+          f"(-{100 * summary['flops_reduction']:.1f}%)")
     line = json.dumps(summary)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
