@@ -322,3 +322,23 @@ def test_full_demo(tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert report["summary"]["flops_reduction"] >= 0.4
     assert report["stages"][0]["top1"] > 85.0 and report["stages"][-1]["top1"] > 85.0
+
+
+def test_compress_channel_pruning_auto_meets_the_budget(tmp_path):
+    """--channel-pruning auto: the joint plan splits a 40% FLOPs budget between layers and channels, and the final
+    model meets it (FLOPs of the deployed models, as the report counts them)."""
+    require_fashion_mnist()
+    out = tmp_path / "auto"
+    stdout = check_ok(run_cli("compress", *QUICK, "--flops-reduction", "0.4", "--channel-pruning", "auto",
+                              "--output", str(out)))
+    report = json.loads((out / "report.json").read_text())
+    assert report["summary"]["flops_reduction"] >= 0.4 - 1e-9
+    log = (out / "log.txt").read_text()
+    assert log.count("joint plan: depth share") == 6  # five candidate splits and the choice
+    import re
+
+    plan = {float(share): (float(ratio), float(cost)) for share, ratio, cost in re.findall(
+        r"joint plan: depth share ([\d.]+): \d+ layers \+ channel ratio ([\d.]+) -> cost ([\d.]+)", log)}
+    assert sorted(plan) == [0.0, 0.25, 0.5, 0.75, 1.0] and all(cost <= 0.6 for _, cost in plan.values()), plan
+    chosen = float(re.search(r"joint plan: depth share ([\d.]+) chosen", log).group(1))
+    assert ("channel pruning: ratio" in stdout) == (plan[chosen][0] > 0)

@@ -55,6 +55,10 @@ class _KeyValue(argparse.Action):
         setattr(namespace, self.dest, result)
 
 
+def _channel_pruning(text: str):
+    return "auto" if text == "auto" else _fraction(text)
+
+
 def _fraction(text: str) -> float:
     value = float(text)
     if not 0.0 <= value <= 1.0:
@@ -128,8 +132,10 @@ def _add_compress_options(p: argparse.ArgumentParser, demo: bool = False) -> Non
     g.add_argument("--distill-temperature", type=float, default=4.0)
 
     g = p.add_argument_group("channel pruning (torch-pruning), after layer removal, before fine-tuning and fusion")
-    g.add_argument("--channel-pruning", type=_fraction, default=0.0,
-                   help="torch-pruning MetaPruner pruning_ratio, global, L2 magnitude (0 = none)")
+    g.add_argument("--channel-pruning", type=_channel_pruning, default=0.0,
+                   help="torch-pruning MetaPruner pruning_ratio, global, L2 magnitude (0 = none); 'auto': split the "
+                        "--latency-reduction / --flops-reduction budget between layers and channels by measurement "
+                        "(resconv_plugin.pruning.JointPruner) and meet it exactly after training")
 
     g = p.add_argument_group("device")
     g.add_argument("--device", default="auto", help="where to train: cuda, cuda:N, cpu (default: cuda when "
@@ -229,6 +235,9 @@ def _validate(args: argparse.Namespace, world: int = 1) -> None:
     for name in ("epochs", "sparsity_epochs", "finetune_epochs", "train_subset", "val_subset"):
         if getattr(args, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if args.channel_pruning == "auto" and args.flops_reduction is None and args.latency_reduction is None:
+        raise ValueError("--channel-pruning auto splits a --latency-reduction or --flops-reduction budget between "
+                         "layers and channels: give one of them")
     if args.distill and not (args.finetune_epochs or args.sparsity_epochs):
         raise ValueError("--distill needs training epochs (--sparsity-epochs or --finetune-epochs > 0): "
                          "distillation happens there")

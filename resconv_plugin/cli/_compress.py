@@ -16,6 +16,7 @@ the figures so far.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import os
 import platform
@@ -30,7 +31,7 @@ from torch import nn
 from resconv_plugin._convert import convert
 from resconv_plugin._fuse import fuse
 from resconv_plugin._io import build_from_recipe, load, make_recipe, save
-from resconv_plugin.pruning import LayerPruner
+from resconv_plugin.pruning import FixedSetImportance, JointPruner, LayerPruner, channel_pruner
 from resconv_plugin.cli._dist import Dist
 from resconv_plugin.cli._pretrained import create_baseline_model
 from resconv_plugin._flops import count_flops
@@ -156,10 +157,16 @@ def _distill_settings(args) -> Dict[str, float]:
 
 
 def _make_pruner(args, model: nn.Module, example: torch.Tensor, calib, dist: Dist,
-                 sparsity_steps: Optional[int] = None) -> LayerPruner:
-    pruner = LayerPruner(model, example, importance=args.importance, reg=args.reg, threshold=args.threshold,
-                         pruning_ratio=args.pruning_ratio, flops_reduction=args.flops_reduction,
-                         latency_reduction=args.latency_reduction, sparsity_steps=sparsity_steps,
+                 sparsity_steps: Optional[int] = None, depth_set: Optional[List[str]] = None) -> LayerPruner:
+    budget = dict(threshold=args.threshold, pruning_ratio=args.pruning_ratio, flops_reduction=args.flops_reduction,
+                  latency_reduction=args.latency_reduction)
+    importance, reg = args.importance, args.reg
+    if depth_set is not None:  # --channel-pruning auto: depth takes the planned set, channels the rest
+        gates = len(gated_modules(model))
+        importance = FixedSetImportance(depth_set)
+        budget = dict(pruning_ratio=len(depth_set) / gates) if depth_set else dict(threshold=0.0)
+        reg = 0.0 if reg is None else reg
+    pruner = LayerPruner(model, example, importance=importance, reg=reg, **budget, sparsity_steps=sparsity_steps,
                          cap_start=args.cap_start, calibration_inputs=calib[0], calibration_targets=calib[1],
                          ignored_layers=args.ignored_layers or None, latency_device=args.latency_device)
     if args.latency_reduction is not None:  # measured latency differs per process: rank 0's table decides
@@ -213,14 +220,34 @@ def compress(args, dist: Dist) -> Dict[str, Any]:
             save(run.model, run.out / "baseline.safetensors", model_name=args.model, model_kwargs=run.model_kwargs())
         run.record("baseline", run.model, data, example)
 
+    def joint(model: nn.Module) -> JointPruner:
+        reduction = args.latency_reduction if args.latency_reduction is not None else args.flops_reduction
+        return JointPruner(model, example, reduction, calibration_inputs=calib[0], calibration_targets=calib[1],
+                           cost="latency" if args.latency_reduction is not None else "flops",
+                           importance=args.importance, latency_repeats=20)
+
     def convert_stage() -> None:
         report = convert(run.model, example, level=args.level, init_gamma=args.init_gamma)
         log.info("converted %d layers (%s level); %d convs skipped", len(report.converted), args.level,
                  len(report.skipped))
+        if args.channel_pruning == "auto":
+            plan = joint(run.model).plan()
+            plan = dist.broadcast(plan)  # measured on rank 0's clock: every process follows the same plan
+            run.state["joint_plan"] = {"target_rel": plan.target_rel, "best": dataclasses.asdict(plan.best),
+                                       "candidates": [dataclasses.asdict(c) for c in plan.candidates]}
+            for c in plan.candidates:
+                log.info("joint plan: depth share %.2f: %d layers + channel ratio %.3f -> cost %.3f, proxy %.4g",
+                         c.depth_share, len(c.depth_names), c.channel_ratio, c.cost_rel, c.score)
+            log.info("joint plan: depth share %.2f chosen", plan.best.depth_share)
+
+    def depth_set() -> Optional[List[str]]:
+        plan = run.state.get("joint_plan")
+        return plan["best"]["depth_names"] if plan else None
 
     def sparsity() -> None:
         steps = args.sparsity_epochs * len(BatchLoader(data, True, args.batch_size))
-        pruner = _make_pruner(args, run.model, example, calib, dist, sparsity_steps=max(steps, 1))
+        pruner = _make_pruner(args, run.model, example, calib, dist, sparsity_steps=max(steps, 1),
+                              depth_set=depth_set())
         if args.sparsity_epochs:
             if args.distill:
                 teacher[0] = load(run.out / "baseline.safetensors")
@@ -234,7 +261,7 @@ def compress(args, dist: Dist) -> Dict[str, Any]:
             pruner = LayerPruner(run.model, example, threshold=0.0, calibration_inputs=calib[0],
                                  ignored_layers=args.ignored_layers or None)
         else:
-            pruner = _make_pruner(args, run.model, example, calib, dist)
+            pruner = _make_pruner(args, run.model, example, calib, dist, depth_set=depth_set())
         removed = pruner.step()
         if any(g == 0.0 for g in pruner.gates.values()):  # beyond the budget, but exactly the identity: free
             extra = LayerPruner(run.model, example, threshold=0.0, calibration_inputs=calib[0],
@@ -266,8 +293,15 @@ def compress(args, dist: Dist) -> Dict[str, Any]:
     def channel_prune() -> None:
         if not args.channel_pruning:
             return
-        from resconv_plugin.integrations.torch_pruning import channel_pruner
-
+        if args.channel_pruning == "auto":  # the rest of the budget, measured against the baseline, met exactly
+            base = load(run.out / "baseline.safetensors").to(device)
+            convert(base, example, level=args.level, init_gamma=args.init_gamma)
+            pruned, ratio, rel = joint(base).meet(run.model.eval())
+            pruned = dist.broadcast(pruned)
+            run.model = pruned
+            log.info("channel pruning: ratio %.3f meets the budget (cost %.3f of the baseline)", ratio, rel)
+            run.record("channel_pruned", run.model, data, example, channel_ratio=ratio)
+            return
         pruner = channel_pruner(run.model.eval(), example, pruning_ratio=args.channel_pruning, global_pruning=True)
         pruner.step()
         run.record("channel_pruned", run.model, data, example)

@@ -175,8 +175,11 @@ class JointPruner:
                        global_pruning=True, **kwargs).step()
         return pruned.eval()
 
-    def _meet(self, model: nn.Module, target: float) -> tuple:
-        """Bisect the channel ratio until the cost is at most ``target`` (and within ``tolerance`` of it)."""
+    def meet(self, model: nn.Module, target: Optional[float] = None) -> tuple:
+        """Channel-prune a copy of ``model`` (e.g. the depth-pruned, trained one) until its cost relative to this
+        pruner's baseline is at most ``target`` (default: ``1 - reduction``), bisecting torch-pruning's
+        ``pruning_ratio`` to within ``tolerance`` below it; returns ``(model, ratio, cost_rel)``."""
+        target = 1.0 - self.reduction if target is None else target
         rel = self.cost_rel(model)
         if rel <= target:
             return model, 0.0, rel
@@ -224,7 +227,7 @@ class JointPruner:
         plan = JointPlan(target_rel=target)
         for share in self.depth_shares:
             depth_model, names = self._depth(share)
-            model, ratio, rel = self._meet(depth_model, target)
+            model, ratio, rel = self.meet(depth_model, target)
             plan.candidates.append(SplitCandidate(depth_share=share, depth_names=names, channel_ratio=ratio,
                                                   cost_rel=rel, score=self.score(model)))
         return plan
