@@ -9,6 +9,7 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 import resconv_plugin
+import resconv_plugin.integrations.timm  # (the core no longer imports the host glue: import what you use)
 from helpers import randomize_bn
 
 
