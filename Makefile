@@ -32,7 +32,7 @@ test: $(STAMP) data
 test-slow: $(STAMP) data
 	$(PY) -m pytest -m slow
 
-BENCHMARKS := latency_equal_flops fusion_overhead accuracy plain_networks tool_speed
+BENCHMARKS := latency_equal_flops fusion_overhead accuracy plain_networks tool_speed ablation_depth deploy_latency
 
 # Every benchmark in its --quick form (each under about 2 minutes on 2 cores; results in benchmarks/results/*_quick.*)
 bench: $(STAMP) data
@@ -48,6 +48,10 @@ bench-full: $(STAMP) data
 		--name accuracy_cifar_resnet56
 	$(PY) benchmarks/plain_networks.py --train-subset 10000
 	$(PY) benchmarks/tool_speed.py
+	$(PY) benchmarks/baselines/train.py --arch cifar_resnet20 --epochs 20 --threads 2
+	$(PY) benchmarks/ablation_depth.py --threads 2
+	$(PY) -m pip install --quiet -e '.[deploy-bench]'
+	$(PY) benchmarks/deploy_latency.py --threads 1
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
