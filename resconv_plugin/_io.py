@@ -107,6 +107,7 @@ def save(model: nn.Module, path: PathLike, *, model_name: Optional[str] = None,
     os.close(fd)
     try:
         save_file(state, tmp, metadata={_META_KEY: json.dumps(recipe)})
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; a saved model is an ordinary file
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -283,6 +284,12 @@ def _load_state(model: nn.Module, state: Dict[str, torch.Tensor], path: PathLike
     if differences:
         raise ValueError(f"{path}: the weights do not match the rebuilt model: {differences}")
     model.load_state_dict(state, strict=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _version() -> str:

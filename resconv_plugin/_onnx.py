@@ -142,6 +142,9 @@ def export_onnx(model: nn.Module, example_inputs: ExampleInputs, path: Union[str
                              f"{MAX_RELATIVE_ERROR:g}; nothing was written")
         written_opset = max((o.version for o in onnx.load(tmp, load_external_data=False).opset_import
                              if o.domain in ("", "ai.onnx")), default=0)
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes it private; the export is an ordinary file
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -2,6 +2,7 @@
 reparameterize_model), rebuilt in a fresh process; ONNX export checked in ONNX Runtime."""
 
 import json
+import os
 import subprocess
 import sys
 import warnings
@@ -106,6 +107,9 @@ def test_timm_reparameterize_model_round_trip(tmp_path):
     resconv_plugin.convert(model, X[:1])
     model = timm.utils.reparameterize_model(model.eval())
     path = resconv_plugin.save(model, tmp_path / "r.safetensors")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert os.stat(path).st_mode & 0o777 == 0o666 & ~mask  # an ordinary file, not mkstemp's private one
     loaded = resconv_plugin.load(path)
     with torch.no_grad():
         torch.testing.assert_close(loaded(X), model(X), rtol=0, atol=0)
@@ -162,9 +166,12 @@ def onnx_cases():
 def test_onnx_export_agrees_with_pytorch_at_two_batch_sizes(tmp_path):
     import onnxruntime  # noqa: F401  (part of the deploy extra that `make test` installs)
 
+    mask = os.umask(0)
+    os.umask(mask)
     for name, model in onnx_cases().items():
         result = resconv_plugin.export_onnx(model, X[:1], tmp_path / f"{name}.onnx")
         assert result.max_relative_error <= 1e-4 and result.checked_batches == [1, 5], name
+        assert os.stat(result.path).st_mode & 0o777 == 0o666 & ~mask
         session = resconv_plugin.onnx_session(result.path)
         for batch in (1, 5):
             x = torch.randn(batch, 3, 64, 64)
