@@ -33,7 +33,7 @@ from torch import nn
 
 from resconv_plugin._recipe import recipe_steps
 from resconv_plugin._structure import StructureError, apply_structure, describe
-from resconv_plugin._utils import check_module
+from resconv_plugin._utils import check_module, publish_file
 
 __all__ = ["save", "load", "read_recipe", "make_recipe", "build_from_recipe", "check_rebuilds",
            "state_dict_differences", "FORMAT"]
@@ -107,8 +107,7 @@ def save(model: nn.Module, path: PathLike, *, model_name: Optional[str] = None,
     os.close(fd)
     try:
         save_file(state, tmp, metadata={_META_KEY: json.dumps(recipe)})
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; a saved model is an ordinary file
-        os.replace(tmp, path)
+        publish_file(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -284,12 +283,6 @@ def _load_state(model: nn.Module, state: Dict[str, torch.Tensor], path: PathLike
     if differences:
         raise ValueError(f"{path}: the weights do not match the rebuilt model: {differences}")
     model.load_state_dict(state, strict=True)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _version() -> str:

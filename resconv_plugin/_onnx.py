@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from resconv_plugin._deploy import deployed
-from resconv_plugin._utils import ExampleInputs, as_input_tuple, check_module
+from resconv_plugin._utils import ExampleInputs, as_input_tuple, check_module, publish_file
 
 __all__ = ["export_onnx", "OnnxExport", "onnx_session", "MAX_RELATIVE_ERROR"]
 
@@ -142,10 +142,7 @@ def export_onnx(model: nn.Module, example_inputs: ExampleInputs, path: Union[str
                              f"{MAX_RELATIVE_ERROR:g}; nothing was written")
         written_opset = max((o.version for o in onnx.load(tmp, load_external_data=False).opset_import
                              if o.domain in ("", "ai.onnx")), default=0)
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes it private; the export is an ordinary file
-        os.replace(tmp, path)
+        publish_file(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 from typing import Iterator, Sequence, Tuple, Union
 
@@ -61,6 +62,15 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for module, flag in flags:
             module.training = flag
+
+
+def publish_file(tmp: "os.PathLike[str]", path: "os.PathLike[str]") -> None:
+    """Move a finished temporary file (from ``tempfile.mkstemp``, which makes it private) to ``path`` atomically, with
+    the permissions an ordinary ``open()`` would have given it under the current umask."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(tmp, 0o666 & ~mask)
+    os.replace(tmp, path)
 
 
 def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:

@@ -312,11 +312,16 @@ class BatchLoader:
             flips = torch.rand(n, generator=g) < 0.5
             rows = slice(self.rank * len(idx), (self.rank + 1) * len(idx))
             x = _crop_flip(x, pad, shifts[rows], flips[rows] & self.data.flip)
-        if x.shape[-1] != self.data.img_size:
-            x = torch.nn.functional.interpolate(x, size=self.data.img_size, mode="bilinear", align_corners=False)
-        mean = torch.tensor(self.data.mean, device=x.device).view(1, -1, 1, 1)
-        std = torch.tensor(self.data.std, device=x.device).view(1, -1, 1, 1)
-        return (x - mean) / std, y
+        return _normalised(x, self.data), y
+
+
+def _normalised(x: torch.Tensor, data: ImageData) -> torch.Tensor:
+    """Images in [0, 1] resized to the data's side and normalised with its mean / std (on their own device)."""
+    if x.shape[-1] != data.img_size:
+        x = torch.nn.functional.interpolate(x, size=data.img_size, mode="bilinear", align_corners=False)
+    mean = torch.tensor(data.mean, device=x.device).view(1, -1, 1, 1)
+    std = torch.tensor(data.std, device=x.device).view(1, -1, 1, 1)
+    return (x - mean) / std
 
 
 def _crop_flip(x: torch.Tensor, pad: int, shifts: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
@@ -347,11 +352,6 @@ def calibration_batch(data: ImageData, size: int = 256, seed: int = 0) -> Tuple[
     idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:size].sort().values
     if data.in_memory:
         images, labels = data.train
-        x = images[idx].float().div_(255)
-        if x.shape[-1] != data.img_size:
-            x = torch.nn.functional.interpolate(x, size=data.img_size, mode="bilinear", align_corners=False)
-        mean = torch.tensor(data.mean).view(1, -1, 1, 1)
-        std = torch.tensor(data.std).view(1, -1, 1, 1)
-        return (x - mean) / std, labels[idx]
+        return _normalised(images[idx].float().div_(255), data), labels[idx]
     items = [data.train[i] for i in idx.tolist()]
     return torch.stack([x for x, _ in items]), torch.tensor([int(y) for _, y in items])

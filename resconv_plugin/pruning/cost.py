@@ -25,6 +25,7 @@ from resconv_plugin._flops import count_flops
 from resconv_plugin._graph import trace
 from resconv_plugin._latency import interleaved_latencies
 from resconv_plugin._surgery import plan_removal, remove
+from resconv_plugin.pruning.select import set_saving
 
 __all__ = ["flops_savings", "latency_table", "predicted_saving", "COST_KINDS"]
 
@@ -79,6 +80,5 @@ def latency_table(model: nn.Module, names: Iterable[str], example_inputs: Tuple[
 
 def predicted_saving(savings: Dict[str, float], names: Iterable[str]) -> float:
     """The table's prediction for removing ``names`` together: the sum of their entries (a layer inside a block
-    in ``names`` goes with the block and is not counted twice)."""
-    names = list(names)
-    return sum(savings[n] for n in names if not any(n.startswith(f"{b}.") for b in names))
+    in ``names`` goes with the block and is not counted twice; :func:`~resconv_plugin.pruning.set_saving`)."""
+    return set_saving(savings, names)

@@ -37,6 +37,7 @@ from resconv_plugin._surgery import gated_modules, remove
 from resconv_plugin._utils import ExampleInputs, as_input_tuple, check_module, eval_mode
 from resconv_plugin.pruning.calibration import calibration_loss, output_divergence, recalibrate_batchnorm
 from resconv_plugin.pruning.importance import GateImportance
+from resconv_plugin.pruning.select import set_saving
 
 __all__ = ["JointPruner", "JointPlan", "SplitCandidate"]
 
@@ -148,9 +149,7 @@ class JointPruner:
         probe = LayerPruner(model, self.example_inputs, importance=self.importance, **{kind: 0.0},
                             calibration_inputs=self.calibration_inputs, calibration_targets=self.calibration_targets)
         saved, total = probe.savings("latency" if kind == "latency_reduction" else "flops")
-        names = list(probe.gates)
-        reachable = sum(saved[n] for n in names if not any(n.startswith(f"{b}.") for b in names)) / total
-        fraction = min(share * self.reduction, reachable * 0.999)
+        fraction = min(share * self.reduction, set_saving(saved, probe.gates) / total * 0.999)
         setattr(probe, kind, fraction)
         chosen = probe.rank()
         with torch.no_grad():

@@ -19,7 +19,9 @@ from resconv_plugin.pruning.cost import flops_savings, latency_table
 from resconv_plugin.pruning.importance import GateImportance, MagnitudeImportance, make_importance
 from resconv_plugin.pruning.regularizer import MODES, L1Regularizer, OptimizerHook
 from resconv_plugin.pruning.schedule import CapSchedule
-from resconv_plugin.pruning.select import METHODS, select_count, select_iteratively, select_within_budget
+from resconv_plugin.pruning.select import (
+    METHODS, select_count, select_iteratively, select_within_budget, set_saving,
+)
 
 __all__ = ["LayerPruner", "StepReport", "MODES"]
 
@@ -402,7 +404,7 @@ class LayerPruner:
     def _check_reachable(self) -> None:
         saved, total, target = self._target()
         names = list(self._gates)
-        reachable = sum(saved[n] for n in names if not any(_inside(n, b) for b in names))
+        reachable = set_saving(saved, names)
         if reachable < target:
             what = "flops_reduction" if self._budget_kind() == "flops" else "latency_reduction"
             raise ValueError(f"{what}={target / total:.3g} is unreachable: removing every prunable gate "
@@ -424,13 +426,13 @@ class LayerPruner:
         bonus = bonus or {}
         if kind is None:
             return [n for n in self._order if n in self._gates and abs(self._gates[n].gamma.item()) <= self.threshold]
-        flops = self.savings("latency" if kind == "latency" else "flops")[0]
+        saved = self.savings("latency" if kind == "latency" else "flops")[0]
 
         def scored(removed: Sequence[str] = ()) -> Dict[str, float]:
             return {n: s * bonus.get(n, 1.0) for n, s in self.scores(removed).items()}
 
         if kind == "ratio":
-            return select_count(scored(), math.floor(self.pruning_ratio * len(self._gates) + 1e-9), flops,
+            return select_count(scored(), math.floor(self.pruning_ratio * len(self._gates) + 1e-9), saved,
                                 order=self._order)
         saved, _, target = self._target()
         if self.importance.iterative:
