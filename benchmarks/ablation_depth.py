@@ -45,10 +45,9 @@ from pathlib import Path
 import torch
 
 import resconv_plugin
-from resconv_plugin.cli._dist import Dist
-from resconv_plugin.cli._train import StageSettings, evaluate, train_stage
-from resconv_plugin.data import BatchLoader, build_datasets, calibration_batch
-from _common import RESULTS, environment, write_results
+from resconv_plugin.data import build_datasets, calibration_batch
+from resconv_plugin.workflow import StageSettings, evaluate, finetune, remove_pruned, sparsity_steps, train_stage
+from common import RESULTS, environment, write_results
 
 EXAMPLE = torch.zeros(1, 1, 28, 28)
 BASELINE = Path(__file__).resolve().parent / "baselines" / "cifar_resnet20_fmnist.safetensors"
@@ -76,31 +75,31 @@ def parse_key(key):
             "finetune": "noft" not in parts, "seed": int(parts[-1][1:])}
 
 
-def train(model, data, name, epochs, seed, pruner=None, teacher=None):
-    settings = StageSettings(name=name, epochs=epochs, lr=0.02, seed=seed, progress=False,
-                             distill_alpha=0.5 if teacher is not None else 0.0)
-    train_stage(model, data, settings, Dist(), pruner=pruner, teacher=teacher)
-    return model.eval()
+def settings(name, epochs, seed, teacher=None):
+    """SGD lr 0.02 cosine (timm), batch 128; distillation weight 0.5 when there is a teacher."""
+    return StageSettings(name=name, epochs=epochs, lr=0.02, seed=seed, progress=False,
+                         distill_alpha=0.5 if teacher is not None else 0.0)
 
 
 def run_row(key, base, data, calib, args):
     spec = parse_key(key)
     model = copy.deepcopy(base)
     resconv_plugin.convert(model, EXAMPLE, level=spec["level"])
-    steps = max(1, args.sparsity_epochs * len(BatchLoader(data, True, 128)))
+    steps = sparsity_steps(data, args.sparsity_epochs, 128)
     start = time.time()
     pruner = resconv_plugin.LayerPruner(model, EXAMPLE, importance=CRITERIA[spec["criterion"]],
                                         flops_reduction=spec["budget"], sparsity_steps=steps,
                                         calibration_inputs=calib[0], calibration_targets=calib[1])
     selection_seconds = time.time() - start
     teacher = base if spec["distill"] else None
-    train(model, data, f"{key} sparsity", args.sparsity_epochs, spec["seed"] + 1, pruner=pruner, teacher=teacher)
-    removed = pruner.step()
+    train_stage(model, data, settings(f"{key} sparsity", args.sparsity_epochs, spec["seed"] + 1, teacher),
+                pruner=pruner, teacher=teacher)
+    removed = remove_pruned(model, EXAMPLE, pruner, calibration_inputs=calib[0]).removed
     top1_sparsity = evaluate(model, data)
     top1_final = None
     if spec["finetune"]:
-        resconv_plugin.freeze_gates(model)
-        train(model, data, f"{key} finetune", args.finetune_epochs, spec["seed"] + 2, teacher=teacher)
+        finetune(model, data, settings(f"{key} finetune", args.finetune_epochs, spec["seed"] + 2, teacher),
+                 teacher=teacher)
         top1_final = evaluate(model, data)
     return model, {"removed": removed, "removal_change": pruner.last_step.max_abs_change,
                    "top1_after_sparsity": top1_sparsity, "top1_finetuned": top1_final,
@@ -130,7 +129,7 @@ def load_baseline(args, data):
     torch.manual_seed(args.seed)
     base = timm.create_model("cifar_resnet20", num_classes=10, in_chans=1)
     settings = StageSettings(name="quick baseline", epochs=1, lr=0.1, seed=args.seed, progress=False)
-    train_stage(base, data, settings, Dist())
+    train_stage(base, data, settings)
     resconv_plugin.save(base.eval(), cache, model_name="cifar_resnet20", model_kwargs={"num_classes": 10,
                                                                                        "in_chans": 1})
     return base

@@ -39,11 +39,10 @@ import torch_pruning as tp
 
 import resconv_plugin
 from resconv_plugin import deployed, interleaved_latencies
-from resconv_plugin.cli._dist import Dist
-from resconv_plugin.cli._train import StageSettings, evaluate, train_stage
-from resconv_plugin.data import BatchLoader, build_datasets
+from resconv_plugin.data import build_datasets
 from resconv_plugin.integrations.torch_pruning import channel_pruner
-from _common import RESULTS, environment, write_results
+from resconv_plugin.workflow import StageSettings, evaluate, finetune, remove_pruned, sparsity_steps, train_stage
+from common import RESULTS, environment, write_results
 
 EXAMPLE = torch.zeros(1, 1, 28, 28)
 
@@ -51,7 +50,7 @@ EXAMPLE = torch.zeros(1, 1, 28, 28)
 def train(model, data, name, epochs, lr, seed, pruner=None, regularizers=()):
     if epochs:
         settings = StageSettings(name=name, epochs=epochs, lr=lr, seed=seed, progress=False)
-        train_stage(model, data, settings, Dist(), pruner=pruner, regularizers=regularizers)
+        train_stage(model, data, settings, pruner=pruner, regularizers=regularizers)
     return model.eval()
 
 
@@ -75,28 +74,24 @@ def slim_to(model, target_flops, tolerance=0.02, iterations=16):
     return best[0], best[2]
 
 
-def sparsity_steps(data, epochs):
-    return max(1, epochs * len(BatchLoader(data, True, 128)))
-
-
 def depth_sparsity(base, data, flops_reduction, name, args, slimming=False):
     """Convert a copy of ``base``, sparsity-train it with the LayerPruner's budget (and torch-pruning's BN-scale L1
     when ``slimming``), remove the selected layers; returns the model (unfused, eval), the pruner, the removed names."""
     model = copy.deepcopy(base)
     resconv_plugin.convert(model, EXAMPLE)
     pruner = resconv_plugin.LayerPruner(model, EXAMPLE, flops_reduction=flops_reduction,
-                                        sparsity_steps=sparsity_steps(data, args.sparsity_epochs))
+                                        sparsity_steps=sparsity_steps(data, args.sparsity_epochs, 128))
     regularizers = [channel_pruner(model, EXAMPLE, tp.pruner.BNScalePruner, reg=args.slim_reg)] if slimming else []
     train(model, data, name, args.sparsity_epochs, 0.02, args.seed + 1, pruner=pruner, regularizers=regularizers)
-    removed = pruner.step()
+    removed = remove_pruned(model, EXAMPLE, pruner).removed
     return model.eval(), pruner, removed
 
 
 def finetune_then_fuse(model, data, name, args):
-    """Fine-tune the unfused model (its BatchNorms still train) with the gates frozen (the pruner no longer keeps
-    them in [0, 1]), then fuse."""
-    resconv_plugin.freeze_gates(model)
-    train(model, data, name, args.finetune_epochs, 0.02, args.seed + 2)
+    """The workflow's rule: fine-tune the unfused model with the gates frozen, then fuse."""
+    if args.finetune_epochs:
+        finetune(model, data, StageSettings(name=name, epochs=args.finetune_epochs, lr=0.02, seed=args.seed + 2,
+                                            progress=False))
     return resconv_plugin.fuse(model.eval())
 
 

@@ -43,7 +43,7 @@ import timm
 import torch
 
 import resconv_plugin
-from _common import RESULTS, environment, write_results
+from common import RESULTS, environment, write_results
 from latency_equal_flops import ARCHS, depth_pruned, match_flops
 
 MODELS = ("baseline", "depth", "channel", "channel_r8")

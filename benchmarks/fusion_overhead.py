@@ -31,7 +31,7 @@ import torch
 
 import resconv_plugin
 from resconv_plugin import interleaved_latencies
-from _common import environment, write_results
+from common import environment, write_results
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from helpers import randomize_bn, randomize_gates  # noqa: E402

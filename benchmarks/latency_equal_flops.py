@@ -43,7 +43,7 @@ import torch_pruning as tp
 import resconv_plugin
 from resconv_plugin import deployed, interleaved_latencies
 from resconv_plugin.integrations.torch_pruning import channel_pruner
-from _common import RESULTS, environment, write_results
+from common import RESULTS, environment, write_results
 
 ARCHS = {
     "cifar_resnet56": {"size": 32, "level": "layer", "num_classes": 10},

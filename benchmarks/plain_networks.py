@@ -25,10 +25,9 @@ import torch
 
 import resconv_plugin
 from resconv_plugin import deployed
-from resconv_plugin.cli._dist import Dist
-from resconv_plugin.cli._train import StageSettings, evaluate, train_stage
+from resconv_plugin.workflow import StageSettings, evaluate, train_stage
 from resconv_plugin.data import build_datasets
-from _common import environment, write_results
+from common import environment, write_results
 
 
 def main() -> None:
@@ -57,7 +56,7 @@ def main() -> None:
                 converted = len(resconv_plugin.convert(model, x, init_gamma=args.init_gamma).converted)
             settings = StageSettings(name=f"{arch} {variant}", epochs=args.epochs, lr=args.lr, seed=args.seed,
                                      progress=False)
-            progress = train_stage(model, data, settings, Dist())
+            progress = train_stage(model, data, settings)
             if variant == "resconv":
                 gammas = [g.gamma.item() for g in resconv_plugin.resconv_layers(model).values()]
                 model = resconv_plugin.fuse(model.eval())

@@ -28,7 +28,7 @@ import timm
 import torch
 
 import resconv_plugin
-from _common import environment, write_results
+from common import environment, write_results
 
 STEPS = ("convert", "count_flops", "prune", "fuse", "save", "load")
 

@@ -15,10 +15,12 @@ import warnings
 
 import timm
 import torch
-from torch.nn.modules.batchnorm import _BatchNorm
 
 import resconv_plugin
-from resconv_plugin._utils import format_table
+from resconv_plugin.workflow.report import format_table
+
+
+BATCHNORMS = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d)
 
 
 @torch.no_grad()
@@ -28,7 +30,7 @@ def trained_like(model: torch.nn.Module, seed: int) -> None:
     for m in model.modules():
         if isinstance(m, resconv_plugin.ResConv):
             m.gamma.fill_(torch.rand((), generator=g).item())
-        elif isinstance(m, _BatchNorm) and m.running_mean is not None:
+        elif isinstance(m, BATCHNORMS) and m.running_mean is not None:
             m.running_mean.normal_(0, 0.5, generator=g)
             m.running_var.uniform_(0.5, 2.0, generator=g)
 

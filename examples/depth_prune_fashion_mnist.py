@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 import resconv_plugin
 from resconv_plugin.data import MEAN_STD, load_idx_dataset
+from resconv_plugin.workflow import remove_pruned
 
 
 def batches(n: int, batch: int, generator: torch.Generator):
@@ -135,11 +136,13 @@ def main() -> None:
     gates = pruner.gates
     budgeted = pruner.select()
     sparse_acc = accuracy(model, x_test, y_test)
-    removed = pruner.step()
+    removed = remove_pruned(model, example, pruner, calibration_inputs=x_train[:256]).removed  # the workflow's
+    # rule: the annealed set, and any other gate at exactly 0
     pruned_acc = accuracy(model, x_test, y_test)
     finetuned_acc = None
-    if args.finetune_epochs:  # before fusion: the remaining ResConv layers keep their BatchNorms while they train
-        resconv_plugin.freeze_gates(model)  # the pruner no longer keeps the gates in [0, 1]
+    if args.finetune_epochs:  # the workflow's rule (resconv_plugin.workflow.finetune does the same with timm's
+        # training): before fusion, so the remaining ResConv layers keep their BatchNorms; gates frozen
+        resconv_plugin.freeze_gates(model)
         train(model, x_train, y_train, args.finetune_epochs, args.sparsity_lr, args.batch, args.seed + 2,
               label="fine-tune")
         finetuned_acc = accuracy(model, x_test, y_test)

@@ -40,20 +40,19 @@ def _source_checkout_integrations() -> None:
 
 _source_checkout_integrations()
 
-from resconv_plugin._block import ResConv, identity_compatibility
-from resconv_plugin._convert import ConversionReport, ConvertedLayer, SkippedConv, convert
-from resconv_plugin._create import create_model
-from resconv_plugin._deploy import deployed, fold_batchnorms
-from resconv_plugin._flops import FlopReport, count_flops, count_params
-from resconv_plugin._fuse import fuse, resconv_layers
-from resconv_plugin._gate import BlockGate
-from resconv_plugin._io import load, read_recipe, save
-from resconv_plugin._latency import interleaved_latencies, median_latency
-from resconv_plugin._onnx import OnnxExport, export_onnx, onnx_session
+from resconv_plugin.nn import BlockGate, ResConv, identity_compatibility
+from resconv_plugin.fx import (
+    ConversionReport, ConvertedLayer, Removal, SkippedConv, convert, freeze_gates, gated_modules,
+)
+from resconv_plugin.deploy import (
+    OnnxExport, deployed, export_onnx, fold_batchnorms, fuse, load, onnx_session, read_recipe, resconv_layers, save,
+)
+from resconv_plugin.measure import FlopReport, count_flops, count_params, interleaved_latencies, median_latency
+from resconv_plugin.models import create_model
 from resconv_plugin.distill import DistillationLoss, distillation_loss
-from resconv_plugin._surgery import Removal, freeze_gates, gated_modules
 from resconv_plugin.pruning import LayerPruner, StepReport, recalibrate_batchnorm
-from resconv_plugin import models, pruning  # noqa: F401  (registers the CIFAR networks with timm)
+from resconv_plugin import deploy, fx, measure, models, nn, pruning  # noqa: F401  (models registers the CIFAR
+# networks with timm)
 
 try:
     __version__ = version("resconv-plugin")

@@ -17,7 +17,7 @@ import torch
 import resconv_plugin
 from resconv_plugin.cli import main
 from resconv_plugin.data import build_datasets
-from resconv_plugin.cli._train import evaluate
+from resconv_plugin.workflow.training import evaluate
 from helpers import require_fashion_mnist
 
 BIN = Path(sys.executable).parent
@@ -132,7 +132,7 @@ def test_yaml_config_and_command_line_override(tmp_path):
     assert by["channel_pruned"]["params"] < by["pruned"]["params"]
     steps = [s["op"] for s in resconv_plugin.read_recipe(out / "model.safetensors")["steps"]]
     assert steps == ["convert", "remove", "channel_prune", "fuse"]
-    from resconv_plugin._deploy import deployed
+    from resconv_plugin.deploy.fold import deployed
 
     x = torch.zeros(1, 1, 28, 28)
     figures = resconv_plugin.count_flops(deployed(resconv_plugin.load(out / "model.safetensors")), x)

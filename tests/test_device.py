@@ -11,8 +11,8 @@ import torch
 
 import resconv_plugin
 from helpers import randomize_bn, rel_err
-from resconv_plugin.cli._dist import Dist, resolve_device
-from resconv_plugin.cli._train import StageSettings, evaluate, train_stage
+from resconv_plugin.workflow.distributed import Dist, resolve_device
+from resconv_plugin.workflow.training import StageSettings, evaluate, train_stage
 from resconv_plugin.data import BatchLoader, ImageData, _crop_flip
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none on this machine)")

@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import resconv_plugin
-from resconv_plugin.cli._syncbn import GlobalBatchNorm2d, global_batchnorm
+from resconv_plugin.workflow.syncbn import GlobalBatchNorm2d, global_batchnorm
 
 
 def _batch():

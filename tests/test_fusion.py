@@ -7,7 +7,7 @@ from torch import nn
 
 from helpers import randomize_bn, rel_err
 from resconv_plugin import ResConv
-from resconv_plugin._fusion import add_identity, fold_batchnorm, fuse_resconv_params
+from resconv_plugin.nn.fusion import add_identity, fold_batchnorm, fuse_resconv_params
 
 C = 8
 GROUPS = {"groups1": 1, "groups2": 2, "groups4": 4, "depthwise": C}

@@ -35,10 +35,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 import resconv_plugin  # noqa: E402
-from resconv_plugin.cli._dist import Dist  # noqa: E402
-from resconv_plugin.cli._train import StageSettings, evaluate, train_stage  # noqa: E402
+from resconv_plugin.workflow import StageSettings, evaluate, train_stage  # noqa: E402
 from resconv_plugin.data import build_datasets  # noqa: E402
-from _common import environment  # noqa: E402
+from common import environment  # noqa: E402
 
 PLATEAU_EPOCHS, PLATEAU_PT = 3, 0.1
 
@@ -117,7 +116,7 @@ def main() -> None:
 
     settings = StageSettings(name=f"{args.arch} baseline", epochs=args.epochs, lr=args.lr, warmup_epochs=1,
                              seed=args.seed, progress=False)
-    progress = train_stage(model, data, settings, Dist(), resume=resume, on_epoch_end=checkpoint)
+    progress = train_stage(model, data, settings, resume=resume, on_epoch_end=checkpoint)
     curve = [e["val_acc"] for e in progress.epochs_log]
     top1 = evaluate(model, data)
     path = resconv_plugin.save(model.eval(), weights_path(args.arch), model_name=args.arch,

@@ -11,6 +11,9 @@ Examples::
 
 Settings come from the command line and/or a YAML file (``--config``; keys are the long option names, with ``-`` or
 ``_``); the command line wins. Re-running the same command resumes an interrupted run from its last checkpoint.
+
+The command only parses: options and YAML become a :class:`resconv_plugin.workflow.CompressionConfig`, which
+:func:`resconv_plugin.workflow.compress` runs (the same pipeline the benchmarks and examples use).
 """
 
 from __future__ import annotations
@@ -25,18 +28,20 @@ import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
+from resconv_plugin.workflow.config import (
+    DATASETS, DEFAULT_IMPORTANCE, IMPORTANCE_CHOICES, CompressionConfig, ConfigError,
+)
+
 __all__ = ["main", "build_parser", "parse_compress_args"]
 
 log = logging.getLogger("resconv")
 
-BUDGETS = ("flops_reduction", "latency_reduction", "threshold", "pruning_ratio")
-DEFAULT_BUDGET = ("flops_reduction", 0.5)
-#: The importance criterion of ``resconv compress`` (chosen from benchmarks/results/ablation_depth.md).
-DEFAULT_IMPORTANCE = "magnitude"
+#: Options of the command that are not settings of the run (the rest map 1:1 onto CompressionConfig fields).
+COMMAND_ONLY = ("command_name", "config", "quick", "log_level", "no_plots")
 QUICK = {"train_subset": 1024, "val_subset": 512, "latency_repeats": 10, "epochs": 1, "sparsity_epochs": 1,
          "finetune_epochs": 1}
-DEMO = {"model": "cifar_resnet20", "data": "fashion-mnist", "train_subset": 20000, "epochs": 4, "lr": 0.1,
-        "sparsity_epochs": 3, "finetune_epochs": 2, "flops_reduction": 0.4, "output": "runs/demo"}
+DEMO = {"model": "cifar_resnet20", "data": "fashion-mnist", "train_subset": 10000, "epochs": 3, "lr": 0.1,
+        "sparsity_epochs": 2, "finetune_epochs": 2, "flops_reduction": 0.4, "output": "runs/demo"}
 
 
 class _KeyValue(argparse.Action):
@@ -83,7 +88,7 @@ def _add_compress_options(p: argparse.ArgumentParser, demo: bool = False) -> Non
     g.add_argument("--init-gamma", type=float, default=1.0, help="initial gate value (1 keeps the function)")
 
     g = p.add_argument_group("data")
-    g.add_argument("--data", choices=["fashion-mnist", "mnist", "cifar10", "imagefolder"], default="fashion-mnist")
+    g.add_argument("--data", choices=DATASETS, default="fashion-mnist")
     g.add_argument("--data-dir", type=Path, help="dataset folder (default for fashion-mnist: Debian's "
                                                   "/usr/share/datasets/fashion-mnist)")
     g.add_argument("--img-size", type=int, help="resize images to this side (default: the dataset's)")
@@ -97,7 +102,7 @@ def _add_compress_options(p: argparse.ArgumentParser, demo: bool = False) -> Non
     g.add_argument("--latency-reduction", type=_fraction, help="fraction of measured CPU latency to remove")
     g.add_argument("--threshold", type=_fraction, help="remove every gate with |gamma| <= this")
     g.add_argument("--pruning-ratio", type=_fraction, help="fraction of the gates to remove")
-    g.add_argument("--importance", choices=["magnitude", "removal", "removal-iterative", "taylor"],
+    g.add_argument("--importance", choices=IMPORTANCE_CHOICES,
                    default=DEFAULT_IMPORTANCE, help="which gates go (LayerPruner importance): |gamma|, the measured "
                    "loss increase when the gate is removed (re-measured after each choice with -iterative), or "
                    f"|gamma dL/dgamma| (default {DEFAULT_IMPORTANCE})")
@@ -126,8 +131,9 @@ def _add_compress_options(p: argparse.ArgumentParser, demo: bool = False) -> Non
     g.add_argument("--cutmix", type=float, default=0.0, help="timm CutMix alpha (baseline training)")
     g.add_argument("--model-ema", action="store_true", help="timm ModelEmaV3 in baseline and fine-tuning stages")
     g.add_argument("--model-ema-decay", type=float, default=0.998)
-    g.add_argument("--distill", action="store_true", help="sparsity-train and fine-tune with distillation from the "
-                                                          "baseline")
+    g.add_argument("--distill", action=argparse.BooleanOptionalAction, default=None,
+                   help="sparsity-train and fine-tune with distillation from the baseline (default: on whenever "
+                        "there are sparsity / fine-tuning epochs; chosen by benchmarks/results/ablation_depth.md)")
     g.add_argument("--distill-alpha", type=float, default=0.5)
     g.add_argument("--distill-temperature", type=float, default=4.0)
 
@@ -175,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="accuracy, FLOPs, params, CPU latency and per-layer table of a saved model")
     p.add_argument("checkpoint", type=Path, help="a model.safetensors written by resconv / resconv_plugin.save, "
                                                  "or its run folder")
-    p.add_argument("--data", choices=["fashion-mnist", "mnist", "cifar10", "imagefolder"],
+    p.add_argument("--data", choices=DATASETS,
                    help="also measure top-1 on this dataset's validation split")
     p.add_argument("--data-dir", type=Path)
     p.add_argument("--val-subset", type=int, default=0)
@@ -205,7 +211,7 @@ def _config_defaults(parser: argparse.ArgumentParser, path: Path) -> Dict[str, A
     with open(path) as f:
         config = yaml.safe_load(f) or {}
     if not isinstance(config, dict):
-        raise ValueError(f"--config {path} must hold a mapping of option names to values")
+        raise ConfigError(f"--config {path} must hold a mapping of option names to values")
     known = {a.dest for a in parser._actions}
     result = {}
     for key, value in config.items():
@@ -214,53 +220,14 @@ def _config_defaults(parser: argparse.ArgumentParser, path: Path) -> Dict[str, A
             import difflib
 
             close = difflib.get_close_matches(dest, sorted(known), n=3)
-            raise ValueError(f"--config {path}: unknown setting {key!r}" +
+            raise ConfigError(f"--config {path}: unknown setting {key!r}" +
                              (f" (did you mean {', '.join(close)}?)" if close else ""))
         result[dest] = Path(value) if dest in ("data_dir", "output", "pretrained_file") and value else value
     return result
 
 
-def _validate(args: argparse.Namespace, world: int = 1) -> None:
-    if not args.model:
-        raise ValueError("--model is required (a timm name, e.g. cifar_resnet20 or resnet18)")
-    from resconv_plugin._create import check_model_name
-
-    check_model_name(args.model)
-    given = [b for b in BUDGETS if getattr(args, b) is not None]
-    if len(given) > 1:
-        raise ValueError("give one of --flops-reduction, --latency-reduction, --threshold, --pruning-ratio; got "
-                         + " and ".join("--" + b.replace("_", "-") for b in given))
-    if not given:
-        setattr(args, *DEFAULT_BUDGET)
-    for name in ("epochs", "sparsity_epochs", "finetune_epochs", "train_subset", "val_subset"):
-        if getattr(args, name) < 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    if args.channel_pruning == "auto" and args.flops_reduction is None and args.latency_reduction is None:
-        raise ValueError("--channel-pruning auto splits a --latency-reduction or --flops-reduction budget between "
-                         "layers and channels: give one of them")
-    if args.distill and not (args.finetune_epochs or args.sparsity_epochs):
-        raise ValueError("--distill needs training epochs (--sparsity-epochs or --finetune-epochs > 0): "
-                         "distillation happens there")
-    if args.pretrained_adapter:
-        from resconv_plugin.integrations.weights import ADAPTER_MODELS
-
-        target = ADAPTER_MODELS[args.pretrained_adapter]
-        if args.model != target:
-            raise ValueError(f"--pretrained-adapter {args.pretrained_adapter} renames keys for {target}, not "
-                             f"--model {args.model}")
-    if args.batch_size < 1 or args.batch_size % world:
-        raise ValueError(f"--batch-size {args.batch_size} must be positive and divide over {world} processes")
-    if (args.mixup or args.cutmix) and (args.batch_size // world) % 2:
-        raise ValueError(f"--mixup / --cutmix need an even per-process batch, got {args.batch_size // world}")
-    if args.in_chans not in (None, 1, 3):
-        raise ValueError(f"--in-chans must be 1 or 3, got {args.in_chans}")
-    if args.sparsity_epochs == 0 and args.flops_reduction is None and args.latency_reduction is None \
-            and args.pruning_ratio is None:
-        log.warning("--sparsity-epochs 0 with a threshold: only gates already at or below it are removed")
-
-
-def parse_compress_args(argv: Sequence[str], world: int = 1, validate: bool = True) -> argparse.Namespace:
-    """Parse ``compress`` / ``demo`` arguments with YAML defaults, quick / demo presets and validation."""
+def _parse_namespace(argv: Sequence[str]) -> argparse.Namespace:
+    """``compress`` / ``demo`` options with YAML defaults and the quick / demo presets (not yet checked)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     sub = parser._subparsers._group_actions[0].choices[args.command_name]
@@ -273,13 +240,17 @@ def parse_compress_args(argv: Sequence[str], world: int = 1, validate: bool = Tr
     if args.quick:  # a preset of defaults: options given on the command line still win
         sub.set_defaults(**QUICK)
         args = parser.parse_args(argv)
-    if not validate:
-        return args
-    _validate(args, world)
-    if args.output is None:
-        args.output = Path("runs") / f"{args.model}-{args.data}"
-    args.command = "resconv " + " ".join(shlex.quote(a) for a in argv)
     return args
+
+
+def parse_compress_args(argv: Sequence[str], world: int = 1) -> CompressionConfig:
+    """Parse ``compress`` / ``demo`` arguments (YAML defaults, quick / demo presets) into a checked
+    :class:`~resconv_plugin.workflow.CompressionConfig`."""
+    args = _parse_namespace(argv)
+    settings = {k: v for k, v in vars(args).items() if k not in COMMAND_ONLY}
+    config = CompressionConfig(**settings, plots=not args.no_plots,
+                               command="resconv " + " ".join(shlex.quote(a) for a in argv))
+    return config.validated(world)
 
 
 def _setup_logging(level: str, log_file: Optional[Path], main_process: bool) -> None:
@@ -298,21 +269,18 @@ def _setup_logging(level: str, log_file: Optional[Path], main_process: bool) -> 
 
 def _device_option(argv: Sequence[str]) -> str:
     """``--device`` from the command line (or its YAML), needed before the process group is joined."""
-    args = parse_compress_args(argv, validate=False)
-    return args.device
+    return _parse_namespace(argv).device
 
 
 def _run_compress(argv: Sequence[str]) -> int:
-    from resconv_plugin.cli._compress import compress
-    from resconv_plugin.cli._dist import init_distributed
+    from resconv_plugin.workflow import compress, init_distributed
 
-    device = _device_option(argv)
-    dist = init_distributed(device)
+    dist = init_distributed(_device_option(argv))
     try:
-        args = parse_compress_args(argv, dist.world)
-        _setup_logging(args.log_level, args.output / "log.txt", dist.main)
-        log.info("%s (%d process%s)", args.command, dist.world, "es" if dist.world > 1 else "")
-        compress(args, dist)
+        config = parse_compress_args(argv, dist.world)
+        _setup_logging(_parse_namespace(argv).log_level, config.output / "log.txt", dist.main)
+        log.info("%s (%d process%s)", config.command, dist.world, "es" if dist.world > 1 else "")
+        compress(config, dist)
     finally:
         dist.close()
     return 0
@@ -324,11 +292,14 @@ def _load_checkpoint(args: argparse.Namespace):
     import torch
 
     import resconv_plugin
-    from resconv_plugin._create import default_example_input
+    from resconv_plugin.models.create import default_example_input
 
     path = args.checkpoint / "model.safetensors" if args.checkpoint.is_dir() else args.checkpoint
-    model = resconv_plugin.load(path)
-    recipe = resconv_plugin.read_recipe(path)
+    try:
+        model = resconv_plugin.load(path)
+        recipe = resconv_plugin.read_recipe(path)
+    except ValueError as exc:  # not a file resconv_plugin.save wrote, or one this environment cannot rebuild
+        raise ConfigError(str(exc)) from exc
     if args.input_size:
         example = torch.zeros(1, *args.input_size)
     else:
@@ -355,12 +326,12 @@ def _run_export(args: argparse.Namespace) -> int:
 def _run_report(args: argparse.Namespace) -> int:
     import resconv_plugin
     from resconv_plugin._utils import format_table
-    from resconv_plugin.cli._report import measure
+    from resconv_plugin.workflow.report import measure
 
     model, recipe, path, example = _load_checkpoint(args)
     top1 = None
     if args.data:
-        from resconv_plugin.cli._train import evaluate
+        from resconv_plugin.workflow.training import evaluate
         from resconv_plugin.data import build_datasets
 
         data = build_datasets(args.data, args.data_dir, img_size=args.img_size or example.shape[-1],
@@ -377,7 +348,7 @@ def _run_report(args: argparse.Namespace) -> int:
     print()
     print(flops.table(max_rows=args.max_rows))
     if args.json:
-        from resconv_plugin.cli._report import write_text_atomic
+        from resconv_plugin.workflow.report import write_text_atomic
 
         write_text_atomic(args.json, json.dumps({"checkpoint": str(path), "recipe": recipe, **figures,
                                                  "by_layer": flops.by_layer}, indent=2) + "\n")
@@ -398,7 +369,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             return _run_compress(argv)
         parser.parse_args(argv)  # prints help / usage errors
         return 2
-    except (ValueError, TypeError, FileNotFoundError, ImportError) as exc:
+    except (ConfigError, FileNotFoundError, ImportError) as exc:  # the user's input; anything else is a bug and
+        # keeps its traceback
         print(f"resconv: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

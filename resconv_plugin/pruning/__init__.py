@@ -21,13 +21,14 @@ from resconv_plugin.pruning.importance import (
     make_importance,
 )
 from resconv_plugin.pruning.joint import JointPlan, JointPruner, SplitCandidate
-from resconv_plugin.pruning.pruner import LayerPruner, StepReport
+from resconv_plugin.pruning.pruner import BUDGETS, LayerPruner, StepReport, given_budget
 from resconv_plugin.pruning.regularizer import MODES, L1Regularizer
 from resconv_plugin.pruning.schedule import CapSchedule
 from resconv_plugin.pruning.select import select_count, select_iteratively, select_within_budget, set_saving
 
 __all__ = [
-    "LayerPruner", "StepReport", "GateImportance", "MagnitudeImportance", "RemovalImportance", "TaylorImportance",
+    "LayerPruner", "StepReport", "BUDGETS", "given_budget",
+    "GateImportance", "MagnitudeImportance", "RemovalImportance", "TaylorImportance",
     "IMPORTANCES", "make_importance", "flops_savings", "latency_table", "predicted_saving", "select_within_budget",
     "select_iteratively", "select_count", "set_saving", "CapSchedule", "L1Regularizer", "MODES", "output_divergence",
     "calibration_loss", "recalibrate_batchnorm", "FixedSetImportance", "JointPruner", "JointPlan", "SplitCandidate",

@@ -18,11 +18,11 @@ from typing import TYPE_CHECKING, Any, Iterable, List, Optional, Union
 
 from torch import nn
 
-from resconv_plugin._channel_replay import quiet_about_gates
+from resconv_plugin.deploy.channel_replay import quiet_about_gates
 
 if TYPE_CHECKING:
     import torch_pruning
-from resconv_plugin._recipe import record_step
+from resconv_plugin.fx.recipe import record_step
 from resconv_plugin._utils import ExampleInputs, as_input_tuple, check_module
 
 __all__ = ["channel_pruner", "classifier_of"]

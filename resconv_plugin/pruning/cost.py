@@ -20,11 +20,11 @@ from typing import Dict, Iterable, Tuple, Union
 import torch
 from torch import nn
 
-from resconv_plugin._deploy import deployed
-from resconv_plugin._flops import count_flops
-from resconv_plugin._graph import trace
-from resconv_plugin._latency import interleaved_latencies
-from resconv_plugin._surgery import plan_removal, remove
+from resconv_plugin.deploy.fold import deployed
+from resconv_plugin.measure.flops import count_flops
+from resconv_plugin.fx.graph import trace
+from resconv_plugin.measure.latency import interleaved_latencies
+from resconv_plugin.fx.surgery import plan_removal, remove
 from resconv_plugin.pruning.select import set_saving
 
 __all__ = ["flops_savings", "latency_table", "predicted_saving", "COST_KINDS"]

@@ -30,10 +30,10 @@ from typing import Callable, List, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from resconv_plugin._deploy import deployed
-from resconv_plugin._flops import count_flops
-from resconv_plugin._latency import interleaved_latencies
-from resconv_plugin._surgery import gated_modules, remove
+from resconv_plugin.deploy.fold import deployed
+from resconv_plugin.measure.flops import count_flops
+from resconv_plugin.measure.latency import interleaved_latencies
+from resconv_plugin.fx.surgery import gated_modules, remove
 from resconv_plugin._utils import ExampleInputs, as_input_tuple, check_module, eval_mode
 from resconv_plugin.pruning.calibration import calibration_loss, output_divergence, recalibrate_batchnorm
 from resconv_plugin.pruning.importance import GateImportance

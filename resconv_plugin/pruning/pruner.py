@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
-from resconv_plugin._block import ResConv
-from resconv_plugin._graph import trace
-from resconv_plugin._surgery import Removal, gated_modules, remove
+from resconv_plugin.nn.resconv import ResConv
+from resconv_plugin.fx.graph import trace
+from resconv_plugin.fx.surgery import Removal, gated_modules, remove
 from resconv_plugin._utils import ExampleInputs, as_input_tuple, check_module, eval_mode, run_example
 from resconv_plugin.pruning.calibration import recalibrate_batchnorm
 from resconv_plugin.pruning.cost import flops_savings, latency_table
@@ -23,7 +23,7 @@ from resconv_plugin.pruning.select import (
     METHODS, select_count, select_iteratively, select_within_budget, set_saving,
 )
 
-__all__ = ["LayerPruner", "StepReport", "MODES"]
+__all__ = ["LayerPruner", "StepReport", "MODES", "BUDGETS", "given_budget"]
 
 IgnoredLayers = Iterable[Union[str, nn.Module, type]]
 
@@ -69,6 +69,31 @@ def _check_fraction(name: str, value: Optional[float], upper_inclusive: bool = F
 
 def _inside(name: str, block: str) -> bool:
     return name.startswith(f"{block}.")
+
+
+#: The ways to say what to remove; a pruner takes at most one (none: ``threshold=0.0``).
+BUDGETS = ("threshold", "pruning_ratio", "flops_reduction", "latency_reduction")
+
+
+def given_budget(**budgets: Optional[float]) -> Optional[Tuple[str, float]]:
+    """The one budget among ``budgets`` (keyword: value, None = not given) that is given, as ``(name, value)``;
+    None when none is. The single check of the one-budget rule (:class:`LayerPruner`, the ``resconv`` command).
+
+    Raises:
+        ValueError: a name outside :data:`BUDGETS`, or more than one budget given.
+
+    Example:
+        >>> given_budget(flops_reduction=0.5, threshold=None)
+        ('flops_reduction', 0.5)
+    """
+    unknown = sorted(set(budgets) - set(BUDGETS))
+    if unknown:
+        raise ValueError(f"unknown budget {', '.join(unknown)}: the budgets are {', '.join(BUDGETS)}")
+    given = [(k, v) for k, v in budgets.items() if v is not None]
+    if len(given) > 1:
+        raise ValueError(f"give exactly one selection mode (threshold, pruning_ratio, flops_reduction or "
+                         f"latency_reduction), got {len(given)}: {', '.join(k for k, _ in given)}")
+    return given[0] if given else None
 
 
 class LayerPruner:
@@ -190,12 +215,8 @@ class LayerPruner:
             raise ValueError("calibration_targets are the labels of calibration_inputs: pass both")
         self.calibration_targets = calibration_targets
         self.importance = make_importance(importance)
-        given = {k: v for k, v in dict(threshold=threshold, pruning_ratio=pruning_ratio,
-                                       flops_reduction=flops_reduction, latency_reduction=latency_reduction).items()
-                 if v is not None}
-        if len(given) > 1:
-            raise ValueError(f"give exactly one selection mode (threshold, pruning_ratio, flops_reduction or "
-                             f"latency_reduction), got {len(given)}: {', '.join(given)}")
+        given = given_budget(threshold=threshold, pruning_ratio=pruning_ratio, flops_reduction=flops_reduction,
+                             latency_reduction=latency_reduction)
         self.threshold = _check_fraction("threshold", threshold, upper_inclusive=True)
         self.pruning_ratio = _check_fraction("pruning_ratio", pruning_ratio)
         self.flops_reduction = _check_fraction("flops_reduction", flops_reduction)

@@ -6,9 +6,9 @@ import copy
 
 from torch import nn
 
-from resconv_plugin._block import ResConv
-from resconv_plugin._gate import BlockGate
-from resconv_plugin._recipe import record_step
+from resconv_plugin.nn.resconv import ResConv
+from resconv_plugin.nn.block_gate import BlockGate
+from resconv_plugin.fx.recipe import record_step
 from resconv_plugin._utils import check_module, set_submodule
 
 __all__ = ["fuse", "resconv_layers"]

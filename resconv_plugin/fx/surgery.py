@@ -14,15 +14,15 @@ from typing import Dict, List, Optional
 import torch.fx
 from torch import nn
 
-from resconv_plugin._block import ResConv
-from resconv_plugin._gate import BlockGate
-from resconv_plugin._graph import (
+from resconv_plugin.nn.resconv import ResConv
+from resconv_plugin.nn.block_gate import BlockGate
+from resconv_plugin.fx.graph import (
     activation_is_identity, call_counts, find_residual_blocks, following_activation, trace,
 )
-from resconv_plugin._recipe import record_step
+from resconv_plugin.fx.recipe import record_step
 from resconv_plugin._utils import set_submodule
 
-__all__ = ["Removal", "gated_modules", "plan_removal", "remove"]
+__all__ = ["Removal", "gated_modules", "freeze_gates", "plan_removal", "remove"]
 
 
 @dataclass(frozen=True)

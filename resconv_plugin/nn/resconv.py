@@ -10,8 +10,8 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from resconv_plugin._fusion import fuse_resconv_params
-from resconv_plugin._timm import NORM_ACT_TYPES, SAME_PADDING_CONVS
+from resconv_plugin.nn.fusion import fuse_resconv_params
+from resconv_plugin.timm_glue import NORM_ACT_TYPES, SAME_PADDING_CONVS
 
 __all__ = ["ResConv", "Reason", "identity_compatibility", "bn_compatibility"]
 
@@ -103,8 +103,8 @@ class ResConv(nn.Module):
     ``y = gamma * bn(conv(x)) + (1 - gamma) * x`` with a scalar ``gamma`` in [0, 1]. At ``gamma = 1`` this is exactly
     the original conv + BatchNorm; at ``gamma = 0`` it is exactly the identity, so a layer whose gate reached 0 can be
     removed without changing the network. Because the gate is convex, shrinking ``gamma`` always moves the layer toward
-    the identity: no BatchNorm further down can absorb the scale (the loophole of a free shortcut weight, see
-    DESIGN.md). The activation that followed the BatchNorm stays outside, after the gate.
+    the identity: no BatchNorm further down can absorb the scale (the loophole of a free shortcut weight, measured in
+    the README's "How it works"). The activation that followed the BatchNorm stays outside, after the gate.
 
     After training, :meth:`fuse` returns one ``nn.Conv2d`` that computes the same function in eval mode.
 

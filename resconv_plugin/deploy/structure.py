@@ -103,8 +103,14 @@ def describe(model: nn.Module) -> List[Dict[str, Any]]:
     return entries
 
 
+#: Modules named in files written before the subpackage layout (``resconv_plugin._block`` ...) -> where they are now.
+MOVED_MODULES = {"resconv_plugin._block": "resconv_plugin.nn.resconv",
+                 "resconv_plugin._gate": "resconv_plugin.nn.block_gate"}
+
+
 def _import_class(name: str, path: str) -> type:
     module_name, _, qualname = name.rpartition(".")
+    module_name = MOVED_MODULES.get(module_name, module_name)
     if not any(module_name == p or module_name.startswith(f"{p}.") for p in ALLOWED_MODULES):
         raise StructureError(f"module '{path or '<root>'}': class {name} is outside {', '.join(ALLOWED_MODULES)}; "
                              "resconv_plugin creates classes from those packages only")

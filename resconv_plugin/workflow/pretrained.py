@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Dict
+from typing import TYPE_CHECKING, Dict, Optional
 
 import torch
 from torch import nn
 
-from resconv_plugin._create import check_model_name
-from resconv_plugin._io import state_dict_differences
-from resconv_plugin.cli._dist import Dist
+from resconv_plugin.models.create import check_model_name
+from resconv_plugin.deploy.checkpoint import state_dict_differences
+from resconv_plugin.workflow.config import ConfigError
+from resconv_plugin.workflow.distributed import Dist
 
-__all__ = ["create_baseline_model", "read_state_dict"]
+if TYPE_CHECKING:
+    from resconv_plugin.workflow.config import CompressionConfig  # noqa: F401
+
+__all__ = ["create_baseline_model", "read_state_dict", "adapter_model"]
 
 log = logging.getLogger("resconv")
 
@@ -32,46 +36,55 @@ def read_state_dict(path: Path) -> Dict[str, torch.Tensor]:
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{path} does not hold a state dict (a mapping of parameter names to tensors)")
+        raise ConfigError(f"{path} does not hold a state dict (a mapping of parameter names to tensors)")
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
-def create_baseline_model(args, out: Path, dist: Dist) -> nn.Module:
-    """``timm.create_model(args.model, ...)``; with ``--pretrained-file``, timm loads it (classifier reset when
-    ``num_classes`` differs, first conv adapted when ``in_chans`` differs) after a key check that names the
-    differences."""
+def adapter_model(adapter: str) -> str:
+    """The timm model a ``pretrained_adapter`` renames keys for."""
+    from resconv_plugin.models.weights import ADAPTER_MODELS
+
+    if adapter not in ADAPTER_MODELS:
+        raise ConfigError(f"pretrained_adapter must be one of {', '.join(sorted(ADAPTER_MODELS))}, got {adapter!r}")
+    return ADAPTER_MODELS[adapter]
+
+
+def create_baseline_model(config: "CompressionConfig", out: Path, dist: Optional[Dist] = None) -> nn.Module:
+    """``timm.create_model(config.model, ...)``; with ``config.pretrained_file`` (or a ``pretrained_adapter``'s own
+    file), timm loads it (classifier reset when ``num_classes`` differs, first conv adapted when ``in_chans``
+    differs) after a key check that names the differences. timm reads the (renamed) state dict from
+    ``out/pretrained_timm.pth``."""
     import timm
 
-    kwargs = {"num_classes": args.num_classes, "in_chans": args.in_chans, **(args.model_kwargs or {})}
-    check_model_name(args.model)
-    path = args.pretrained_file
-    if args.pretrained_adapter and path is None:
-        from resconv_plugin.integrations.weights import ADAPTER_FILES
+    from resconv_plugin.models.weights import ADAPTER_FILES, ADAPTERS
 
-        path = ADAPTER_FILES[args.pretrained_adapter]()
+    dist = dist or Dist()
+    name, kwargs = config.model, config.model_factory_kwargs()
+    check_model_name(name)
+    path = config.pretrained_file
+    if config.pretrained_adapter and path is None:
+        path = ADAPTER_FILES[config.pretrained_adapter]()
     if path is None:
-        return timm.create_model(args.model, **kwargs)
+        return timm.create_model(name, **kwargs)
     state = read_state_dict(Path(path))
-    if args.pretrained_adapter:
-        from resconv_plugin.integrations.weights import ADAPTERS
-
-        state = ADAPTERS[args.pretrained_adapter](state)
-    reference = timm.create_model(args.model, **{**kwargs, "num_classes": _file_classes(args.model, state),
-                                                 "in_chans": 3}).state_dict()
-    skip = _adapted_keys(args.model)
+    if config.pretrained_adapter:
+        state = ADAPTERS[config.pretrained_adapter](state)
+    reference = timm.create_model(name, **{**kwargs, "num_classes": _file_classes(name, state),
+                                           "in_chans": 3}).state_dict()
+    skip = _adapted_keys(name)
     differences = state_dict_differences({k: v for k, v in reference.items() if k not in skip},
                                          {k: v for k, v in state.items() if k not in skip})
     if differences:
-        raise ValueError(f"--pretrained-file {path} does not fit {args.model}: {differences}"
-                         + ("" if args.pretrained_adapter else "; if it comes from another implementation, a "
+        raise ConfigError(f"--pretrained-file {path} does not fit {name}: {differences}"
+                         + ("" if config.pretrained_adapter else "; if it comes from another implementation, a "
                             "--pretrained-adapter may rename its keys"))
     timm_file = out / "pretrained_timm.pth"
     if dist.main:
         out.mkdir(parents=True, exist_ok=True)
         torch.save(state, timm_file)
     dist.barrier()
-    model = timm.create_model(args.model, pretrained=True, pretrained_cfg_overlay=dict(file=str(timm_file),
-                              num_classes=_file_classes(args.model, state)), **kwargs)
+    model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(timm_file),
+                              num_classes=_file_classes(name, state)), **kwargs)
     log.info("pretrained weights from %s loaded through timm (%d tensors)", path, len(state))
     return model
 

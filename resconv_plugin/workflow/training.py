@@ -15,12 +15,12 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
-from resconv_plugin.cli._dist import Dist
+from resconv_plugin.workflow.distributed import Dist
 from resconv_plugin.distill import distillation_loss
-from resconv_plugin.cli._syncbn import synchronized_batchnorm
+from resconv_plugin.workflow.syncbn import synchronized_batchnorm
 from resconv_plugin.data import BatchLoader, ImageData
 
-__all__ = ["StageSettings", "train_stage", "evaluate", "NEAR_ZERO"]
+__all__ = ["StageSettings", "StageProgress", "train_stage", "evaluate", "model_device", "NEAR_ZERO"]
 
 log = logging.getLogger("resconv")
 
@@ -97,13 +97,18 @@ def evaluate(model: nn.Module, data: ImageData, batch_size: int = 500) -> float:
     return 100.0 * correct / max(total, 1)
 
 
-def train_stage(model: nn.Module, data: ImageData, settings: StageSettings, dist: Dist, *,
+def train_stage(model: nn.Module, data: ImageData, settings: StageSettings, dist: Optional[Dist] = None, *,
                 pruner=None, teacher: Optional[nn.Module] = None, resume: Optional[dict] = None,
                 on_epoch_end: Optional[Callable[[StageProgress], None]] = None,
                 regularizers: Sequence[object] = ()) -> StageProgress:
     """Train ``model`` in place for ``settings.epochs`` epochs, resuming from ``resume`` (a saved StageProgress).
 
+    Example:
+        >>> settings = StageSettings(name="sparsity", epochs=3, lr=0.02)
+        >>> train_stage(model, data, settings, pruner=pruner)  # doctest: +SKIP
+
     Args:
+        dist: this process's place in a torchrun run (default: a single process).
         pruner: a :class:`~resconv_plugin.LayerPruner` (sparsity training: its gates are reported and traced).
         teacher: distil from this model (``settings.distill_alpha``).
         resume: a saved :class:`StageProgress` (as a dict) to continue from.
@@ -111,6 +116,7 @@ def train_stage(model: nn.Module, data: ImageData, settings: StageSettings, dist
         regularizers: more torch-pruning style regularisers (``regularize(model)`` after ``backward()``), e.g. a
             ``BNScalePruner`` trained alongside the LayerPruner.
     """
+    dist = dist or Dist()
     stage = _Stage(model, data, settings, dist, pruner, teacher, regularizers)
     progress = stage.restore(resume)
     with synchronized_batchnorm(model, dist):

@@ -17,7 +17,7 @@ from typing import List, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from resconv_plugin._deploy import deployed
+from resconv_plugin.deploy.fold import deployed
 from resconv_plugin._utils import ExampleInputs, as_input_tuple, check_module, publish_file
 
 __all__ = ["export_onnx", "OnnxExport", "onnx_session", "MAX_RELATIVE_ERROR"]

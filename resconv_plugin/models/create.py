@@ -19,7 +19,7 @@ def check_model_name(name: str) -> str:
     if not isinstance(name, str):
         raise TypeError(f"model name must be a str, got {type(name).__name__}")
     if not timm.is_model(name):
-        from resconv_plugin._timm import close_model_names
+        from resconv_plugin.timm_glue import close_model_names
 
         close = close_model_names(name)
         raise ValueError(f"unknown model {name!r}" + (f"; did you mean: {', '.join(close)}?" if close else
@@ -64,7 +64,7 @@ def create_model(model_name: str, *, level: str = "layer", init_gamma: float = 1
     """
     import timm
 
-    from resconv_plugin._convert import convert
+    from resconv_plugin.fx.convert import convert
 
     model = timm.create_model(check_model_name(model_name), **timm_kwargs)
     inputs = example_inputs if example_inputs is not None else default_example_input(model)

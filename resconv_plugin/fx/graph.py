@@ -17,9 +17,9 @@ import torch.fx
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from resconv_plugin._block import Reason, ResConv, bn_compatibility, identity_compatibility
-from resconv_plugin._gate import BlockGate
-from resconv_plugin import _timm as timm_glue
+from resconv_plugin.nn.resconv import Reason, ResConv, bn_compatibility, identity_compatibility
+from resconv_plugin.nn.block_gate import BlockGate
+from resconv_plugin import timm_glue
 
 __all__ = ["ConvSite", "BlockSite", "call_counts", "find_conv_sites", "find_residual_blocks", "trace"]
 

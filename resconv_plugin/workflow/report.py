@@ -23,13 +23,13 @@ from typing import Any, Dict, List, Optional
 import torch
 from torch import nn
 
-from resconv_plugin._deploy import deployed
-from resconv_plugin._flops import count_flops
-from resconv_plugin._latency import median_latency
-from resconv_plugin._surgery import gated_modules
+from resconv_plugin.deploy.fold import deployed
+from resconv_plugin.measure.flops import count_flops
+from resconv_plugin.measure.latency import median_latency
+from resconv_plugin.fx.surgery import gated_modules
 from resconv_plugin._utils import format_table
 
-__all__ = ["measure", "stage_latencies", "DEFINITIONS", "stage_table", "write_report",
+__all__ = ["measure", "stage_latencies", "DEFINITIONS", "stage_table", "write_report", "format_table",
            "write_text_atomic"]
 
 DEFINITIONS = {
@@ -57,7 +57,7 @@ def measure(model: nn.Module, example: torch.Tensor, *, accuracy: Optional[float
 
 def stage_latencies(models: Dict[str, nn.Module], example: torch.Tensor, repeats: int = 50) -> Dict[str, float]:
     """Milliseconds per batch-1 forward of each model, timed in turns (``interleaved_latencies``)."""
-    from resconv_plugin._latency import interleaved_latencies
+    from resconv_plugin.measure.latency import interleaved_latencies
 
     fns = {k: (lambda m=m: m(example)) for k, m in models.items()}
     return {k: 1e3 * v for k, v in interleaved_latencies(fns, repeats=repeats).items()}

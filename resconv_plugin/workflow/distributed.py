@@ -10,6 +10,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from resconv_plugin.workflow.config import ConfigError
+
 __all__ = ["Dist", "init_distributed", "resolve_device"]
 
 
@@ -60,9 +62,9 @@ def resolve_device(device: str = "auto") -> torch.device:
     try:
         resolved = torch.device(device)
     except RuntimeError as exc:
-        raise ValueError(f"--device {device!r} is not a device name (cpu, cuda, cuda:1, ...)") from exc
+        raise ConfigError(f"--device {device!r} is not a device name (cpu, cuda, cuda:1, ...)") from exc
     if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: CUDA is not available on this machine (torch {torch.__version__}); "
+        raise ConfigError(f"--device {device}: CUDA is not available on this machine (torch {torch.__version__}); "
                          "use --device cpu")
     return resolved
 

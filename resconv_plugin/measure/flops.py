@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from resconv_plugin._block import ResConv
+from resconv_plugin.nn.resconv import ResConv
 from resconv_plugin._utils import ExampleInputs, as_input_tuple, check_module, eval_mode, format_table, run_example
 
 __all__ = ["count_flops", "FlopReport", "count_params"]
@@ -111,7 +111,7 @@ def count_flops(model: nn.Module, example_inputs: ExampleInputs) -> FlopReport:
     """
     from fvcore.nn import FlopCountAnalysis
 
-    from resconv_plugin._fvcore_handles import OP_HANDLES
+    from resconv_plugin.measure.fvcore_handles import OP_HANDLES
 
     check_module(model)
     inputs = as_input_tuple(example_inputs)

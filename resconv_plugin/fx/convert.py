@@ -9,14 +9,14 @@ from typing import Callable, Dict, List, Optional, Set, Tuple
 import torch
 from torch import nn
 
-from resconv_plugin._block import Reason, ResConv, _check_gamma
-from resconv_plugin._gate import BlockGate
-from resconv_plugin._graph import ConvSite, find_conv_sites, find_residual_blocks
-from resconv_plugin._recipe import record_step
+from resconv_plugin.nn.resconv import Reason, ResConv, _check_gamma
+from resconv_plugin.nn.block_gate import BlockGate
+from resconv_plugin.fx.graph import ConvSite, find_conv_sites, find_residual_blocks
+from resconv_plugin.fx.recipe import record_step
 from resconv_plugin._utils import (
     ExampleInputs, as_input_tuple, check_module, eval_mode, format_table, run_example, set_submodule,
 )
-from resconv_plugin._timm import split_norm_act
+from resconv_plugin.timm_glue import split_norm_act
 
 __all__ = ["convert", "ConversionReport", "ConvertedLayer", "SkippedConv"]
 

@@ -11,7 +11,7 @@ The file is one ``.safetensors`` file; its header metadata holds ``resconv_recip
                     "params": {"weight": {"shape": [44, 44, 3, 3], "dtype": "float32"}, "bias": null}, ...}, ...],
      "steps": [{"op": "convert", ...}, {"op": "remove", "names": [...]}, {"op": "fuse"}, ...]}
 
-The structure is read off the model itself (``resconv_plugin._structure``): so a model changed by anything (our
+The structure is read off the model itself (``resconv_plugin.deploy.structure``): so a model changed by anything (our
 steps, torch-pruning's pruners used directly, ``timm.utils.reparameterize_model``) reloads. ``save`` checks, before
 it writes, that the recipe rebuilds a model whose state dict matches the model's (names and shapes), and raises a
 ValueError naming the module otherwise: it never writes a file ``load`` cannot read. ``steps`` is the history of
@@ -31,8 +31,8 @@ from typing import Any, Dict, Optional, Union
 import torch
 from torch import nn
 
-from resconv_plugin._recipe import recipe_steps
-from resconv_plugin._structure import StructureError, apply_structure, describe
+from resconv_plugin.fx.recipe import recipe_steps
+from resconv_plugin.deploy.structure import StructureError, apply_structure, describe
 from resconv_plugin._utils import check_module, publish_file
 
 __all__ = ["save", "load", "read_recipe", "make_recipe", "build_from_recipe", "check_rebuilds",
@@ -143,7 +143,7 @@ def build_from_recipe(recipe: Dict[str, Any], source: object = "recipe") -> nn.M
 
     name, kwargs = recipe["model"]["name"], recipe["model"].get("kwargs", {})
     if not timm.is_model(name):
-        from resconv_plugin._timm import close_model_names
+        from resconv_plugin.timm_glue import close_model_names
 
         close = close_model_names(name)
         raise ValueError(f"{source}: the recipe is for model {name!r}, which timm does not know"
@@ -228,9 +228,9 @@ def _copy_recipe(model: nn.Module, recipe: Dict[str, Any]) -> None:
 
 
 def _replay(model: nn.Module, step: Dict[str, Any]) -> None:
-    from resconv_plugin._convert import convert
-    from resconv_plugin._fuse import fuse
-    from resconv_plugin._surgery import remove
+    from resconv_plugin.fx.convert import convert
+    from resconv_plugin.deploy.fuse import fuse
+    from resconv_plugin.fx.surgery import remove
 
     op = step.get("op")
     if op == "convert":
@@ -246,14 +246,14 @@ def _replay(model: nn.Module, step: Dict[str, Any]) -> None:
     elif op == "fuse":
         fuse(model, inplace=True, training_ok=True)
     elif op == "fold_batchnorm":
-        from resconv_plugin._deploy import fold_batchnorms
+        from resconv_plugin.deploy.fold import fold_batchnorms
 
         names = list(step["names"])
         done = fold_batchnorms(model, names)
         if sorted(done) != sorted(names):
             raise ValueError(f"BatchNorms not foldable here: {sorted(set(names) - set(done))[:5]}")
     elif op == "channel_prune":
-        from resconv_plugin._channel_replay import replay_channel_pruning
+        from resconv_plugin.deploy.channel_replay import replay_channel_pruning
 
         replay_channel_pruning(model, step["history"], step["input_shapes"])
     else:

@@ -8,8 +8,8 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from resconv_plugin._block import _check_gamma
-from resconv_plugin._timm import NORM_ACT_TYPES
+from resconv_plugin.nn.resconv import _check_gamma
+from resconv_plugin.timm_glue import NORM_ACT_TYPES
 
 __all__ = ["BlockGate"]
 

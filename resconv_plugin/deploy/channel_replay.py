@@ -15,7 +15,7 @@ from typing import List, Tuple
 import torch
 from torch import nn
 
-from resconv_plugin._recipe import record_step
+from resconv_plugin.fx.recipe import record_step
 
 __all__ = ["quiet_about_gates", "replay_channel_pruning"]
 

@@ -14,13 +14,13 @@ from typing import List
 import torch
 from torch import nn
 
-from resconv_plugin._block import identity_compatibility
-from resconv_plugin._fuse import fuse
-from resconv_plugin._fusion import fold_batchnorm
-from resconv_plugin._graph import find_conv_sites
-from resconv_plugin._recipe import record_step
+from resconv_plugin.nn.resconv import identity_compatibility
+from resconv_plugin.deploy.fuse import fuse
+from resconv_plugin.nn.fusion import fold_batchnorm
+from resconv_plugin.fx.graph import find_conv_sites
+from resconv_plugin.fx.recipe import record_step
 from resconv_plugin._utils import check_module, set_submodule
-from resconv_plugin._timm import split_norm_act
+from resconv_plugin.timm_glue import split_norm_act
 
 __all__ = ["fold_batchnorms", "deployed"]
 
@@ -83,7 +83,7 @@ def deployed(model: nn.Module) -> nn.Module:
 
     Example:
         >>> import timm, torch, resconv_plugin
-        >>> from resconv_plugin._deploy import deployed
+        >>> from resconv_plugin.deploy.fold import deployed
         >>> model = resconv_plugin.create_model("cifar_resnet20", num_classes=10, in_chans=1)
         >>> type(deployed(model).layer1[0].conv1).__name__
         'Conv2d'

@@ -1,0 +1,438 @@
+"""The compression pipeline (``resconv compress``, :func:`compress`): stages, each checkpointed, so that running
+the same config again resumes.
+
+baseline (train / fine-tune, or load ``--pretrained-file``) -> convert -> sparsity training (LayerPruner with a
+budget and an importance criterion) -> prune -> optional channel pruning (torch-pruning, on the depth-pruned model
+before fusion) -> fine-tune -> fuse -> save (``resconv_plugin.save``) -> report. With ``--distill`` the sparsity
+training and the fine-tuning are distilled from the baseline.
+
+The workflow rules (how sparsity steps are counted, what is removed, fine-tuning with frozen gates before fusion)
+are :mod:`resconv_plugin.workflow.rules`, shared with the benchmarks and examples.
+
+Everything the run needs to continue lives in ``<output>/checkpoint.pt`` (written atomically after every epoch and
+every stage): the model's recipe and weights, the stage in progress with its optimizer / EMA / pruner state, and
+the figures so far.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from resconv_plugin.fx.convert import convert
+from resconv_plugin.deploy.fuse import fuse
+from resconv_plugin.deploy.checkpoint import build_from_recipe, load, make_recipe, save
+from resconv_plugin.pruning import FixedSetImportance, JointPruner, LayerPruner, channel_pruner
+from resconv_plugin.workflow.config import RESUME_IGNORED, CompressionConfig, ConfigError
+from resconv_plugin.workflow.distributed import Dist
+from resconv_plugin.workflow.pretrained import create_baseline_model
+from resconv_plugin.measure.flops import count_flops
+from resconv_plugin.fx.surgery import gated_modules
+from resconv_plugin.deploy.fold import deployed
+from resconv_plugin.workflow.report import stage_latencies, stage_table, write_report
+from resconv_plugin.workflow.rules import finetune, remove_pruned, sparsity_steps
+from resconv_plugin.workflow.training import StageSettings, evaluate, train_stage
+from resconv_plugin.data import ImageData, build_datasets, calibration_batch
+
+__all__ = ["compress", "Pipeline", "STAGES", "RESUME_IGNORED", "environment"]
+
+log = logging.getLogger("resconv")
+
+#: The stages, in the order they run.
+STAGES = ("baseline", "convert", "sparsity", "prune", "channel_prune", "finetune", "fuse", "save")
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def environment() -> Dict[str, Any]:
+    import timm
+    import torch_pruning
+
+    from resconv_plugin import __version__
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
+            "torch_pruning": torch_pruning.__version__, "resconv_plugin": __version__,
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.system()} {platform.release()}",
+            "threads": torch.get_num_threads()}
+
+
+class Run:
+    """The run's state on disk (``<output>/checkpoint.pt``) and in memory; the stages read and update it."""
+
+    def __init__(self, config: CompressionConfig, dist: Dist) -> None:
+        self.config, self.dist = config, dist
+        self.out = Path(config.output)
+        self.path = self.out / "checkpoint.pt"
+        self.settings = config.resume_settings()
+        self.model: Optional[nn.Module] = None
+        self.state: Dict[str, Any] = {"settings": self.settings, "done": [], "records": [], "progress": None,
+                                      "gamma_trace": [], "epochs_log": [], "removed": [], "resumed": [],
+                                      "removal": None, "recipe": None, "weights": None}
+        if self.path.exists() and not config.restart:
+            self._resume()
+
+    def _resume(self) -> None:
+        saved = torch.load(self.path, map_location="cpu", weights_only=False)
+        differ = sorted((k for k in set(saved["settings"]) | set(self.settings)
+                         if saved["settings"].get(k) != self.settings.get(k)),
+                        key=lambda k: (k not in ("model", "data"), k))
+        if differ:
+            details = "; ".join(f"{k}: {saved['settings'].get(k)!r} -> {self.settings.get(k)!r}" for k in differ[:6])
+            raise ConfigError(f"{self.out} holds a run with other settings ({len(differ)} differ: {details}"
+                             f"{'; ...' if len(differ) > 6 else ''}): re-run with the same "
+                             f"settings to resume it, pass --restart to start over there, or choose another --output")
+        self.state = saved
+        if saved["recipe"] is not None:
+            self.model = build_from_recipe(saved["recipe"], self.path)
+            self.model.load_state_dict(saved["weights"])
+            self.model.to(self.dist.device)
+        progress = saved.get("progress")
+        where = f"{progress['stage']} epoch {progress['epoch']}" if progress else f"after {saved['done'][-1:]}"
+        self.state["resumed"].append({"at": where, "time": time.time()})
+        log.info("resuming %s from %s (stages done: %s)", self.out, where, ", ".join(saved["done"]) or "none")
+
+    def save_model(self, model: nn.Module, path: Path) -> None:
+        """``resconv_plugin.save`` with the run's model name and arguments (rank 0 only)."""
+        if self.dist.main:
+            save(model, path, model_name=self.config.model, model_kwargs=self.config.model_factory_kwargs())
+
+    def save(self, progress: Optional[dict] = None) -> None:
+        """Checkpoint (rank 0 writes, every rank waits)."""
+        self.state["progress"] = progress
+        if self.model is not None:
+            self.state["recipe"] = make_recipe(self.model, model_name=self.config.model,
+                                               model_kwargs=self.config.model_factory_kwargs())
+            self.state["weights"] = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+        if self.dist.main:
+            _atomic_torch_save(self.state, self.path)
+        self.dist.barrier()
+
+    def record(self, stage: str, model: nn.Module, data: ImageData, example: torch.Tensor, **extra: Any) -> None:
+        """Top-1, FLOPs and params of ``model`` as deployed; that deployed copy goes to ``stages/<stage>.safetensors``
+        (reloadable with ``resconv_plugin.load``; the latencies of all stages are measured together at the end)."""
+        if self.dist.main:
+            top1 = evaluate(model, data)
+            plain = deployed(model)
+            flops = count_flops(plain, example)
+            self.save_model(plain, self.out / "stages" / f"{stage}.safetensors")
+            entry = {"stage": stage, "top1": top1, "flops": int(flops.total), "params": int(flops.params),
+                     "gates": len(gated_modules(model)), **extra}
+            self.state["records"].append(entry)
+            log.info("%s: top-1 %.2f%%, FLOPs %.2fM, params %.1fk", stage, top1, flops.total / 1e6,
+                     flops.params / 1e3)
+        self.state["records"] = self.dist.broadcast(self.state["records"])
+
+
+class Pipeline:
+    """The stages of one run (:data:`STAGES`), each a method, run in order and checkpointed after each.
+
+    Example:
+        >>> pipeline = Pipeline(CompressionConfig(model="cifar_resnet20", flops_reduction=0.4).validated())
+        >>> report = pipeline.run()  # doctest: +SKIP
+    """
+
+    def __init__(self, config: CompressionConfig, dist: Optional[Dist] = None,
+                 data: Optional[ImageData] = None) -> None:
+        self.config = config
+        self.dist = dist or Dist()
+        c = config
+        torch.manual_seed(c.seed)  # the same initial weights in every process
+        try:
+            self.data = data if data is not None else build_datasets(
+                c.data, c.data_dir, img_size=c.img_size, in_chans=c.in_chans, train_subset=c.train_subset,
+                val_subset=c.val_subset, seed=c.seed)
+        except ValueError as exc:  # the data settings do not fit the dataset found
+            raise ConfigError(f"--data {c.data}: {exc}") from exc
+        if c.num_classes is None:
+            c.num_classes = self.data.num_classes
+        elif c.num_classes < self.data.num_classes:
+            raise ConfigError(f"--num-classes {c.num_classes} is fewer than the {self.data.num_classes} classes of "
+                             f"{c.data}")
+        c.in_chans = self.data.in_chans
+        self.run_state = Run(c, self.dist)
+        self.device = self.dist.device
+        self.cpu_example = torch.zeros(1, self.data.in_chans, self.data.img_size, self.data.img_size)
+        self.example = self.cpu_example.to(self.device)
+        # training images: no test image decides what goes
+        self.calib = tuple(t.to(self.device) for t in calibration_batch(self.data, 256, seed=c.seed))
+        self.teacher: Optional[nn.Module] = None
+        self.stages: Dict[str, Callable[[], None]] = {name: getattr(self, name) for name in STAGES}
+
+    # -- helpers -------------------------------------------------------------------------------------------------
+    @property
+    def model(self) -> Optional[nn.Module]:
+        return self.run_state.model
+
+    @model.setter
+    def model(self, model: nn.Module) -> None:
+        self.run_state.model = model
+
+    def stage_settings(self, name: str, epochs: int, lr: float, **overrides: Any) -> StageSettings:
+        """The training settings of stage ``name`` from the config (seed: config seed + the stage's index)."""
+        c = self.config
+        return StageSettings(name=name, epochs=epochs, lr=lr, batch_size=c.batch_size, opt=c.opt,
+                             momentum=c.momentum, weight_decay=c.weight_decay, sched=c.sched,
+                             warmup_epochs=min(c.warmup_epochs, max(epochs - 1, 0)), min_lr=c.min_lr,
+                             smoothing=c.smoothing, seed=c.seed + STAGES.index(name), workers=c.workers,
+                             progress=c.progress, amp=None if c.amp == "none" else c.amp,
+                             channels_last=c.channels_last, **overrides)
+
+    def _distill_settings(self) -> Dict[str, float]:
+        c = self.config
+        return {"distill_alpha": c.distill_alpha if c.distill else 0.0, "distill_temperature": c.distill_temperature}
+
+    def _progress(self, name: str) -> Tuple[Optional[dict], Callable[[Any], None]]:
+        """Where an interrupted stage ``name`` stopped (or None), and the per-epoch checkpoint callback."""
+        saved = self.run_state.state["progress"]
+        resume = {k: v for k, v in saved.items() if k != "stage"} if (saved or {}).get("stage") == name else None
+
+        def checkpoint(p) -> None:
+            self.run_state.save({"stage": name, **p.to_dict()})
+
+        return resume, checkpoint
+
+    def _log_training(self, result) -> None:
+        self.run_state.state["epochs_log"].extend(result.epochs_log)
+        self.run_state.state["gamma_trace"].extend(result.gamma_trace)
+
+    def _train(self, name: str, epochs: int, lr: float, pruner=None, **overrides: Any) -> None:
+        resume, checkpoint = self._progress(name)
+        self._log_training(train_stage(self.model, self.data, self.stage_settings(name, epochs, lr, **overrides),
+                                       self.dist, pruner=pruner, teacher=self.teacher, resume=resume,
+                                       on_epoch_end=checkpoint))
+
+    def _load_teacher(self) -> None:
+        if self.config.distill:
+            self.teacher = load(self.run_state.out / "baseline.safetensors")
+
+    def _record(self, stage: str, **extra: Any) -> None:
+        self.run_state.record(stage, self.model, self.data, self.example, **extra)
+
+    def _joint(self, model: nn.Module) -> JointPruner:
+        c = self.config
+        reduction = c.latency_reduction if c.latency_reduction is not None else c.flops_reduction
+        return JointPruner(model, self.example, reduction, calibration_inputs=self.calib[0],
+                           calibration_targets=self.calib[1],
+                           cost="latency" if c.latency_reduction is not None else "flops",
+                           importance=c.importance, latency_repeats=20)
+
+    def _depth_set(self) -> Optional[List[str]]:
+        plan = self.run_state.state.get("joint_plan")
+        return plan["best"]["depth_names"] if plan else None
+
+    def make_pruner(self, sparsity_steps: Optional[int] = None) -> LayerPruner:
+        """The LayerPruner of the config's budget and importance (with ``--channel-pruning auto``: the planned
+        depth set)."""
+        c, model = self.config, self.model
+        budget = dict(threshold=c.threshold, pruning_ratio=c.pruning_ratio, flops_reduction=c.flops_reduction,
+                      latency_reduction=c.latency_reduction)
+        importance, reg = c.importance, c.reg
+        depth_set = self._depth_set()
+        if depth_set is not None:  # --channel-pruning auto: depth takes the planned set, channels the rest
+            gates = len(gated_modules(model))
+            importance = FixedSetImportance(depth_set)
+            budget = dict(pruning_ratio=len(depth_set) / gates) if depth_set else dict(threshold=0.0)
+            reg = 0.0 if reg is None else reg
+        pruner = LayerPruner(model, self.example, importance=importance, reg=reg, **budget,
+                             sparsity_steps=sparsity_steps, cap_start=c.cap_start,
+                             calibration_inputs=self.calib[0], calibration_targets=self.calib[1],
+                             ignored_layers=c.ignored_layers or None, latency_device=c.latency_device)
+        if c.latency_reduction is not None:  # measured latency differs per process: rank 0's table decides
+            pruner.load_state_dict(self.dist.broadcast(pruner.state_dict()))
+        return pruner
+
+    # -- the stages ----------------------------------------------------------------------------------------------
+    def baseline(self) -> None:
+        """Create the model (timm, optionally pretrained), train ``epochs``, save ``baseline.safetensors``."""
+        c = self.config
+        if self.model is None:
+            self.model = create_baseline_model(c, self.run_state.out, self.dist).to(self.device)
+            self.run_state.save()
+        if c.epochs:
+            self._train("baseline", c.epochs, c.lr, model_ema=c.model_ema, model_ema_decay=c.model_ema_decay,
+                        mixup=c.mixup, cutmix=c.cutmix)
+        self.run_state.save_model(self.model, self.run_state.out / "baseline.safetensors")
+        self._record("baseline")
+
+    def convert(self) -> None:
+        """ResConv layers (or block gates); with ``--channel-pruning auto``, the joint depth / width plan."""
+        c = self.config
+        report = convert(self.model, self.example, level=c.level, init_gamma=c.init_gamma)
+        log.info("converted %d layers (%s level); %d convs skipped", len(report.converted), c.level,
+                 len(report.skipped))
+        if c.channel_pruning == "auto":
+            plan = self.dist.broadcast(self._joint(self.model).plan())  # measured on rank 0's clock: every
+            # process follows the same plan
+            self.run_state.state["joint_plan"] = {
+                "target_rel": plan.target_rel, "best": dataclasses.asdict(plan.best),
+                "candidates": [dataclasses.asdict(x) for x in plan.candidates]}
+            for x in plan.candidates:
+                log.info("joint plan: depth share %.2f: %d layers + channel ratio %.3f -> cost %.3f, proxy %.4g",
+                         x.depth_share, len(x.depth_names), x.channel_ratio, x.cost_rel, x.score)
+            log.info("joint plan: depth share %.2f chosen", plan.best.depth_share)
+
+    def sparsity(self) -> None:
+        """Sparsity training with the LayerPruner (budget cap, importance), distilled with ``--distill``."""
+        c = self.config
+        pruner = self.make_pruner(sparsity_steps(self.data, c.sparsity_epochs, c.batch_size))
+        if c.sparsity_epochs:
+            self._load_teacher()
+            self._train("sparsity", c.sparsity_epochs, c.sparsity_lr, pruner=pruner, **self._distill_settings())
+            self.teacher = None
+        self._record("sparsity")
+
+    def prune(self) -> None:
+        """Remove the selected layers, and every other gate at exactly 0."""
+        c = self.config
+        annealed = c.sparsity_epochs > 0 and c.threshold is None  # the budget cap drove its set to exactly 0:
+        # remove exactly that set, no re-ranking of a changed model
+        pruner = None if annealed else self.make_pruner()
+        pruned = remove_pruned(self.model, self.example, pruner, calibration_inputs=self.calib[0],
+                               ignored_layers=c.ignored_layers or None)
+        self.run_state.state["removed"] = pruned.removed
+        self.run_state.state["removal"] = str(pruned.report)
+        log.info("prune: %s: %s", pruned.report, ", ".join(pruned.removed) or "nothing")
+        self._record("pruned", removed=len(pruned.removed))
+
+    def channel_prune(self) -> None:
+        """torch-pruning on the depth-pruned model, before fine-tuning and fusion (``--channel-pruning``)."""
+        c = self.config
+        if not c.channel_pruning:
+            return
+        if c.channel_pruning == "auto":  # the rest of the budget, measured against the baseline, met exactly
+            base = load(self.run_state.out / "baseline.safetensors").to(self.device)
+            convert(base, self.example, level=c.level, init_gamma=c.init_gamma)
+            pruned, ratio, rel = self._joint(base).meet(self.model.eval())
+            self.model = self.dist.broadcast(pruned)
+            log.info("channel pruning: ratio %.3f meets the budget (cost %.3f of the baseline)", ratio, rel)
+            self._record("channel_pruned", channel_ratio=ratio)
+            return
+        channel_pruner(self.model.eval(), self.example, pruning_ratio=c.channel_pruning, global_pruning=True).step()
+        self._record("channel_pruned")
+
+    def finetune(self) -> None:
+        """Fine-tune with frozen gates, before fusion (``--finetune-epochs``; distilled with ``--distill``)."""
+        c = self.config
+        if not c.finetune_epochs:
+            return
+        self._load_teacher()
+        resume, checkpoint = self._progress("finetune")
+        settings = self.stage_settings("finetune", c.finetune_epochs, c.finetune_lr, model_ema=c.model_ema,
+                                       model_ema_decay=c.model_ema_decay, **self._distill_settings())
+        self._log_training(finetune(self.model, self.data, settings, self.dist, teacher=self.teacher, resume=resume,
+                                    on_epoch_end=checkpoint))
+        self.teacher = None
+        self._record("finetuned")
+
+    def fuse(self) -> None:
+        """Every remaining gate into a plain conv."""
+        with torch.no_grad():
+            self.model = fuse(self.model.eval(), inplace=True)
+        self._record("fused")
+
+    def save(self) -> None:
+        """``model.safetensors`` (reloadable with ``resconv_plugin.load`` in a fresh process)."""
+        self.run_state.save_model(self.model, self.run_state.out / "model.safetensors")
+        log.info("saved %s", self.run_state.out / "model.safetensors")
+
+    # -- running -------------------------------------------------------------------------------------------------
+    def run(self) -> Dict[str, Any]:
+        """Run (or resume) every stage not done yet; returns the report (also written to the output folder)."""
+        state = self.run_state.state
+        if "convert" not in state["done"]:
+            self._preflight()
+        for name in STAGES:
+            if name in state["done"]:
+                continue
+            self.stages[name]()
+            state["done"].append(name)
+            self.run_state.save()
+        return self._finish()
+
+    def _preflight(self) -> None:
+        """Fail before any training when the model cannot be converted or the budget cannot be met."""
+        import timm
+
+        c = self.config
+        probe = self.model if self.model is not None else timm.create_model(c.model, **c.model_factory_kwargs())
+        probe = copy.deepcopy(probe).cpu()
+        try:
+            convert(probe, self.cpu_example, level=c.level, init_gamma=c.init_gamma)
+            LayerPruner(probe, self.cpu_example, importance=c.importance, threshold=c.threshold,
+                        pruning_ratio=c.pruning_ratio, flops_reduction=c.flops_reduction,
+                        latency_reduction=c.latency_reduction, latency_repeats=5, latency_device=c.latency_device,
+                        ignored_layers=c.ignored_layers or None)
+        except ValueError as exc:  # this model cannot take this config (no eligible conv, unreachable budget)
+            raise ConfigError(f"{c.model}: {exc}") from exc
+
+    def _finish(self) -> Dict[str, Any]:
+        run, c = self.run_state, self.config
+        records = run.state["records"]
+        if self.dist.main:
+            models = {r["stage"]: load(run.out / "stages" / f"{r['stage']}.safetensors") for r in records}
+            log.info("timing the %d stages' models in turns (batch 1, %d rounds)", len(models), c.latency_repeats)
+            for r, ms in zip(records, stage_latencies(models, self.cpu_example, c.latency_repeats).values()):
+                r["latency_ms"] = ms
+        records = run.state["records"] = self.dist.broadcast(records)
+        first, last = records[0], records[-1]
+        summary = {"top1_change": last["top1"] - first["top1"], "flops_reduction": 1 - last["flops"] / first["flops"],
+                   "params_reduction": 1 - last["params"] / first["params"],
+                   "latency_reduction": 1 - last["latency_ms"] / first["latency_ms"],
+                   "layers_removed": len(run.state["removed"])}
+        report = {"settings": run.settings, "command": c.command, "environment": environment(),
+                  "stages": records, "summary": summary, "removed": run.state["removed"],
+                  "removal": run.state["removal"], "epochs": run.state["epochs_log"],
+                  "gamma_trace": run.state["gamma_trace"], "resumed": run.state["resumed"],
+                  "model_file": str(run.out / "model.safetensors")}
+        if self.dist.main:
+            write_report(report, run.out, plots=c.plots)
+            print("\n" + stage_table(records))
+            print(f"\n{c.model} on {c.data}: top-1 {first['top1']:.2f}% -> {last['top1']:.2f}% "
+                  f"({summary['top1_change']:+.2f}), FLOPs -{100 * summary['flops_reduction']:.1f}%, params "
+                  f"-{100 * summary['params_reduction']:.1f}%, CPU latency "
+                  f"{-100 * summary['latency_reduction']:+.1f}%, "
+                  f"{summary['layers_removed']} layers removed.\nreport: {run.out / 'report.md'}; model: "
+                  f"{run.out / 'model.safetensors'}", flush=True)
+        return report
+
+
+def compress(config: CompressionConfig, dist: Optional[Dist] = None, data: Optional[ImageData] = None
+             ) -> Dict[str, Any]:
+    """Run (or resume: the same config and output folder) the whole compression workflow; returns the report
+    (also written to ``config.output``: ``report.json``, ``report.md``, ``model.safetensors``, ``stages/``).
+
+    Args:
+        config: what to do (checked and completed with :meth:`CompressionConfig.validated`).
+        dist: this process's place in a torchrun run (default: a single process).
+        data: the dataset (default: built from ``config.data``, ``data_dir``, subsets, ``seed``).
+
+    Example:
+        >>> from resconv_plugin.workflow import CompressionConfig, compress
+        >>> report = compress(CompressionConfig(model="cifar_resnet20", flops_reduction=0.4, epochs=4,
+        ...                                     train_subset=20000, output="runs/r20"))  # doctest: +SKIP
+        >>> report["summary"]["flops_reduction"]  # doctest: +SKIP
+    """
+    if not isinstance(config, CompressionConfig):
+        raise TypeError(f"config must be a CompressionConfig, got {type(config).__name__}")
+    dist = dist or Dist()
+    return Pipeline(config.validated(dist.world), dist, data).run()

@@ -1,0 +1,185 @@
+"""The public workflow: the typed config, the workflow rules, the pipeline run from Python, the layout's rules
+(benchmarks and examples use public names only; old checkpoints' class paths still load; CLI errors vs bugs)."""
+
+import ast
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+
+import resconv_plugin
+from resconv_plugin.data import BatchLoader, ImageData
+from resconv_plugin.deploy.structure import apply_structure, describe
+from resconv_plugin.workflow import (
+    CompressionConfig, Pipeline, compress, finetune, remove_pruned, sparsity_steps, StageSettings,
+)
+from resconv_plugin.workflow.config import ConfigError, DEFAULT_IMPORTANCE
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def tiny_data(n_train=192, n_val=64, seed=0) -> ImageData:
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (n_train + n_val, 1, 12, 12), generator=g, dtype=torch.uint8)
+    labels = (images.float().mean((1, 2, 3)) > 127.5).long()  # a learnable rule: bright or dark
+    return ImageData(name="tiny", train=(images[:n_train], labels[:n_train]), val=(images[n_train:], labels[n_train:]),
+                     num_classes=2, in_chans=1, img_size=12, mean=(0.5,), std=(0.25,))
+
+
+def test_config_defaults_and_checks(tmp_path):
+    c = CompressionConfig(model="cifar_resnet20").validated()
+    assert (c.flops_reduction, c.threshold, c.pruning_ratio, c.latency_reduction) == (0.5, None, None, None)
+    assert c.output == Path("runs/cifar_resnet20-fashion-mnist") and c.importance == DEFAULT_IMPORTANCE
+    assert c.validated() == c  # idempotent
+    assert CompressionConfig(model="cifar_resnet20").flops_reduction is None  # validated() returns a copy
+    with pytest.raises(ConfigError, match="give one of --flops-reduction, --latency-reduction, --threshold, "
+                                          "--pruning-ratio; got --flops-reduction and --threshold"):
+        CompressionConfig(model="cifar_resnet20", flops_reduction=0.3, threshold=0.1).validated()
+    with pytest.raises(ConfigError, match="model \\(--model\\) is required"):
+        CompressionConfig().validated()
+    with pytest.raises(ConfigError, match="unknown model 'cifar_resnet21'"):
+        CompressionConfig(model="cifar_resnet21").validated()
+    with pytest.raises(ConfigError, match="importance \\(--importance\\) must be one of magnitude, removal, "
+                                          "removal-iterative, taylor, got 'l1'"):
+        CompressionConfig(model="cifar_resnet20", importance="l1").validated()
+    with pytest.raises(ConfigError, match="flops_reduction \\(--flops-reduction\\) must be in \\[0, 1\\], got 1.5"):
+        CompressionConfig(model="cifar_resnet20", flops_reduction=1.5).validated()
+    with pytest.raises(ConfigError, match="batch-size 10 must be positive and divide over 3 processes"):
+        CompressionConfig(model="cifar_resnet20", batch_size=10).validated(world=3)
+    assert issubclass(ConfigError, ValueError)
+    with pytest.raises(TypeError, match="config must be a CompressionConfig, got dict"):
+        compress({"model": "cifar_resnet20"})
+
+
+def test_resume_settings_ignore_run_only_fields():
+    a = CompressionConfig(model="cifar_resnet20", output=Path("x"), device="cpu", progress=False, plots=False)
+    b = CompressionConfig(model="cifar_resnet20", output=Path("y"), device="auto")
+    assert a.resume_settings() == b.resume_settings()
+    assert a.resume_settings() != CompressionConfig(model="cifar_resnet20", seed=1).resume_settings()
+
+
+def test_sparsity_steps_counts_full_global_batches():
+    data = tiny_data(n_train=300)
+    assert sparsity_steps(data, 3, 128) == 3 * len(BatchLoader(data, True, 128)) == 6  # 300 // 128 = 2 per epoch
+    assert sparsity_steps(data, 0, 128) == 1  # at least one: the cap schedule needs a length
+    with pytest.raises(ValueError, match="epochs must be >= 0 and batch_size >= 1, got epochs=-1"):
+        sparsity_steps(data, -1, 128)
+
+
+def converted_r20():
+    model = resconv_plugin.create_model("cifar_resnet20", num_classes=2, in_chans=1,
+                                        example_inputs=torch.zeros(1, 1, 12, 12))
+    return model.eval()
+
+
+def test_remove_pruned_takes_the_selection_and_every_other_zero_gate():
+    model, x = converted_r20(), torch.randn(8, 1, 12, 12)
+    gates = resconv_plugin.gated_modules(model)
+    names = list(gates)
+    with torch.no_grad():
+        gates[names[0]].gamma.zero_()  # two gates at exactly 0; the budget (one gate) takes one of them
+        gates[names[1]].gamma.zero_()
+        for n in names[2:]:
+            gates[n].gamma.fill_(0.5)
+    pruner = resconv_plugin.LayerPruner(model, x[:1], pruning_ratio=1 / len(names), calibration_inputs=x)
+    before = model(x)
+    pruned = remove_pruned(model, x[:1], pruner, calibration_inputs=x)
+    assert set(pruned.removed) == {names[0], names[1]}
+    assert len(resconv_plugin.gated_modules(model)) == len(names) - 2
+    assert pruned.report is pruner.last_step
+    # without a pruner: the gates at exactly 0 only (after budget-driven sparsity training: the annealed set)
+    model2 = converted_r20()
+    g2 = resconv_plugin.gated_modules(model2)
+    with torch.no_grad():
+        g2[names[3]].gamma.zero_()
+    out = model2(x)
+    assert remove_pruned(model2, x[:1], calibration_inputs=x).removed == [names[3]]
+    torch.testing.assert_close(model2(x), out, rtol=0, atol=0)
+    assert before.shape == (8, 2)
+
+
+def test_finetune_freezes_the_gates_and_trains_the_rest():
+    data = tiny_data()
+    model = converted_r20()
+    gates = {n: m.gamma.detach().clone() for n, m in resconv_plugin.gated_modules(model).items()}
+    conv = copy.deepcopy(model.conv1.weight if hasattr(model, "conv1") else next(model.parameters()))
+    finetune(model, data, StageSettings(name="finetune", epochs=1, lr=0.05, batch_size=32, progress=False))
+    for n, m in resconv_plugin.gated_modules(model).items():
+        assert not m.gamma.requires_grad and torch.equal(m.gamma.detach(), gates[n])
+    assert not torch.equal(conv, model.conv1.weight if hasattr(model, "conv1") else next(model.parameters()))
+
+
+def test_compress_from_python_runs_and_resumes(tmp_path):
+    config = CompressionConfig(model="cifar_resnet20", epochs=1, sparsity_epochs=1,
+                               finetune_epochs=1, batch_size=32, flops_reduction=0.3, importance="magnitude",
+                               output=tmp_path / "run", latency_repeats=2, plots=False, progress=False)
+    report = compress(config, data=tiny_data())
+    stages = [r["stage"] for r in report["stages"]]
+    assert stages == ["baseline", "sparsity", "pruned", "finetuned", "fused"]
+    assert report["summary"]["flops_reduction"] >= 0.3 and report["removed"]
+    # the pruned stage removes exactly: same top-1 as after sparsity training
+    by = {r["stage"]: r for r in report["stages"]}
+    assert by["pruned"]["top1"] == by["sparsity"]["top1"] and by["fused"]["top1"] == by["finetuned"]["top1"]
+    model = resconv_plugin.load(tmp_path / "run" / "model.safetensors")
+    assert resconv_plugin.count_flops(resconv_plugin.deployed(model), torch.zeros(1, 1, 12, 12)).params \
+        == by["fused"]["params"]  # the stage figures are of the deployed model (BatchNorms folded)
+    # a second run of the same config resumes: everything done, same report figures
+    again = Pipeline(config.validated(), data=tiny_data())
+    assert again.run_state.state["done"][-1] == "save"
+    with pytest.raises(ConfigError, match="holds a run with other settings \\(1 differ: seed: 0 -> 1\\)"):
+        compress(CompressionConfig(**{**config.__dict__, "seed": 1}), data=tiny_data())
+
+
+def test_cli_internal_bug_keeps_its_traceback(tmp_path, monkeypatch):
+    from resconv_plugin.cli import main
+    from helpers import require_fashion_mnist
+
+    require_fashion_mnist()
+
+    def broken(self):
+        raise ValueError("an internal bug")
+
+    monkeypatch.setattr(Pipeline, "sparsity", broken)
+    with pytest.raises(ValueError, match="an internal bug"):
+        main(["compress", "--model", "cifar_resnet20", "--quick", "--epochs", "0", "--no-progress", "--output",
+              str(tmp_path / "o")])
+
+
+def test_files_naming_the_old_flat_modules_still_load():
+    model = converted_r20()
+    entries = describe(model)
+    for e in entries:
+        e["class"] = e["class"].replace("resconv_plugin.nn.resconv.", "resconv_plugin._block.")
+    assert any(e["class"] == "resconv_plugin._block.ResConv" for e in entries)
+    fresh = resconv_plugin.models.CifarResNet  # the plain network the description reshapes
+    import timm
+
+    rebuilt = apply_structure(timm.create_model("cifar_resnet20", num_classes=2, in_chans=1), entries)
+    rebuilt.load_state_dict(model.state_dict())
+    x = torch.randn(4, 1, 12, 12)
+    torch.testing.assert_close(rebuilt.eval()(x), model(x), rtol=0, atol=0)
+    assert fresh is not None
+
+
+def _private_imports(path: Path):
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            module = node.module or ""
+            if any(part.startswith("_") and part != "__future__" for part in module.split(".")):
+                yield f"{path.name}: from {module} import ..."
+            for alias in node.names:
+                if alias.name.startswith("_"):
+                    yield f"{path.name}: from {module} import {alias.name}"
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if any(part.startswith("_") for part in alias.name.split(".")):
+                    yield f"{path.name}: import {alias.name}"
+
+
+def test_benchmarks_and_examples_import_public_names_only():
+    files = sorted((ROOT / "benchmarks").rglob("*.py")) + sorted((ROOT / "examples").rglob("*.py"))
+    assert len(files) >= 10
+    found = [hit for f in files for hit in _private_imports(f)]
+    assert found == []
