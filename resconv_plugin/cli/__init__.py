@@ -2,7 +2,7 @@
 
 Examples::
 
-    resconv demo                         # Fashion-MNIST, cifar_resnet20, about 10 minutes on 2 CPU cores
+    resconv demo                         # Fashion-MNIST, cifar_resnet20, about 5 minutes on 2 CPU cores
     resconv compress --model cifar_resnet56 --data fashion-mnist --flops-reduction 0.5 --output runs/r56
     resconv compress --config my_run.yaml --channel-pruning 0.2
     torchrun --nproc_per_node=2 -m resconv_plugin.cli compress --model cifar_resnet20 ...

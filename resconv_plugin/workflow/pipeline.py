@@ -378,7 +378,8 @@ class Pipeline:
         probe = copy.deepcopy(probe).cpu()
         try:
             convert(probe, self.cpu_example, level=c.level, init_gamma=c.init_gamma)
-            LayerPruner(probe, self.cpu_example, importance=c.importance, threshold=c.threshold,
+            # the budget's reachability does not depend on the criterion: magnitude measures nothing
+            LayerPruner(probe, self.cpu_example, importance="magnitude", threshold=c.threshold,
                         pruning_ratio=c.pruning_ratio, flops_reduction=c.flops_reduction,
                         latency_reduction=c.latency_reduction, latency_repeats=5, latency_device=c.latency_device,
                         ignored_layers=c.ignored_layers or None)
