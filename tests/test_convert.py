@@ -160,3 +160,16 @@ def test_convert_keeps_training_mode_and_bn_statistics():
     resconv_plugin.convert(model, torch.randn(2, 3, 64, 64))
     assert model.training and model.layer1[0].conv1.training
     assert torch.equal(model.layer1[0].conv1.bn.running_mean, stats)
+
+
+def test_conversion_report_flops_agree_with_count_flops():
+    """One FLOPs definition: the per-layer FLOPs convert reports equal fvcore's count (count_flops) of each conv."""
+    import timm
+
+    model = timm.create_model("resnet18", num_classes=10).eval()
+    x = torch.randn(1, 3, 32, 32)
+    by_layer = resconv_plugin.count_flops(model, x).by_layer
+    report = resconv_plugin.convert(model, x)
+    assert len(report.converted) == 13
+    for layer in report.converted:
+        assert layer.flops == by_layer[layer.name] > 0, layer.name

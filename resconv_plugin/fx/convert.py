@@ -117,7 +117,12 @@ class ConversionReport:
 
 
 def _measure(model: nn.Module, inputs: Tuple[torch.Tensor, ...]) -> Tuple[Dict[str, int], int, Set[str]]:
-    """One eval-mode forward with hooks: per-conv FLOPs, total conv + linear FLOPs, names of modules that ran."""
+    """One eval-mode forward with hooks: per-conv FLOPs, total conv + linear FLOPs, names of modules that ran.
+
+    The conv and linear counts are those of :func:`resconv_plugin.count_flops` for the same layers (one multiply-add
+    = 1 flop; tests/test_convert.py); counting them with hooks instead of an fvcore trace keeps ``convert`` fast (an
+    fvcore trace took 2 s for resnet18 at 64x64 and 7.7 s for resnet50 at 224x224 on 2 cores), and the report's
+    share is of conv + linear FLOPs."""
     flops: Dict[str, int] = {}
     called: Set[str] = set()
     total = 0
