@@ -42,10 +42,12 @@ def describe_inputs(inputs: Tuple[torch.Tensor, ...]) -> str:
 
 
 def run_example(model: nn.Module, inputs: Tuple[torch.Tensor, ...]) -> object:
-    """Run ``model(*inputs)``; a failure becomes a ValueError that names the inputs and the model's complaint."""
+    """Run ``model(*inputs)``; the errors a model raises on inputs it cannot take (RuntimeError: shapes, dtypes;
+    ValueError, TypeError, IndexError) become a ValueError that names the inputs and the model's complaint; any other
+    exception propagates unchanged."""
     try:
         return model(*inputs)
-    except Exception as exc:  # the model's own error says what it expected
+    except (RuntimeError, ValueError, TypeError, IndexError) as exc:  # the model's own error says what it expected
         raise ValueError(
             f"{type(model).__name__} cannot run on example_inputs of shape {describe_inputs(inputs)}: "
             f"{type(exc).__name__}: {exc}"

@@ -183,3 +183,18 @@ def test_benchmarks_and_examples_import_public_names_only():
     assert len(files) >= 10
     found = [hit for f in files for hit in _private_imports(f)]
     assert found == []
+
+
+def test_a_bug_in_a_models_forward_is_not_turned_into_an_input_error():
+    class Buggy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(1, 1, 3)
+
+        def forward(self, x):
+            return {"a": self.conv(x)}["b"]  # a KeyError: a bug, not a bad input
+
+    with pytest.raises(KeyError):
+        resconv_plugin.count_flops(Buggy(), torch.zeros(1, 1, 8, 8))
+    with pytest.raises(ValueError, match="cannot run on example_inputs of shape \\(1, 2, 8, 8\\) float32"):
+        resconv_plugin.count_flops(torch.nn.Conv2d(1, 1, 3), torch.zeros(1, 2, 8, 8))

@@ -53,10 +53,12 @@ class _LeafTracer(torch.fx.Tracer):
 
 
 def trace(model: nn.Module) -> torch.fx.Graph:
-    """Trace ``model`` symbolically (nothing is executed); a failure becomes a ValueError that says why."""
+    """Trace ``model`` symbolically (nothing is executed); a tracing failure (what torch.fx raises on code it cannot
+    follow: TraceError, TypeError, NotImplementedError, RuntimeError, AttributeError on a Proxy) becomes a ValueError
+    that says why; any other exception propagates unchanged."""
     try:
         return _LeafTracer().trace(model)
-    except Exception as exc:
+    except (torch.fx.proxy.TraceError, TypeError, NotImplementedError, RuntimeError, AttributeError) as exc:
         raise ValueError(
             f"torch.fx could not trace {type(model).__name__} ({type(exc).__name__}: {exc}). resconv_plugin finds "
             "conv -> BatchNorm chains by symbolic tracing; models with data-dependent control flow in forward() "
