@@ -32,7 +32,8 @@ test: $(STAMP) data
 test-slow: $(STAMP) data
 	$(PY) -m pytest -m slow
 
-BENCHMARKS := latency_equal_flops fusion_overhead accuracy plain_networks tool_speed ablation_depth deploy_latency
+BENCHMARKS := latency_equal_flops fusion_overhead accuracy plain_networks tool_speed ablation_depth deploy_latency \
+	equal_latency
 
 # Every benchmark in its --quick form (each under about 2 minutes on 2 cores; results in benchmarks/results/*_quick.*)
 bench: $(STAMP) data
@@ -52,6 +53,8 @@ bench-full: $(STAMP) data
 	$(PY) benchmarks/ablation_depth.py --threads 2
 	$(PY) -m pip install --quiet -e '.[deploy-bench]'
 	$(PY) benchmarks/deploy_latency.py --threads 1
+	$(PY) benchmarks/baselines/train.py --arch cifar_resnet56 --threads 2
+	$(PY) benchmarks/equal_latency.py --threads 2
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -198,3 +198,23 @@ def test_a_bug_in_a_models_forward_is_not_turned_into_an_input_error():
         resconv_plugin.count_flops(Buggy(), torch.zeros(1, 1, 8, 8))
     with pytest.raises(ValueError, match="cannot run on example_inputs of shape \\(1, 2, 8, 8\\) float32"):
         resconv_plugin.count_flops(torch.nn.Conv2d(1, 1, 3), torch.zeros(1, 2, 8, 8))
+
+
+def test_compress_starts_from_a_given_model_and_leaves_it_alone(tmp_path):
+    import timm
+
+    from resconv_plugin.workflow import evaluate
+
+    data = tiny_data()
+    torch.manual_seed(3)
+    mine = timm.create_model("cifar_resnet20", num_classes=2, in_chans=1).eval()
+    before = {k: v.clone() for k, v in mine.state_dict().items()}
+    config = CompressionConfig(model="cifar_resnet20", epochs=0, sparsity_epochs=1, finetune_epochs=0, batch_size=32,
+                               pruning_ratio=0.25, importance="magnitude", output=tmp_path / "run",
+                               latency_repeats=2, plots=False, progress=False)
+    report = compress(config, data=data, model=mine)
+    assert report["stages"][0]["stage"] == "baseline" and report["stages"][0]["top1"] == evaluate(mine, data)
+    assert all(torch.equal(v, before[k]) for k, v in mine.state_dict().items())
+    assert len(report["removed"]) == 4  # 25% of the 16 gates
+    with pytest.raises(TypeError, match="model must be an nn.Module, got str"):
+        compress(config, data=data, model="cifar_resnet20")

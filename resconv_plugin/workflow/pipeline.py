@@ -152,8 +152,9 @@ class Pipeline:
     """
 
     def __init__(self, config: CompressionConfig, dist: Optional[Dist] = None,
-                 data: Optional[ImageData] = None) -> None:
+                 data: Optional[ImageData] = None, model: Optional[nn.Module] = None) -> None:
         self.config = config
+        self.initial_model = model  # a model object to start from instead of timm.create_model(config.model)
         self.dist = dist or Dist()
         c = config
         torch.manual_seed(c.seed)  # the same initial weights in every process
@@ -266,7 +267,8 @@ class Pipeline:
         """Create the model (timm, optionally pretrained), train ``epochs``, save ``baseline.safetensors``."""
         c = self.config
         if self.model is None:
-            self.model = create_baseline_model(c, self.run_state.out, self.dist).to(self.device)
+            self.model = (copy.deepcopy(self.initial_model) if self.initial_model is not None
+                          else create_baseline_model(c, self.run_state.out, self.dist)).to(self.device)
             self.run_state.save()
         if c.epochs:
             self._train("baseline", c.epochs, c.lr, model_ema=c.model_ema, model_ema_decay=c.model_ema_decay,
@@ -374,7 +376,9 @@ class Pipeline:
         import timm
 
         c = self.config
-        probe = self.model if self.model is not None else timm.create_model(c.model, **c.model_factory_kwargs())
+        probe = next((m for m in (self.model, self.initial_model) if m is not None), None)
+        if probe is None:
+            probe = timm.create_model(c.model, **c.model_factory_kwargs())
         probe = copy.deepcopy(probe).cpu()
         try:
             convert(probe, self.cpu_example, level=c.level, init_gamma=c.init_gamma)
@@ -417,8 +421,8 @@ class Pipeline:
         return report
 
 
-def compress(config: CompressionConfig, dist: Optional[Dist] = None, data: Optional[ImageData] = None
-             ) -> Dict[str, Any]:
+def compress(config: CompressionConfig, dist: Optional[Dist] = None, data: Optional[ImageData] = None,
+             model: Optional[nn.Module] = None) -> Dict[str, Any]:
     """Run (or resume: the same config and output folder) the whole compression workflow; returns the report
     (also written to ``config.output``: ``report.json``, ``report.md``, ``model.safetensors``, ``stages/``).
 
@@ -426,6 +430,9 @@ def compress(config: CompressionConfig, dist: Optional[Dist] = None, data: Optio
         config: what to do (checked and completed with :meth:`CompressionConfig.validated`).
         dist: this process's place in a torchrun run (default: a single process).
         data: the dataset (default: built from ``config.data``, ``data_dir``, subsets, ``seed``).
+        model: the model to start from (e.g. your trained network; not changed: the run works on a copy); default:
+            ``timm.create_model(config.model, ...)`` with ``config.pretrained_file``. ``config.model`` must still name
+            its timm architecture: saved files rebuild it from that name.
 
     Example:
         >>> from resconv_plugin.workflow import CompressionConfig, compress
@@ -435,5 +442,7 @@ def compress(config: CompressionConfig, dist: Optional[Dist] = None, data: Optio
     """
     if not isinstance(config, CompressionConfig):
         raise TypeError(f"config must be a CompressionConfig, got {type(config).__name__}")
+    if model is not None and not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     dist = dist or Dist()
-    return Pipeline(config.validated(dist.world), dist, data).run()
+    return Pipeline(config.validated(dist.world), dist, data, model).run()

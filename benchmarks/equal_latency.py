@@ -1,0 +1,338 @@
+"""The equal-latency verdict: depth pruning (the library's defaults), the joint depth + width pruner, and
+torch-pruning's channel pruners, each pruned to the same measured CPU latency, from the same converged baseline, with
+the same epochs, two seeds.
+
+Per architecture (``cifar_resnet20``, ``cifar_resnet56``; baselines from ``benchmarks/baselines/``, trained with
+``python benchmarks/baselines/train.py --arch ARCH``; an architecture whose baseline file is missing is skipped with
+a note), latency target t (fraction of the deployed baseline's batch-1 CPU latency) and seed:
+* ``depth``: ``resconv_plugin.workflow.compress`` with ``latency_reduction = 1 - t`` and the command's defaults
+  (importance removal-iterative, distillation from the baseline, layer gates): --sparsity-epochs, removal,
+  --finetune-epochs, fusion.
+* ``joint``: the same with ``channel_pruning="auto"`` (JointPruner splits the latency budget between layers and
+  channels by measurement, the channels meet it exactly after removal).
+* ``slim`` / ``groupnorm``: torch-pruning's ``BNScalePruner`` (``BNScaleImportance``) / ``GroupNormPruner``
+  (``GroupMagnitudeImportance``) regularising for --sparsity-epochs, then channels pruned (global) with the
+  pruning ratio bisected until the deployed model's measured latency matches the depth row's measured latency (same
+  arch, target, seed; the nominal target when that row is not there yet), then --finetune-epochs.
+* ``meta_taylor`` / ``meta_magnitude``: ``MetaPruner`` with ``GroupTaylorImportance`` (gradients of one
+  calibration batch) / ``GroupMagnitudeImportance``, pruned first (bisected on latency as above), then
+  --sparsity-epochs + --finetune-epochs of training: the same total epochs.
+Channel methods run with default rounding and with ``round_to=8`` (method name suffix ``_r8``); every channel method
+is distilled from the baseline like depth (alpha 0.5, T 4). Training: SGD momentum 0.9, lr 0.02 cosine, weight decay
+5e-4, batch 128, on --train-subset training images; calibration: 256 training images.
+
+Figures: top-1 on the full Fashion-MNIST test set; FLOPs of the deployed model (fvcore, resconv_plugin handles,
+batch 1); latency_rel = median batch-1 CPU latency of the deployed row model / the deployed baseline, timed in turns
+(--repeats rounds, --threads threads) right after the row finished. Rows are kept one JSON file each under
+benchmarks/results/equal_latency_rows/ (commit them): the same command resumes at the next row, in a later session
+too. The summary (``equal_latency_summary.json``): per arch, every point, and advantage_pt per target = best
+depth-based method's mean top-1 over seeds minus the best channel-only method's, each read off its method's
+top-1-vs-latency curve (points sorted by latency, linear in between, the baseline at latency 1.0); null where a
+channel-only method has no point at or below that latency.
+
+Usage: python benchmarks/equal_latency.py [--quick] [--archs ...] [--targets ...] [--seeds 0 1] [--methods ...]
+Ends with one JSON line (the summary).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import fnmatch
+import json
+import statistics
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+import resconv_plugin
+from resconv_plugin.data import build_datasets, calibration_batch
+from resconv_plugin.integrations.torch_pruning import channel_pruner
+from resconv_plugin.workflow import CompressionConfig, StageSettings, compress, evaluate, train_stage
+from common import RESULTS, environment, write_results
+
+BASELINES = Path(__file__).resolve().parent / "baselines"
+EXAMPLE = torch.zeros(1, 1, 28, 28)
+DEPTH_METHODS = ("depth", "joint")
+CHANNEL_METHODS = ("slim", "groupnorm", "meta_taylor", "meta_magnitude")
+REGULARISED = {"slim": 1e-4, "groupnorm": 1e-4}  # torch-pruning's default reg strengths
+
+
+def channel_spec(method):
+    """(pruner class, importance, round_to) of a channel method name (``slim``, ``meta_taylor_r8``, ...)."""
+    import torch_pruning as tp
+
+    base, _, rounding = method.partition("_r")
+    round_to = int(rounding) if rounding else None
+    classes = {"slim": (tp.pruner.BNScalePruner, tp.importance.BNScaleImportance()),
+               "groupnorm": (tp.pruner.GroupNormPruner, tp.importance.GroupMagnitudeImportance(p=2)),
+               "meta_taylor": (tp.pruner.MetaPruner, tp.importance.GroupTaylorImportance()),
+               "meta_magnitude": (tp.pruner.MetaPruner, tp.importance.GroupMagnitudeImportance(p=2))}
+    if base not in classes:
+        raise ValueError(f"unknown method {method!r}: one of {', '.join(DEPTH_METHODS + CHANNEL_METHODS)} "
+                         "(channel methods optionally with _r8)")
+    return (*classes[base], round_to)
+
+
+def latency_rel(model, base_plain, repeats):
+    plain = resconv_plugin.deployed(model)
+    times = resconv_plugin.interleaved_latencies({"m": lambda: plain(EXAMPLE), "b": lambda: base_plain(EXAMPLE)},
+                                                 repeats=repeats)
+    return times["m"] / times["b"]
+
+
+def settings(name, epochs, seed):
+    return StageSettings(name=name, epochs=epochs, lr=0.02, seed=seed, progress=False, distill_alpha=0.5)
+
+
+def depth_row(method, arch, target, seed, base, data, args):
+    """depth / joint through the public pipeline (the same code as ``resconv compress``)."""
+    out = Path(args.runs) / f"{arch}-{method}-t{target}-s{seed}"
+    config = CompressionConfig(model=arch, epochs=0, latency_reduction=round(1 - target, 6),
+                               channel_pruning="auto" if method == "joint" else 0.0,
+                               sparsity_epochs=args.sparsity_epochs, finetune_epochs=args.finetune_epochs,
+                               train_subset=args.train_subset, seed=seed, output=out, latency_repeats=args.repeats,
+                               plots=False, progress=False)
+    report = compress(config, data=data, model=base)
+    stages = {r["stage"]: r for r in report["stages"]}
+    model = resconv_plugin.load(out / "model.safetensors")
+    return model, {"removed": report["removed"], "channel_ratio": stages.get("channel_pruned", {}).get("channel_ratio")}
+
+
+def prune_channels(model, method, ratio, calib):
+    """A copy of ``model`` with ``ratio`` of its channels pruned (global) by ``method``'s importance."""
+    cls, importance, round_to = channel_spec(method)
+    candidate = copy.deepcopy(model).eval()
+    if ratio <= 0:
+        return candidate
+    kwargs = {"round_to": round_to} if round_to else {}
+    pruner = channel_pruner(candidate, EXAMPLE, cls, importance=importance, pruning_ratio=ratio,
+                            global_pruning=True, **kwargs)
+    if "taylor" in method:  # first-order importance needs gradients: one calibration batch
+        candidate.zero_grad()
+        torch.nn.functional.cross_entropy(candidate(calib[0]), calib[1]).backward()
+    pruner.step()
+    candidate.zero_grad(set_to_none=True)
+    return candidate.eval()
+
+
+def match_latency(model, method, target, base_plain, calib, args, tolerance=0.02, iterations=12):
+    """Bisect the channel pruning ratio until the deployed model's measured latency is within ``tolerance`` of
+    ``target`` (relative to the baseline); returns (model, ratio, measured latency_rel) of the closest try."""
+    lo, hi, best = 0.0, 0.95, None
+    for _ in range(iterations):
+        ratio = (lo + hi) / 2
+        candidate = prune_channels(model, method, ratio, calib)
+        rel = latency_rel(candidate, base_plain, args.repeats)
+        if best is None or abs(rel - target) < abs(best[2] - target):
+            best = (candidate, ratio, rel)
+        if abs(rel - target) <= tolerance:
+            break
+        lo, hi = (ratio, hi) if rel > target else (lo, ratio)
+    return best
+
+
+def channel_row(method, arch, target, seed, base, data, calib, base_plain, rows_dir, args):
+    depth_path = rows_dir / f"{arch}-depth-t{target}-s{seed}.json"
+    goal = json.loads(depth_path.read_text())["latency_rel"] if depth_path.exists() else target
+    model = copy.deepcopy(base).eval()
+    name = method.partition("_r")[0]
+    if name in REGULARISED:  # sparsity training with the pruner's regulariser, then prune
+        cls, importance, round_to = channel_spec(method)
+        regulariser = channel_pruner(model, EXAMPLE, cls, importance=importance, reg=REGULARISED[name],
+                                     global_pruning=True, **({"round_to": round_to} if round_to else {}))
+        train_stage(model, data, settings(f"{method} sparsity", args.sparsity_epochs, seed + 1),
+                    regularizers=[regulariser], teacher=base)
+        model, ratio, _ = match_latency(model.eval(), method, goal, base_plain, calib, args)
+        epochs = args.finetune_epochs
+    else:  # prune first, then train for the same total epochs
+        model, ratio, _ = match_latency(model, method, goal, base_plain, calib, args)
+        epochs = args.sparsity_epochs + args.finetune_epochs
+    train_stage(model, data, settings(f"{method} finetune", epochs, seed + 2), teacher=base)
+    return model.eval(), {"channel_ratio": ratio, "latency_goal": goal}
+
+
+def row_keys(archs, targets, seeds, methods):
+    """Depth first for every point (the channel rows match its measured latency)."""
+    ordered = [m for m in methods if m == "depth"] + [m for m in methods if m != "depth"]
+    return [f"{a}-{m}-t{t}-s{s}" for a in archs for s in seeds for t in targets for m in ordered]
+
+
+def parse_key(key):
+    arch, rest = key.split("-", 1)
+    method, target, seed = rest.rsplit("-", 2)
+    return arch, method, float(target[1:]), int(seed[1:])
+
+
+def load_baseline(arch, args, data):
+    if args.quick:
+        cache = Path(args.runs) / f"quick_base_{arch}.safetensors"
+        if cache.exists():
+            return resconv_plugin.load(cache)
+        import timm
+
+        torch.manual_seed(0)
+        base = timm.create_model(arch, num_classes=10, in_chans=1)
+        train_stage(base, data, StageSettings(name="quick baseline", epochs=1, lr=0.1, progress=False))
+        resconv_plugin.save(base.eval(), cache, model_name=arch, model_kwargs={"num_classes": 10, "in_chans": 1})
+        return base
+    path = BASELINES / f"{arch}_fmnist.safetensors"
+    return resconv_plugin.load(path) if path.exists() else None
+
+
+def curve_at(points, latency):
+    """Top-1 at ``latency`` on the curve through ``points`` [(latency_rel, top1)] plus the baseline (1.0, base):
+    linear in between; None below the curve's lowest latency."""
+    points = sorted(points)
+    if not points or latency < points[0][0]:
+        return None
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        if x0 <= latency <= x1:
+            return y0 if x1 == x0 else y0 + (y1 - y0) * (latency - x0) / (x1 - x0)
+    return points[-1][1]
+
+
+def summarise(records, baselines, targets):
+    summary = {"archs": {}}
+    for arch, base_top1 in baselines.items():
+        rows = [r for r in records if r["arch"] == arch]
+        points = [{"method": r["method"], "seed": r["seed"], "latency_rel": r["latency_rel"], "top1": r["top1"],
+                   "flops_rel": r["flops_rel"]} for r in rows]
+        by_method = {}
+        for r in rows:
+            by_method.setdefault(r["method"], {}).setdefault(r["seed"], []).append((r["latency_rel"], r["top1"]))
+        advantage = {}
+        for t in targets:
+            def best(methods):
+                means = []
+                for m in methods:
+                    values = [curve_at(pts + [(1.0, base_top1)], t) for pts in by_method.get(m, {}).values()]
+                    if values and all(v is not None for v in values):
+                        means.append(statistics.mean(values))
+                return max(means) if means else None
+
+            depth = best([m for m in by_method if m in DEPTH_METHODS])
+            channel = best([m for m in by_method if m not in DEPTH_METHODS])
+            advantage[str(t)] = None if depth is None or channel is None else depth - channel
+        summary["archs"][arch] = {"baseline_top1": base_top1, "points": points, "advantage_pt": advantage}
+    return summary
+
+
+def plot(summary, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    archs = list(summary["archs"])
+    if not archs:
+        return
+    fig, axes = plt.subplots(1, len(archs), figsize=(6 * len(archs), 4.5), squeeze=False)
+    for ax, arch in zip(axes[0], archs):
+        info = summary["archs"][arch]
+        for method in sorted({p["method"] for p in info["points"]}):
+            pts = sorted((p["latency_rel"], p["top1"], p["seed"]) for p in info["points"] if p["method"] == method)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o" if method in DEPTH_METHODS else "x", label=method)
+        ax.axhline(info["baseline_top1"], color="grey", lw=0.8, ls="--", label="baseline")
+        ax.set(title=arch, xlabel="CPU latency / baseline (batch 1, deployed)", ylabel="top-1 % (Fashion-MNIST)")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--archs", nargs="+", default=["cifar_resnet20", "cifar_resnet56"])
+    parser.add_argument("--targets", nargs="+", type=float, default=[0.8, 0.6, 0.45, 0.35])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    parser.add_argument("--methods", nargs="+", default=["depth", "joint", "slim", "slim_r8", "groupnorm_r8",
+                                                         "meta_taylor_r8", "meta_magnitude_r8"])
+    parser.add_argument("--train-subset", type=int, default=20000)
+    parser.add_argument("--sparsity-epochs", type=int, default=3)
+    parser.add_argument("--finetune-epochs", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--rows", nargs="*", default=["*"], help="fnmatch patterns of row keys to run")
+    parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--runs", default="runs/equal_latency", help="working folders of the pipeline rows")
+    parser.add_argument("--quick", action="store_true", help="cifar_resnet20, 1024 images, 1 + 1 epochs, target "
+                                                              "0.6, seed 0, depth and slim_r8 (under 2 minutes)")
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    name = "equal_latency"
+    if args.quick:
+        args.archs, args.targets, args.seeds, args.methods = ["cifar_resnet20"], [0.6], [0], ["depth", "slim_r8"]
+        args.train_subset, args.sparsity_epochs, args.finetune_epochs, args.repeats = 1024, 1, 1, 10
+        args.runs, name = "runs/equal_latency_quick", "equal_latency_quick"
+    for m in args.methods:
+        if m not in DEPTH_METHODS:
+            channel_spec(m)  # fail before any training on an unknown name
+    rows_dir = RESULTS / f"{name}_rows"
+    data = build_datasets("fashion-mnist", train_subset=args.train_subset, val_subset=2000 if args.quick else 0)
+    baselines, bases = {}, {}
+    for arch in args.archs:
+        base = load_baseline(arch, args, data)
+        if base is None:
+            print(f"note: {BASELINES / (arch + '_fmnist.safetensors')} is missing: {arch} skipped (train it with "
+                  f"python benchmarks/baselines/train.py --arch {arch})", flush=True)
+            continue
+        bases[arch] = base.eval()
+        baselines[arch] = evaluate(bases[arch], data)
+    keys = [k for k in row_keys(list(bases), args.targets, args.seeds, args.methods)
+            if any(fnmatch.fnmatch(k, p) for p in args.rows)]
+    print(f"{len(keys)} rows ({sum((rows_dir / f'{k}.json').exists() for k in keys)} done)", flush=True)
+    for key in keys:
+        path = rows_dir / f"{key}.json"
+        if path.exists():
+            continue
+        arch, method, target, seed = parse_key(key)
+        base, start = bases[arch], time.time()
+        base_plain = resconv_plugin.deployed(base)
+        if method in DEPTH_METHODS:
+            model, info = depth_row(method, arch, target, seed, base, data, args)
+        else:
+            calib = calibration_batch(data, 256, seed=seed)
+            model, info = channel_row(method, arch, target, seed, base, data, calib, base_plain, rows_dir, args)
+        plain = resconv_plugin.deployed(model)
+        record = {"key": key, "arch": arch, "method": method, "target": target, "seed": seed,
+                  "top1": evaluate(model, data), "baseline_top1": baselines[arch],
+                  "latency_rel": latency_rel(model, base_plain, args.repeats),
+                  "flops_rel": resconv_plugin.count_flops(plain, EXAMPLE).total
+                  / resconv_plugin.count_flops(base_plain, EXAMPLE).total,
+                  **info, "minutes": (time.time() - start) / 60, "environment": environment()}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(record, indent=2) + "\n")
+        tmp.replace(path)
+        print(json.dumps({k: v for k, v in record.items() if k not in ("environment", "removed")}), flush=True)
+    report(name, rows_dir, baselines, args.targets)
+
+
+def report(name, rows_dir, baselines, targets):
+    records = [json.loads(p.read_text()) for p in sorted(rows_dir.glob("*.json"))]
+    records = [r for r in records if r["arch"] in baselines]
+    summary = summarise(records, baselines, targets)
+    header = ["arch", "target", "method", "seed", "top-1 %", "change", "latency vs base", "FLOPs vs base",
+              "channel ratio"]
+    rows = [[r["arch"], r["target"], r["method"], r["seed"], f"{r['top1']:.2f}",
+             f"{r['top1'] - r['baseline_top1']:+.2f}",
+             f"{r['latency_rel']:.3f}", f"{r['flops_rel']:.3f}",
+             "-" if r.get("channel_ratio") is None else f"{r['channel_ratio']:.3f}"]
+            for r in sorted(records, key=lambda r: (r["arch"], -r["target"], r["method"], r["seed"]))]
+    env = records[-1]["environment"] if records else environment()
+    write_results(name, {"environment": env, "records": records, "summary": summary}, header, rows,
+                  notes=__doc__.split("Usage:")[0].strip().replace("\n", " "))
+    summary_path = RESULTS / f"{name}_summary.json"
+    tmp = summary_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(summary, indent=2) + "\n")
+    tmp.replace(summary_path)
+    plot(summary, RESULTS / f"{name}.png")
+    print(json.dumps({a: s["advantage_pt"] for a, s in summary["archs"].items()}))
+
+
+if __name__ == "__main__":
+    main()
