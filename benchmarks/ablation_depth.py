@@ -47,7 +47,7 @@ import torch
 import resconv_plugin
 from resconv_plugin.data import build_datasets, calibration_batch
 from resconv_plugin.workflow import StageSettings, evaluate, finetune, remove_pruned, sparsity_steps, train_stage
-from common import RESULTS, environment, write_results
+from common import RESULTS, environment, write_json, write_results
 
 EXAMPLE = torch.zeros(1, 1, 28, 28)
 BASELINE = Path(__file__).resolve().parent / "baselines" / "cifar_resnet20_fmnist.safetensors"
@@ -188,10 +188,7 @@ def main() -> None:
             info["latency_rel_predicted"] = 1 - predicted / table_total
         record = {"key": key, **spec, **info, "baseline_top1": base_top1, "flops_rel": info["flops"] / base_flops,
                   "minutes": (time.time() - start) / 60, "environment": environment()}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(record, indent=2) + "\n")
-        tmp.replace(path)
+        write_json(path, record)
         print(json.dumps({k: v for k, v in record.items() if k not in ("environment", "removed")}), flush=True)
     report(name, rows_dir, base_top1)
 

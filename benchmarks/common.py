@@ -50,6 +50,11 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def write_json(path: Path, obj: object) -> None:
+    """``obj`` as indented JSON at ``path``, written atomically (a finished row or a summary: never half a file)."""
+    _atomic_write(path, json.dumps(obj, indent=2) + "\n")
+
+
 def write_results(name: str, payload: Dict[str, object], header: Sequence[str], rows: List[Sequence[object]],
                   notes: str = "", sections: str = "") -> None:
     """Write ``results/<name>.json`` and ``results/<name>.md`` (a table with the command and environment, then

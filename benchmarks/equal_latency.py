@@ -51,7 +51,7 @@ import resconv_plugin
 from resconv_plugin.data import build_datasets, calibration_batch
 from resconv_plugin.integrations.torch_pruning import channel_pruner
 from resconv_plugin.workflow import CompressionConfig, StageSettings, compress, evaluate, train_stage
-from common import RESULTS, environment, write_results
+from common import RESULTS, environment, write_json, write_results
 
 BASELINES = Path(__file__).resolve().parent / "baselines"
 EXAMPLE = torch.zeros(1, 1, 28, 28)
@@ -304,10 +304,7 @@ def main() -> None:
                   "flops_rel": resconv_plugin.count_flops(plain, EXAMPLE).total
                   / resconv_plugin.count_flops(base_plain, EXAMPLE).total,
                   **info, "minutes": (time.time() - start) / 60, "environment": environment()}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(record, indent=2) + "\n")
-        tmp.replace(path)
+        write_json(path, record)
         print(json.dumps({k: v for k, v in record.items() if k not in ("environment", "removed")}), flush=True)
     report(name, rows_dir, baselines, args.targets)
 
@@ -326,10 +323,7 @@ def report(name, rows_dir, baselines, targets):
     env = records[-1]["environment"] if records else environment()
     write_results(name, {"environment": env, "records": records, "summary": summary}, header, rows,
                   notes=__doc__.split("Usage:")[0].strip().replace("\n", " "))
-    summary_path = RESULTS / f"{name}_summary.json"
-    tmp = summary_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(summary, indent=2) + "\n")
-    tmp.replace(summary_path)
+    write_json(RESULTS / f"{name}_summary.json", summary)
     plot(summary, RESULTS / f"{name}.png")
     print(json.dumps({a: s["advantage_pt"] for a, s in summary["archs"].items()}))
 

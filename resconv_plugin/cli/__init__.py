@@ -246,7 +246,10 @@ def _parse_namespace(argv: Sequence[str]) -> argparse.Namespace:
 def parse_compress_args(argv: Sequence[str], world: int = 1) -> CompressionConfig:
     """Parse ``compress`` / ``demo`` arguments (YAML defaults, quick / demo presets) into a checked
     :class:`~resconv_plugin.workflow.CompressionConfig`."""
-    args = _parse_namespace(argv)
+    return _config_of(_parse_namespace(argv), argv, world)
+
+
+def _config_of(args: argparse.Namespace, argv: Sequence[str], world: int) -> CompressionConfig:
     settings = {k: v for k, v in vars(args).items() if k not in COMMAND_ONLY}
     config = CompressionConfig(**settings, plots=not args.no_plots,
                                command="resconv " + " ".join(shlex.quote(a) for a in argv))
@@ -267,18 +270,14 @@ def _setup_logging(level: str, log_file: Optional[Path], main_process: bool) -> 
         log.addHandler(handler)
 
 
-def _device_option(argv: Sequence[str]) -> str:
-    """``--device`` from the command line (or its YAML), needed before the process group is joined."""
-    return _parse_namespace(argv).device
-
-
 def _run_compress(argv: Sequence[str]) -> int:
     from resconv_plugin.workflow import compress, init_distributed
 
-    dist = init_distributed(_device_option(argv))
+    args = _parse_namespace(argv)  # --device is needed before the process group is joined
+    dist = init_distributed(args.device)
     try:
-        config = parse_compress_args(argv, dist.world)
-        _setup_logging(_parse_namespace(argv).log_level, config.output / "log.txt", dist.main)
+        config = _config_of(args, argv, dist.world)
+        _setup_logging(args.log_level, config.output / "log.txt", dist.main)
         log.info("%s (%d process%s)", config.command, dist.world, "es" if dist.world > 1 else "")
         compress(config, dist)
     finally:
