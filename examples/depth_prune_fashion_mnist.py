@@ -8,7 +8,7 @@ changes test accuracy by exactly 0, the fused model matches, and the FLOPs (fvco
 Ends with one JSON line.
 
 Usage:
-    python examples/depth_prune_fashion_mnist.py --quick               # ~1 minute, a subset (run by the tests)
+    python examples/depth_prune_fashion_mnist.py --quick               # ~30 s, a subset (run by the tests)
     python examples/depth_prune_fashion_mnist.py --baseline-epochs 15 --sparsity-epochs 3 --out results.json
 """
 
@@ -93,11 +93,11 @@ def main() -> None:
     parser.add_argument("--test-subset", type=int, default=0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data-dir", type=Path)
-    parser.add_argument("--quick", action="store_true", help="4096 training / 2000 test images, 1 + 1 epochs")
+    parser.add_argument("--quick", action="store_true", help="2048 training / 1000 test images, 1 + 1 epochs")
     parser.add_argument("--out", type=Path, help="also write the JSON summary here")
     args = parser.parse_args()
     if args.quick:
-        args.train_subset, args.test_subset = args.train_subset or 4096, args.test_subset or 2000
+        args.train_subset, args.test_subset = args.train_subset or 2048, args.test_subset or 1000
         args.baseline_epochs, args.sparsity_epochs = 1, 1
     warnings.filterwarnings("ignore")
     torch.manual_seed(args.seed)

@@ -140,7 +140,7 @@ def test_yaml_config_and_command_line_override(tmp_path):
 
 
 def _interrupt_and_resume(tmp_path: Path):
-    args = ["compress", *QUICK, "--sparsity-epochs", "4", "--no-plots", "--seed", "3"]
+    args = ["compress", *QUICK, "--sparsity-epochs", "3", "--no-plots", "--seed", "3"]
     out = tmp_path / "killed"
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))  # as run_cli: same threads
     proc = subprocess.Popen([sys.executable, "-m", "resconv_plugin.cli", *args, "--output", str(out)],
@@ -169,15 +169,15 @@ def test_kill_and_resume(tmp_path):
     require_fashion_mnist()
     args, out, saved = _interrupt_and_resume(tmp_path)
     at = torch.load(out / "checkpoint.pt", weights_only=False)["progress"]
-    assert at["stage"] == "sparsity" and 1 <= at["epoch"] < 4
+    assert at["stage"] == "sparsity" and 1 <= at["epoch"] < 3
     assert at["optimizer"]["state"], "momentum buffers are part of the checkpoint"
     check_ok(run_cli(*args, "--output", str(out)))
     log = (out / "log.txt").read_text()
-    assert f"sparsity: resumed at epoch {at['epoch']}/4" in log
+    assert f"sparsity: resumed at epoch {at['epoch']}/3" in log
     report = json.loads((out / "report.json").read_text())
     assert report["resumed"] and report["resumed"][0]["at"] == f"sparsity epoch {at['epoch']}"
     epochs = [(e["stage"], e["epoch"]) for e in report["epochs"]]
-    assert epochs == [("baseline", 1)] + [("sparsity", i) for i in range(1, 5)] + [("finetune", 1)]
+    assert epochs == [("baseline", 1)] + [("sparsity", i) for i in range(1, 4)] + [("finetune", 1)]
     reference = tmp_path / "uninterrupted"
     check_ok(run_cli(*args, "--output", str(reference)))
     from safetensors.torch import load_file

@@ -2,6 +2,7 @@
 (benchmarks and examples use public names only; old checkpoints' class paths still load; CLI errors vs bugs)."""
 
 import ast
+import dataclasses
 import copy
 from pathlib import Path
 
@@ -45,6 +46,8 @@ def test_config_defaults_and_checks(tmp_path):
         CompressionConfig(model="cifar_resnet20", importance="l1").validated()
     with pytest.raises(ConfigError, match="flops_reduction \\(--flops-reduction\\) must be in \\[0, 1\\], got 1.5"):
         CompressionConfig(model="cifar_resnet20", flops_reduction=1.5).validated()
+    with pytest.raises(ConfigError, match="calibration_size \\(--calibration-size\\) must be a positive int, got 0"):
+        CompressionConfig(model="cifar_resnet20", calibration_size=0).validated()
     with pytest.raises(ConfigError, match="batch-size 10 must be positive and divide over 3 processes"):
         CompressionConfig(model="cifar_resnet20", batch_size=10).validated(world=3)
     assert issubclass(ConfigError, ValueError)
@@ -129,6 +132,14 @@ def test_compress_from_python_runs_and_resumes(tmp_path):
     assert again.run_state.state["done"][-1] == "save"
     with pytest.raises(ConfigError, match="holds a run with other settings \\(1 differ: seed: 0 -> 1\\)"):
         compress(CompressionConfig(**{**config.__dict__, "seed": 1}), data=tiny_data())
+    # a checkpoint of an older version, without a setting added since (at its default): still resumes
+    checkpoint = tmp_path / "run" / "checkpoint.pt"
+    state = torch.load(checkpoint, weights_only=False)
+    del state["settings"]["calibration_size"]
+    torch.save(state, checkpoint)
+    assert Pipeline(config.validated(), data=tiny_data()).run_state.state["done"][-1] == "save"
+    with pytest.raises(ConfigError, match="1 differ: calibration_size: 256 -> 64"):
+        Pipeline(dataclasses.replace(config, calibration_size=64).validated(), data=tiny_data())
 
 
 def test_cli_internal_bug_keeps_its_traceback(tmp_path, monkeypatch):

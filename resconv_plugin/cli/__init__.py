@@ -39,7 +39,7 @@ log = logging.getLogger("resconv")
 #: Options of the command that are not settings of the run (the rest map 1:1 onto CompressionConfig fields).
 COMMAND_ONLY = ("command_name", "config", "quick", "log_level", "no_plots")
 QUICK = {"train_subset": 1024, "val_subset": 512, "latency_repeats": 10, "epochs": 1, "sparsity_epochs": 1,
-         "finetune_epochs": 1}
+         "finetune_epochs": 1, "calibration_size": 64}
 DEMO = {"model": "cifar_resnet20", "data": "fashion-mnist", "train_subset": 10000, "epochs": 3, "lr": 0.1,
         "sparsity_epochs": 2, "finetune_epochs": 2, "flops_reduction": 0.4, "output": "runs/demo"}
 
@@ -110,6 +110,9 @@ def _add_compress_options(p: argparse.ArgumentParser, demo: bool = False) -> Non
                                              "magnitude importance, else 0)")
     g.add_argument("--cap-start", type=float, default=0.0, help="LayerPruner cap_start")
     g.add_argument("--ignored-layers", nargs="*", default=[], help="gate names never removed")
+    g.add_argument("--calibration-size", type=int, default=256,
+                   help="training images (with labels) of the calibration batch: importance, the removal check, "
+                        "the joint plan's scores")
 
     g = p.add_argument_group("training (timm optimizer / scheduler / losses)")
     g.add_argument("--epochs", type=int, default=10, help="baseline training / fine-tuning epochs before "
@@ -162,7 +165,8 @@ def _add_compress_options(p: argparse.ArgumentParser, demo: bool = False) -> Non
     g.add_argument("--restart", action="store_true", help="start over even if the output folder holds a run")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--quick", action="store_true",
-                   help="smoke check: 1024 / 512 images, one epoch per stage (explicit options win)")
+                   help="smoke check: 1024 / 512 images, one epoch per stage, a 64-image calibration batch "
+                        "(explicit options win)")
     g.add_argument("--latency-repeats", type=int, default=50)
     g.add_argument("--no-plots", action="store_true")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")

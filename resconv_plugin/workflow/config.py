@@ -75,6 +75,7 @@ class CompressionConfig:
     reg: Optional[float] = None
     cap_start: float = 0.0
     ignored_layers: List[str] = field(default_factory=list)
+    calibration_size: int = 256
     # training
     epochs: int = 10
     lr: float = 0.1
@@ -167,6 +168,9 @@ class CompressionConfig:
         for name in ("epochs", "sparsity_epochs", "finetune_epochs", "train_subset", "val_subset"):
             if getattr(c, name) < 0:
                 raise ConfigError(f"{name} (--{_flag(name)}) must be >= 0, got {getattr(c, name)}")
+        if isinstance(c.calibration_size, bool) or not isinstance(c.calibration_size, int) or c.calibration_size < 1:
+            raise ConfigError(f"calibration_size (--calibration-size) must be a positive int, got "
+                             f"{c.calibration_size!r}")
         if c.channel_pruning != "auto" and not (isinstance(c.channel_pruning, (int, float))
                                                  and 0.0 <= c.channel_pruning <= 1.0):
             raise ConfigError(f"channel_pruning (--channel-pruning) must be a ratio in [0, 1] or 'auto', got "

@@ -93,6 +93,9 @@ class Run:
 
     def _resume(self) -> None:
         saved = torch.load(self.path, map_location="cpu", weights_only=False)
+        # a setting newer than the checkpoint's version compares as its default
+        defaults = CompressionConfig().resume_settings()
+        saved["settings"] = {**{k: v for k, v in defaults.items() if k not in saved["settings"]}, **saved["settings"]}
         differ = sorted((k for k in set(saved["settings"]) | set(self.settings)
                          if saved["settings"].get(k) != self.settings.get(k)),
                         key=lambda k: (k not in ("model", "data"), k))
@@ -175,7 +178,7 @@ class Pipeline:
         self.cpu_example = torch.zeros(1, self.data.in_chans, self.data.img_size, self.data.img_size)
         self.example = self.cpu_example.to(self.device)
         # training images: no test image decides what goes
-        self.calib = tuple(t.to(self.device) for t in calibration_batch(self.data, 256, seed=c.seed))
+        self.calib = tuple(t.to(self.device) for t in calibration_batch(self.data, c.calibration_size, seed=c.seed))
         self.teacher: Optional[nn.Module] = None
         self.stages: Dict[str, Callable[[], None]] = {name: getattr(self, name) for name in STAGES}
 
