@@ -43,7 +43,7 @@ import timm
 import torch
 
 import resconv_plugin
-from common import RESULTS, environment, write_results
+from common import RESULTS, environment, write_json, write_results
 from latency_equal_flops import ARCHS, depth_pruned, match_flops
 
 MODELS = ("baseline", "depth", "channel", "channel_r8")
@@ -195,9 +195,7 @@ def main() -> None:
                 continue
             record = run_setting(arch, budget, args, folder)
             record["environment"] = environment()
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.with_suffix(".tmp").write_text(json.dumps(record, indent=2) + "\n")
-            path.with_suffix(".tmp").replace(path)
+            write_json(path, record)
             records.append(record)
     keys = sorted({k for r in records for k in r["ms"]})
     summary = {"benchmark": args.name, "settings": len(records),
