@@ -222,10 +222,17 @@ def main() -> None:
         for runtime, peaks in r.get("peak_mb_b32", {}).items():
             memory.append(f"| {r['arch']} | {1 - r['flops']['depth'] / r['flops']['baseline']:.0%} | {runtime} | "
                           + " | ".join(f"{peaks[m]:.0f}" for m in MODELS) + " |")
+    archs = list(dict.fromkeys(r["arch"] for r in records))
+    summary["per_arch_ratio_depth_over_channel_r8"] = {
+        a: {k: statistics.median(r["ratio_depth_over_channel_r8"][k] for r in records if r["arch"] == a and k in r["ms"])
+            for k in keys if any(r["arch"] == a and k in r["ms"] for r in records)} for a in archs}
     verdict = ["", "## Median depth / channel_r8 latency per runtime (< 1: depth faster)", "",
-               "| runtime, batch | median ratio |", "|---|---|"]
-    verdict += [f"| {k.replace('_b', ', b')} | {v:.2f} |" for k, v in summary["median_ratio_depth_over_channel_r8"]
-                .items()]
+               "All: median over every architecture and budget; per architecture: median over its budgets.", "",
+               "| runtime, batch | all | " + " | ".join(archs) + " |", "|---|---|" + "---|" * len(archs)]
+    verdict += [f"| {k.replace('_b', ', b')} | {v:.2f} | " + " | ".join(
+        f"{summary['per_arch_ratio_depth_over_channel_r8'][a][k]:.2f}"
+        if k in summary["per_arch_ratio_depth_over_channel_r8"][a] else "" for a in archs) + " |"
+        for k, v in summary["median_ratio_depth_over_channel_r8"].items()]
     env = records[-1]["environment"] if records else environment()
     write_results(args.name, {"environment": env, "records": records, "summary": summary, "args": vars(args)},
                   header, rows, notes=" ".join([__doc__.split("Finished settings")[0].strip().replace("\n", " ")]
