@@ -63,6 +63,11 @@ def runner(runtime: str, model: torch.nn.Module, onnx_path: Path, batch: int, x:
     if runtime == "eager":
         return lambda: model(x)
     if runtime == "compile":
+        # every model x batch size is a new compile of the same forward: past dynamo's recompile limit (8) it would
+        # silently run eager, so the limit is raised and hitting it is an error, never an eager row labelled compile
+        torch._dynamo.config.recompile_limit = 256
+        torch._dynamo.config.accumulated_recompile_limit = 4096
+        torch._dynamo.config.fail_on_recompile_limit_hit = True
         compiled = torch.compile(copy.deepcopy(model), dynamic=False)
         with torch.no_grad():
             compiled(x)  # compile now, not inside the timing
@@ -139,6 +144,8 @@ def run_setting(arch: str, budget: float, args, folder: Path) -> dict:
         for batch in args.batches:
             x = torch.randn(batch, 3, size, size)
             start = time.time()
+            if runtime == "compile":
+                torch._dynamo.reset()  # only the four models timed now in dynamo's cache (each call checks guards)
             with torch.no_grad():
                 fns = {name: runner(runtime, model, onnx_files[name], batch, x, args.threads)
                        for name, model in models.items()}
