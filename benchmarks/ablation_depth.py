@@ -28,7 +28,7 @@ Finished rows are written one JSON file each under benchmarks/results/ablation_d
 command skips them, so an interrupted run resumes at the next row, in a later session too. ``--rows`` picks rows
 by key (e.g. ``--rows 'b0.5-layer-*'``).
 
-Usage: python benchmarks/ablation_depth.py [--quick] [--rows PATTERN ...] [--seed 0]
+Usage: python benchmarks/ablation_depth.py [--quick] [--rows PATTERN ...] [--seed 0] [--report]
 Ends with one JSON line (the summary).
 """
 
@@ -150,7 +150,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="1024 images, 1 epoch per phase, 3 rows, quick "
                                                               "baseline (under 2 minutes)")
+    parser.add_argument("--report", action="store_true", help="only rewrite the report from the finished rows")
     args = parser.parse_args()
+    if args.report:
+        rows_dir = RESULTS / "ablation_depth_rows"
+        report("ablation_depth", rows_dir, json.loads(next(rows_dir.glob("*.json")).read_text())["baseline_top1"])
+        return
     warnings.filterwarnings("ignore")
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -211,9 +216,29 @@ def report(name, rows_dir, base_top1):
                "rows": {r["key"]: {"top1_after_sparsity": r["top1_after_sparsity"],
                                    "top1_finetuned": r["top1_finetuned"], "flops_removed": 1 - r["flops_rel"],
                                    "latency_rel": r["latency_rel"]} for r in records}}
+    by_setting: dict = {}
+    for r in records:
+        by_setting.setdefault(r["key"].rsplit("-s", 1)[0], []).append(r)
+    seeds = ["", "## Rows with more than one seed", "",
+             "Change = top-1 (fine-tuned, or after removal for the no-fine-tuning rows) minus the baseline's; mean "
+             "and spread (max - min) over the seeds.", "",
+             "| setting | seeds | change per seed | mean change | spread |", "|---|---|---|---|---|"]
+    summary["seeds"] = {}
+    for setting, group in by_setting.items():
+        if len(group) < 2:
+            continue
+        changes = [(r["top1_finetuned"] if r["top1_finetuned"] is not None else r["top1_after_sparsity"]) - base_top1
+                   for r in group]
+        summary["seeds"][setting] = {"seeds": [r["seed"] for r in group], "changes": changes,
+                                     "mean_change": sum(changes) / len(changes),
+                                     "spread": max(changes) - min(changes)}
+        seeds.append(f"| {setting} | {', '.join(str(r['seed']) for r in group)} | "
+                     f"{' / '.join(f'{c:+.2f}' for c in changes)} | {sum(changes) / len(changes):+.2f} | "
+                     f"{max(changes) - min(changes):.2f} |")
     env = records[-1]["environment"] if records else environment()
     write_results(name, {"environment": env, "records": records, "summary": summary}, header, rows,
-                  notes=__doc__.split("Finished rows")[0].strip().replace("\n", " "))
+                  notes=__doc__.split("Finished rows")[0].strip().replace("\n", " "),
+                  sections="\n".join(seeds) + "\n" if summary["seeds"] else "")
     print(json.dumps(summary))
 
 
