@@ -24,11 +24,16 @@ turns right after the row finished (``latency_rel`` = row / baseline); the laten
 set (``LayerPruner(latency_reduction=...)``'s table, measured once on the deployed baseline, batch 1) against that
 measurement.
 
-Finished rows are written one JSON file each under benchmarks/results/ablation_depth_rows/ (commit them): the same
-command skips them, so an interrupted run resumes at the next row, in a later session too. ``--rows`` picks rows
-by key (e.g. ``--rows 'b0.5-layer-*'``).
+``--arch`` runs the same grid from another committed baseline (``benchmarks/baselines/<arch>_fmnist.safetensors``,
+trained by ``benchmarks/baselines/train.py --arch <arch>``), e.g. ``--arch resnet18`` for timm's ResNet-18 (block
+gates on its 5 identity-shortcut BasicBlocks, layer gates on its 13 eligible convs); its results are
+``ablation_depth_<arch>.*``.
 
-Usage: python benchmarks/ablation_depth.py [--quick] [--rows PATTERN ...] [--seed 0] [--report]
+Finished rows are written one JSON file each under benchmarks/results/ablation_depth_rows/ (``ablation_depth_<arch>_rows``
+for another ``--arch``; commit them): the same command skips them, so an interrupted run resumes at the next row, in
+a later session too. ``--rows`` picks rows by key (e.g. ``--rows 'b0.5-layer-*'``).
+
+Usage: python benchmarks/ablation_depth.py [--quick] [--arch cifar_resnet20] [--rows PATTERN ...] [--seed 0] [--report]
 Ends with one JSON line (the summary).
 """
 
@@ -50,7 +55,8 @@ from resconv_plugin.workflow import StageSettings, evaluate, finetune, remove_pr
 from common import RESULTS, environment, write_json, write_results
 
 EXAMPLE = torch.zeros(1, 1, 28, 28)
-BASELINE = Path(__file__).resolve().parent / "baselines" / "cifar_resnet20_fmnist.safetensors"
+BASELINES = Path(__file__).resolve().parent / "baselines"
+DEFAULT_ARCH = "cifar_resnet20"
 CRITERIA = {"magnitude": "magnitude", "removal": "removal-iterative", "taylor": "taylor"}
 
 
@@ -115,12 +121,20 @@ def measure(model, base_plain, table, args):
             "baseline_latency_ms": 1e3 * lat["base"], "latency_rel": lat["row"] / lat["base"]}
 
 
+def results_name(arch, quick=False):
+    """``ablation_depth`` for the default architecture, ``ablation_depth_<arch>`` for another."""
+    return "ablation_depth" + ("" if arch == DEFAULT_ARCH else f"_{arch}") + ("_quick" if quick else "")
+
+
 def load_baseline(args, data):
     if not args.quick:
-        if not BASELINE.exists():
-            raise SystemExit(f"{BASELINE} is missing: train it first with python benchmarks/baselines/train.py "
-                             "--arch cifar_resnet20")
-        return resconv_plugin.load(BASELINE)
+        path = BASELINES / f"{args.arch}_fmnist.safetensors"
+        if not path.exists():
+            raise SystemExit(f"{path} is missing: train it first with python benchmarks/baselines/train.py "
+                             f"--arch {args.arch}")
+        return resconv_plugin.load(path)
+    if args.arch != DEFAULT_ARCH:
+        raise SystemExit(f"--quick trains its own {DEFAULT_ARCH} baseline; it does not take --arch {args.arch}")
     cache = Path("runs/bench_cache/ablation_quick_base.safetensors")
     if cache.exists():
         return resconv_plugin.load(cache)
@@ -137,6 +151,7 @@ def load_baseline(args, data):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", default=DEFAULT_ARCH, help="the baseline to start from (benchmarks/baselines/)")
     parser.add_argument("--budgets", nargs="+", type=float, default=[0.5, 0.35])
     parser.add_argument("--low-rates", nargs="*", type=float, default=[0.1, 0.2])
     parser.add_argument("--train-subset", type=int, default=20000)
@@ -153,17 +168,20 @@ def main() -> None:
     parser.add_argument("--report", action="store_true", help="only rewrite the report from the finished rows")
     args = parser.parse_args()
     if args.report:
-        rows_dir = RESULTS / "ablation_depth_rows"
-        report("ablation_depth", rows_dir, json.loads(next(rows_dir.glob("*.json")).read_text())["baseline_top1"])
+        name = results_name(args.arch)
+        rows_dir = RESULTS / f"{name}_rows"
+        if not any(rows_dir.glob("*.json")):
+            raise SystemExit(f"--report: no finished rows in {rows_dir}")
+        report(name, rows_dir, json.loads(next(rows_dir.glob("*.json")).read_text())["baseline_top1"])
         return
     warnings.filterwarnings("ignore")
     if args.threads:
         torch.set_num_threads(args.threads)
-    name = "ablation_depth"
+    name = results_name(args.arch, args.quick)
     if args.quick:
         args.train_subset, args.val_subset, args.sparsity_epochs, args.finetune_epochs = 1024, 2000, 1, 1
         args.repeats = 10
-        args.budgets, args.low_rates, args.calibration, name = [0.5], [], 64, "ablation_depth_quick"
+        args.budgets, args.low_rates, args.calibration = [0.5], [], 64
         args.rows = [f"b0.5-layer-*-kdoff-s{args.seed}"]
     rows_dir = RESULTS / f"{name}_rows"
     data = build_datasets("fashion-mnist", train_subset=args.train_subset, val_subset=args.val_subset, seed=args.seed)
@@ -191,7 +209,7 @@ def main() -> None:
         if spec["level"] == "layer":
             predicted = resconv_plugin.pruning.predicted_saving(table, info["removed"])
             info["latency_rel_predicted"] = 1 - predicted / table_total
-        record = {"key": key, **spec, **info, "baseline_top1": base_top1, "flops_rel": info["flops"] / base_flops,
+        record = {"key": key, "arch": args.arch, **spec, **info, "baseline_top1": base_top1, "flops_rel": info["flops"] / base_flops,
                   "minutes": (time.time() - start) / 60, "environment": environment()}
         write_json(path, record)
         print(json.dumps({k: v for k, v in record.items() if k not in ("environment", "removed")}), flush=True)

@@ -7,9 +7,10 @@ import os
 import platform
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from typing import Dict, List, Sequence
+
+from resconv_plugin.workflow.report import write_text_atomic
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -42,24 +43,17 @@ def environment() -> Dict[str, object]:
     }
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
 
 def write_json(path: Path, obj: object) -> None:
     """``obj`` as indented JSON at ``path``, written atomically (a finished row or a summary: never half a file)."""
-    _atomic_write(path, json.dumps(obj, indent=2) + "\n")
+    write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
 
 
 def write_results(name: str, payload: Dict[str, object], header: Sequence[str], rows: List[Sequence[object]],
                   notes: str = "", sections: str = "") -> None:
     """Write ``results/<name>.json`` and ``results/<name>.md`` (a table with the command and environment, then
     ``sections``: further markdown)."""
-    _atomic_write(RESULTS / f"{name}.json", json.dumps(payload, indent=2) + "\n")
+    write_text_atomic(RESULTS / f"{name}.json", json.dumps(payload, indent=2) + "\n")
     env = payload["environment"]
     lines = [f"# {name}", "", f"Command: `{env['command']}`", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -67,4 +61,4 @@ def write_results(name: str, payload: Dict[str, object], header: Sequence[str], 
     lines += ["", notes, "", "Environment: " + ", ".join(f"{k} {v}" for k, v in env.items() if k != "command"), ""]
     if sections:
         lines += [sections]
-    _atomic_write(RESULTS / f"{name}.md", "\n".join(lines))
+    write_text_atomic(RESULTS / f"{name}.md", "\n".join(lines))

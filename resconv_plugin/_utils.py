@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import tempfile
+from pathlib import Path
 from typing import Iterator, Sequence, Tuple, Union
 
 import torch
@@ -66,13 +68,24 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
             module.training = flag
 
 
-def publish_file(tmp: "os.PathLike[str]", path: "os.PathLike[str]") -> None:
-    """Move a finished temporary file (from ``tempfile.mkstemp``, which makes it private) to ``path`` atomically, with
-    the permissions an ordinary ``open()`` would have given it under the current umask."""
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(tmp, 0o666 & ~mask)
-    os.replace(tmp, path)
+@contextlib.contextmanager
+def atomic_file(path: "os.PathLike[str]") -> Iterator[str]:
+    """Write ``path`` all at once or not at all: yield a temporary file name in the same folder; when the block ends
+    without an error, move the file to ``path`` with the permissions an ordinary ``open()`` would give it under the
+    current umask (``tempfile.mkstemp`` makes it private); on an error, delete it and leave ``path`` as it was.
+    The folder must exist."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield tmp
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:

@@ -71,6 +71,29 @@ def test_save_is_atomic_and_leaves_no_temp_files(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]
 
 
+def test_reports_are_written_atomically_with_ordinary_permissions(tmp_path, monkeypatch):
+    import os
+
+    from resconv_plugin.workflow.report import write_text_atomic
+
+    path = tmp_path / "sub" / "report.json"
+    write_text_atomic(path, "first")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert path.read_text() == "first"
+    assert os.stat(path).st_mode & 0o777 == 0o666 & ~mask  # not mkstemp's private 0600
+
+    def failing_write(self, text):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(type(path), "write_text", failing_write)
+    with pytest.raises(OSError, match="disk full"):
+        write_text_atomic(path, "second")
+    monkeypatch.undo()
+    assert path.read_text() == "first"
+    assert [p.name for p in path.parent.iterdir()] == ["report.json"]
+
+
 def test_load_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint at"):
         resconv_plugin.load(tmp_path / "missing.safetensors")

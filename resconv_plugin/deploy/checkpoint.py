@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, Optional, Union
 
@@ -33,7 +32,7 @@ from torch import nn
 
 from resconv_plugin.fx.recipe import recipe_steps
 from resconv_plugin.deploy.structure import StructureError, apply_structure, describe
-from resconv_plugin._utils import check_module, publish_file
+from resconv_plugin._utils import atomic_file, check_module
 
 __all__ = ["save", "load", "read_recipe", "make_recipe", "build_from_recipe", "check_rebuilds",
            "state_dict_differences", "FORMAT"]
@@ -103,14 +102,8 @@ def save(model: nn.Module, path: PathLike, *, model_name: Optional[str] = None,
     check_rebuilds(recipe, state)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_file(path) as tmp:
         save_file(state, tmp, metadata={_META_KEY: json.dumps(recipe)})
-        publish_file(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +17,7 @@ import torch
 from torch import nn
 
 from resconv_plugin.deploy.fold import deployed
-from resconv_plugin._utils import ExampleInputs, as_input_tuple, check_module, publish_file
+from resconv_plugin._utils import ExampleInputs, as_input_tuple, atomic_file, check_module
 
 __all__ = ["export_onnx", "OnnxExport", "onnx_session", "MAX_RELATIVE_ERROR"]
 
@@ -126,9 +125,7 @@ def export_onnx(model: nn.Module, example_inputs: ExampleInputs, path: Union[str
     plain = deployed(model)
     trace_inputs = _batched(inputs, 2) if dynamic_batch and inputs[0].shape[0] == 1 else inputs
     dynamic_shapes = tuple({0: torch.export.Dim("batch", min=1)} for _ in inputs) if dynamic_batch else None
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_file(path) as tmp:
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
             torch.onnx.export(plain, trace_inputs, tmp, dynamo=True, dynamic_shapes=dynamic_shapes,
@@ -142,8 +139,4 @@ def export_onnx(model: nn.Module, example_inputs: ExampleInputs, path: Union[str
                              f"{MAX_RELATIVE_ERROR:g}; nothing was written")
         written_opset = max((o.version for o in onnx.load(tmp, load_external_data=False).opset_import
                              if o.domain in ("", "ai.onnx")), default=0)
-        publish_file(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return OnnxExport(path=path, max_relative_error=error, checked_batches=batches, opset=written_opset)

@@ -21,7 +21,6 @@ import dataclasses
 import logging
 import os
 import platform
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -40,6 +39,7 @@ from resconv_plugin.measure.flops import count_flops
 from resconv_plugin.fx.surgery import gated_modules
 from resconv_plugin.deploy.fold import deployed
 from resconv_plugin.workflow.report import stage_latencies, stage_table, write_report
+from resconv_plugin._utils import atomic_file
 from resconv_plugin.workflow.rules import finetune, remove_pruned, sparsity_steps
 from resconv_plugin.workflow.training import StageSettings, evaluate, train_stage
 from resconv_plugin.data import ImageData, build_datasets, calibration_batch
@@ -54,14 +54,8 @@ STAGES = ("baseline", "convert", "sparsity", "prune", "channel_prune", "finetune
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_file(path) as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def environment() -> Dict[str, Any]:

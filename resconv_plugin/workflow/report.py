@@ -15,8 +15,6 @@ Definitions (also written into every report):
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -27,7 +25,7 @@ from resconv_plugin.deploy.fold import deployed
 from resconv_plugin.measure.flops import count_flops
 from resconv_plugin.measure.latency import median_latency
 from resconv_plugin.fx.surgery import gated_modules
-from resconv_plugin._utils import format_table
+from resconv_plugin._utils import atomic_file, format_table
 
 __all__ = ["measure", "stage_latencies", "DEFINITIONS", "stage_table", "write_report", "format_table",
            "write_text_atomic"]
@@ -85,15 +83,10 @@ def stage_table(records: List[Dict[str, Any]], markdown: bool = False) -> str:
 
 def write_text_atomic(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file and a rename."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as tmp:
+        Path(tmp).write_text(text)
 
 
 def _plots(report: Dict[str, Any], out: Path) -> List[str]:
