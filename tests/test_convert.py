@@ -1,5 +1,7 @@
 """convert() on timm models: function preserved, the right layers converted, exact fusion, timm's reparameterize."""
 
+import copy
+
 import pytest
 import timm
 import torch
@@ -9,6 +11,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 import resconv_plugin
 from helpers import randomize_bn, randomize_gates, rel_err
+from resconv_plugin.fx.recipe import recipe_steps
 
 MODELS = ["resnet18", "resnet50", "efficientnet_b0", "mobilenetv3_small_100", "regnetx_002", "vgg11_bn"]
 INPUT = (2, 3, 64, 64)
@@ -173,3 +176,33 @@ def test_conversion_report_flops_agree_with_count_flops():
     assert len(report.converted) == 13
     for layer in report.converted:
         assert layer.flops == by_layer[layer.name] > 0, layer.name
+
+
+@pytest.mark.parametrize("name, channels, size, expected", [
+    ("cifar_resnet20", 1, 28, "layer"),   # reach: layer 0.93, block 0.82 of conv FLOPs
+    ("resnet18", 3, 64, "layer"),         # 0.86 / 0.65
+    ("resnet50", 3, 64, "block"),         # 0.37 / 0.64
+    ("efficientnet_b0", 3, 64, "block"),  # 0.07 / 0.56
+])
+def test_auto_level_picks_the_level_that_reaches_more_flops(name, channels, size, expected):
+    x = torch.randn(2, channels, size, size)
+    model = timm.create_model(name, num_classes=10, in_chans=channels).eval()
+    randomize_bn(model)
+    reference = model(x)
+    shares = {}
+    for level in ("layer", "block"):
+        shares[level] = resconv_plugin.convert(copy.deepcopy(model), x, level=level).converted_flops_share
+    report = resconv_plugin.convert(model, x, level="auto")
+    assert report.level == expected
+    assert report.converted_flops_share == pytest.approx(shares[expected])
+    assert shares[expected] > shares["block" if expected == "layer" else "layer"]
+    assert rel_err(model(x), reference) < 1e-5  # init_gamma=1: the same function
+    assert recipe_steps(model)[-1]["level"] == expected  # the recipe replays the chosen level, not "auto"
+    again = resconv_plugin.convert(model, x, level="auto")  # stays at that level: nothing new
+    assert again.converted == [] and again.level == expected
+
+
+def test_unknown_level_names_the_choices():
+    with pytest.raises(ValueError, match=r"level must be one of \('layer', 'block', 'auto'\), got 'blocks'"):
+        resconv_plugin.convert(timm.create_model("resnet18", num_classes=10), torch.randn(1, 3, 32, 32),
+                               level="blocks")

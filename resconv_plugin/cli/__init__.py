@@ -83,8 +83,10 @@ def _add_compress_options(p: argparse.ArgumentParser, demo: bool = False) -> Non
     g.add_argument("--model-kwargs", nargs="*", action=_KeyValue, default={}, metavar="KEY=VALUE",
                    help="more timm.create_model arguments, e.g. downsample=A drop_rate=0.1")
     g.add_argument("--num-classes", type=int, help="classifier outputs (default: the dataset's classes)")
-    g.add_argument("--level", choices=["layer", "block"], default="layer",
-                   help="gate every eligible conv (layer) or every residual block (block)")
+    g.add_argument("--level", choices=["auto", "layer", "block"], default="auto",
+                   help="gate every eligible conv (layer) or every residual block (block); auto (default): the level "
+                        "whose gates reach more of the model's FLOPs (layer for BasicBlock and CIFAR ResNets, block "
+                        "for Bottleneck ResNets, EfficientNet, MobileNet)")
     g.add_argument("--init-gamma", type=float, default=1.0, help="initial gate value (1 keeps the function)")
 
     g = p.add_argument_group("data")

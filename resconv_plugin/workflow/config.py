@@ -42,8 +42,8 @@ class ConfigError(ValueError):
 class CompressionConfig:
     """One compression run: the model, its data, what to remove, and the training of each stage.
 
-    Stages: baseline (train ``epochs`` from scratch or from ``pretrained_file``; 0 = as loaded) -> convert (``level``)
-    -> sparsity training (``sparsity_epochs``; the LayerPruner with one budget and ``importance``) -> prune (every
+    Stages: baseline (train ``epochs`` from scratch or from ``pretrained_file``; 0 = as loaded) -> convert
+    (``level``: "auto" (default), "layer" or "block") -> sparsity training (``sparsity_epochs``; the LayerPruner with one budget and ``importance``) -> prune (every
     gate at exactly 0 goes) -> channel pruning (``channel_pruning``) -> fine-tuning (``finetune_epochs``, gates
     frozen, before fusion) -> fuse -> save -> report. ``distill``: sparsity training and fine-tuning learn from the
     baseline too (None: on whenever there are such epochs, the default the ablation chose). Budgets (one of; default ``flops_reduction=0.5``): ``flops_reduction``, ``latency_reduction``,
@@ -56,7 +56,7 @@ class CompressionConfig:
     pretrained_adapter: Optional[str] = None
     model_kwargs: Dict[str, Any] = field(default_factory=dict)
     num_classes: Optional[int] = None
-    level: str = "layer"
+    level: str = "auto"
     init_gamma: float = 1.0
     # data
     data: str = "fashion-mnist"
@@ -146,8 +146,8 @@ class CompressionConfig:
         check_model_name(c.model)
         if c.data not in DATASETS:
             raise ConfigError(f"data (--data) must be one of {', '.join(DATASETS)}, got {c.data!r}")
-        if c.level not in ("layer", "block"):
-            raise ConfigError(f"level (--level) must be 'layer' or 'block', got {c.level!r}")
+        if c.level not in ("auto", "layer", "block"):
+            raise ConfigError(f"level (--level) must be 'auto', 'layer' or 'block', got {c.level!r}")
         if not isinstance(c.importance, str) or c.importance not in IMPORTANCE_CHOICES:
             raise ConfigError(f"importance (--importance) must be one of {', '.join(IMPORTANCE_CHOICES)}, got "
                              f"{c.importance!r}")

@@ -277,7 +277,7 @@ class Pipeline:
         """ResConv layers (or block gates); with ``--channel-pruning auto``, the joint depth / width plan."""
         c = self.config
         report = convert(self.model, self.example, level=c.level, init_gamma=c.init_gamma)
-        log.info("converted %d layers (%s level); %d convs skipped", len(report.converted), c.level,
+        log.info("converted %d layers (%s level); %d convs skipped", len(report.converted), report.level,
                  len(report.skipped))
         if c.channel_pruning == "auto":
             plan = self.dist.broadcast(self._joint(self.model).plan())  # measured on rank 0's clock: every
