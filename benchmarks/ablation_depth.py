@@ -15,7 +15,9 @@ Fashion-MNIST, see benchmarks/baselines/README.md) and runs the same schedule as
   baseline.
 Criteria: ``magnitude`` (|gamma|, the paper's), ``removal`` (iterative removal: the loss increase on the calibration
 batch when the gate is set to 0, re-measured after each choice), ``taylor`` (|gamma dL/dgamma|; chosen up front from
-one calibration batch). Low-rate rows (``--low-rates``) stop after removal: the paper's "no retraining".
+one calibration batch). Low-rate rows (``--low-rates``) stop after removal: the paper's "no retraining". Control
+rows (``b0-layer-none-kd{off,on}``): the same convert and both training phases with no pruner (no L1, nothing
+removed): what the schedule itself costs or gains against the baseline, the floor under every other row.
 
 Figures: top-1 on the full 10,000-image test set after sparsity training (= after the exact removal, no
 fine-tuning) and after fine-tuning + fusion; FLOPs of the deployed model (fvcore, resconv_plugin handles, batch 1);
@@ -58,6 +60,7 @@ EXAMPLE = torch.zeros(1, 1, 28, 28)
 BASELINES = Path(__file__).resolve().parent / "baselines"
 DEFAULT_ARCH = "cifar_resnet20"
 CRITERIA = {"magnitude": "magnitude", "removal": "removal-iterative", "taylor": "taylor"}
+CONTROL = "none"  # the criterion of the control rows (budget 0: no pruner, no regulariser, nothing removed)
 
 
 def row_keys(budgets, low_rates, seed):
@@ -72,6 +75,8 @@ def row_keys(budgets, low_rates, seed):
         for distill in ("off", "on"):
             for criterion in CRITERIA:
                 keys.append(f"b{rate}-layer-{criterion}-kd{distill}-noft-s{seed}")
+    for distill in ("off", "on"):  # controls: the same schedule, nothing removed
+        keys.append(f"b0-layer-{CONTROL}-kd{distill}-s{seed}")
     return keys
 
 
@@ -93,23 +98,29 @@ def run_row(key, base, data, calib, args):
     resconv_plugin.convert(model, EXAMPLE, level=spec["level"])
     steps = sparsity_steps(data, args.sparsity_epochs, 128)
     start = time.time()
-    pruner = resconv_plugin.LayerPruner(model, EXAMPLE, importance=CRITERIA[spec["criterion"]],
-                                        flops_reduction=spec["budget"], sparsity_steps=steps,
-                                        calibration_inputs=calib[0], calibration_targets=calib[1])
+    pruner = None
+    if spec["criterion"] != CONTROL:
+        pruner = resconv_plugin.LayerPruner(model, EXAMPLE, importance=CRITERIA[spec["criterion"]],
+                                            flops_reduction=spec["budget"], sparsity_steps=steps,
+                                            calibration_inputs=calib[0], calibration_targets=calib[1])
     selection_seconds = time.time() - start
     teacher = base if spec["distill"] else None
     train_stage(model, data, settings(f"{key} sparsity", args.sparsity_epochs, spec["seed"] + 1, teacher),
                 pruner=pruner, teacher=teacher)
-    removed = remove_pruned(model, EXAMPLE, pruner, calibration_inputs=calib[0]).removed
+    if pruner is None:  # control row: the schedule's own cost, with every gate kept
+        removed, removal_change, reselections = [], 0.0, 0
+    else:
+        removed = remove_pruned(model, EXAMPLE, pruner, calibration_inputs=calib[0]).removed
+        removal_change, reselections = pruner.last_step.max_abs_change, len(pruner.reselections)
     top1_sparsity = evaluate(model, data)
     top1_final = None
     if spec["finetune"]:
         finetune(model, data, settings(f"{key} finetune", args.finetune_epochs, spec["seed"] + 2, teacher),
                  teacher=teacher)
         top1_final = evaluate(model, data)
-    return model, {"removed": removed, "removal_change": pruner.last_step.max_abs_change,
+    return model, {"removed": removed, "removal_change": removal_change,
                    "top1_after_sparsity": top1_sparsity, "top1_finetuned": top1_final,
-                   "selection_seconds": selection_seconds, "reselections": len(pruner.reselections)}
+                   "selection_seconds": selection_seconds, "reselections": reselections}
 
 
 def measure(model, base_plain, table, args):
