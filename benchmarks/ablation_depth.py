@@ -15,9 +15,10 @@ Fashion-MNIST, see benchmarks/baselines/README.md) and runs the same schedule as
   baseline.
 Criteria: ``magnitude`` (|gamma|, the paper's), ``removal`` (iterative removal: the loss increase on the calibration
 batch when the gate is set to 0, re-measured after each choice), ``taylor`` (|gamma dL/dgamma|; chosen up front from
-one calibration batch). Low-rate rows (``--low-rates``) stop after removal: the paper's "no retraining". Control
-rows (``b0-layer-none-kd{off,on}``): the same convert and both training phases with no pruner (no L1, nothing
-removed): what the schedule itself costs or gains against the baseline, the floor under every other row.
+one calibration batch). Low-rate rows (``--low-rates``; layer gates, ``--low-rate-levels layer block`` adds block
+gates) stop after removal: the paper's "no retraining". Control rows (``b0-layer-none-kd{off,on}``): the same
+convert and both training phases with no pruner (no L1, nothing removed): what the schedule itself costs or gains
+against the baseline, the floor under every other row.
 
 Figures: top-1 on the full 10,000-image test set after sparsity training (= after the exact removal, no
 fine-tuning) and after fine-tuning + fusion; FLOPs of the deployed model (fvcore, resconv_plugin handles, batch 1);
@@ -63,7 +64,7 @@ CRITERIA = {"magnitude": "magnitude", "removal": "removal-iterative", "taylor": 
 CONTROL = "none"  # the criterion of the control rows (budget 0: no pruner, no regulariser, nothing removed)
 
 
-def row_keys(budgets, low_rates, seed):
+def row_keys(budgets, low_rates, seed, low_rate_levels=("layer",)):
     """Every row, in the order they run (the decisive 50% layer rows first)."""
     keys = []
     for budget in budgets:
@@ -72,9 +73,10 @@ def row_keys(budgets, low_rates, seed):
                 for criterion in CRITERIA:
                     keys.append(f"b{budget}-{level}-{criterion}-kd{distill}-s{seed}")
     for rate in low_rates:
-        for distill in ("off", "on"):
-            for criterion in CRITERIA:
-                keys.append(f"b{rate}-layer-{criterion}-kd{distill}-noft-s{seed}")
+        for level in low_rate_levels:
+            for distill in ("off", "on"):
+                for criterion in CRITERIA:
+                    keys.append(f"b{rate}-{level}-{criterion}-kd{distill}-noft-s{seed}")
     for distill in ("off", "on"):  # controls: the same schedule, nothing removed
         keys.append(f"b0-layer-{CONTROL}-kd{distill}-s{seed}")
     return keys
@@ -165,6 +167,8 @@ def main() -> None:
     parser.add_argument("--arch", default=DEFAULT_ARCH, help="the baseline to start from (benchmarks/baselines/)")
     parser.add_argument("--budgets", nargs="+", type=float, default=[0.5, 0.35])
     parser.add_argument("--low-rates", nargs="*", type=float, default=[0.1, 0.2])
+    parser.add_argument("--low-rate-levels", nargs="+", choices=["layer", "block"], default=["layer"],
+                        help="gate levels of the low-rate rows")
     parser.add_argument("--train-subset", type=int, default=20000)
     parser.add_argument("--val-subset", type=int, default=0, help="test images (0 = all 10,000)")
     parser.add_argument("--sparsity-epochs", type=int, default=3)
@@ -206,7 +210,7 @@ def main() -> None:
     table_pruner = resconv_plugin.LayerPruner(table_model, EXAMPLE, latency_reduction=0.0,
                                               latency_repeats=args.repeats)
     table, table_total = table_pruner.savings("latency")
-    keys = [k for k in row_keys(args.budgets, args.low_rates, args.seed)
+    keys = [k for k in row_keys(args.budgets, args.low_rates, args.seed, args.low_rate_levels)
             if any(fnmatch.fnmatch(k, p) for p in args.rows)]
     print(f"baseline {base_top1:.2f}%, {base_flops / 1e6:.2f} MFLOPs; {len(keys)} rows", flush=True)
     for key in keys:
@@ -229,7 +233,7 @@ def main() -> None:
 
 def report(name, rows_dir, base_top1):
     records = [json.loads(p.read_text()) for p in sorted(rows_dir.glob("*.json"))]
-    order = {k: i for i, k in enumerate(row_keys([0.5, 0.35], [0.1, 0.2], 0))}
+    order = {k: i for i, k in enumerate(row_keys([0.5, 0.35], [0.1, 0.2], 0, ("layer", "block")))}
     records.sort(key=lambda r: (r["seed"], order.get(r["key"].rsplit("-s", 1)[0] + "-s0", 1e9)))
     header = ["row", "top-1 after sparsity (no ft) %", "change", "top-1 fine-tuned %", "change", "FLOPs removed",
               "latency vs base", "table's prediction", "removed"]
