@@ -67,7 +67,7 @@ def write_table() -> None:
     for meta in sorted(HERE.glob("*_fmnist.json")):
         entries.append(json.loads(meta.read_text()))
     (HERE / "baselines.json").write_text(json.dumps(entries, indent=2) + "\n")
-    lines = ["# Baselines: CIFAR ResNets trained on full Fashion-MNIST", "",
+    lines = ["# Baselines: CNNs trained on full Fashion-MNIST", "",
              "Every pruning benchmark starts from these weights (as users start from pretrained models). Load one "
              "with `resconv_plugin.load(path)`. Written by `benchmarks/baselines/train.py` (its docstring gives the "
              "recipe); top-1 on the full 10,000-image test set.", "",
@@ -77,8 +77,12 @@ def write_table() -> None:
         lines.append(f"| {Path(e['file']).name} | {e['arch']} | `{e['command']}` | {e['seed']} | {e['epochs']} | "
                      f"{e['top1']:.2f} | {', '.join(f'{a:.2f}' for a in e['curve'][-3:])} | "
                      f"{'yes' if e['converged'] else 'no'} | {e['train_minutes']:.0f} min |")
-    lines += ["", "Environment: " + ", ".join(f"{k} {v}" for k, v in entries[-1]["environment"].items()
-                                              if k != "command") if entries else "", ""]
+    lines += [""]
+    for e in entries:
+        lines.append(f"Environment of {Path(e['file']).name}: " + ", ".join(
+            f"{k} {v}" for k, v in e["environment"].items() if k != "command") + "\n")
+    notes = [f"- {Path(e['file']).name}: {e['note']}" for e in entries if e.get("note")]
+    lines += ["Notes:", "", *notes, ""] if notes else []
     (HERE / "README.md").write_text("\n".join(lines))
 
 
@@ -90,6 +94,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--runs", type=Path, default=HERE / "partial")
+    parser.add_argument("--note", default="", help="a sentence kept with this baseline in the table (how it was "
+                                                   "run, what it is for)")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     if args.threads:
@@ -124,7 +130,8 @@ def main() -> None:
     env = environment()
     meta = {"file": str(path.relative_to(HERE.parent.parent)), "arch": args.arch, "seed": args.seed,
             "epochs": args.epochs, "lr": args.lr, "top1": top1, "curve": curve, "converged": plateau(curve),
-            "train_minutes": (elapsed + time.time() - start) / 60, "command": env["command"], "environment": env}
+            "train_minutes": (elapsed + time.time() - start) / 60, "command": env["command"], "environment": env,
+            "note": args.note}
     (HERE / f"{args.arch}_fmnist.json").write_text(json.dumps(meta, indent=2) + "\n")
     write_table()
     state_file.unlink()  # finished: the weights file replaces the resumable checkpoint
