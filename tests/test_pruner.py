@@ -344,3 +344,63 @@ def test_freeze_gates_after_step_keeps_gates_through_fine_tuning():
 def test_freeze_gates_bad_input(args, error, match):
     with pytest.raises(error, match=match):
         resconv_plugin.freeze_gates(*args)
+
+
+class _InplaceBlock(nn.Module):
+    """A block in timm's style (in-place ReLU, ``out += shortcut``) whose input may be negative (a BN output)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1, self.act1 = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(inplace=True)
+        self.conv2, self.bn2 = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        shortcut = x
+        out = self.act1(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += shortcut
+        return out
+
+
+def test_removed_layer_keeps_the_shortcut_intact_and_trains_under_host_inplace_ops():
+    torch.manual_seed(0)
+    model = randomize_bn(nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), _InplaceBlock(), nn.Conv2d(4, 2, 1)))
+    x = torch.randn(2, 3, 6, 6)
+    resconv_plugin.convert(model.eval(), x)
+    gates = resconv_plugin.gated_modules(model)
+    with torch.no_grad():
+        gates["2.conv1"].gamma.zero_()  # conv1 reads the block input, which the shortcut reads too
+        before = model(x)
+    pruner = LayerPruner(model, x)
+    assert pruner.step() == ["2.conv1"]
+    # the ReLU now acts on the block input itself: in place it would overwrite the shortcut (the input is negative
+    # in places, so the output would change); it is switched to out of place and the output is exactly the same
+    assert isinstance(model[2].conv1, resconv_plugin.nn.RemovedLayer) and model[2].act1.inplace is False
+    with torch.no_grad():
+        assert (model[1](model[0](x)) < 0).any()
+        torch.testing.assert_close(model(x), before, rtol=0, atol=0)
+    assert pruner.last_step.max_abs_change == 0.0
+
+
+def test_fine_tuning_after_removal_in_timm_resnet18():
+    """conv2 removed: timm's ``x += shortcut`` lands on act1's output, which autograd saved (the ResNet-18 ablation
+    row failed with 'modified by an inplace operation' before RemovedLayer copied its input under autograd)."""
+    torch.manual_seed(0)
+    model = timm.create_model("resnet18", num_classes=10).eval()
+    x = torch.randn(4, 3, 32, 32)
+    resconv_plugin.convert(model, x)
+    gates = resconv_plugin.gated_modules(model)
+    with torch.no_grad():
+        for name in ["layer1.0.conv2", "layer4.1.conv2", "layer2.1.conv1", "layer2.1.conv2"]:
+            gates[name].gamma.zero_()
+        before = model(x)
+    LayerPruner(model, x).step()
+    assert model.layer1[0].act1.inplace is True  # conv2's input is read by nothing else: in place stays
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before, rtol=0, atol=0)
+        assert model.layer2[1].conv1(x) is x  # no copy for inference
+    resconv_plugin.freeze_gates(model)
+    model.train()
+    loss = nn.functional.cross_entropy(model(x), torch.tensor([0, 1, 2, 3]))
+    loss.backward()
+    assert model.conv1.weight.grad is not None and torch.isfinite(model.conv1.weight.grad).all()

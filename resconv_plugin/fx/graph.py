@@ -19,6 +19,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from resconv_plugin.nn.resconv import Reason, ResConv, bn_compatibility, identity_compatibility
 from resconv_plugin.nn.block_gate import BlockGate
+from resconv_plugin.nn.removed import RemovedLayer
 from resconv_plugin import timm_glue
 
 __all__ = ["ConvSite", "BlockSite", "call_counts", "find_conv_sites", "find_residual_blocks", "trace"]
@@ -40,7 +41,7 @@ class ConvSite:
 class _LeafTracer(torch.fx.Tracer):
     """An FX tracer that keeps convs, norms, ResConvs and timm's notrace modules as single nodes."""
 
-    _always_leaf = (nn.Conv2d, _BatchNorm, ResConv, BlockGate)
+    _always_leaf = (nn.Conv2d, _BatchNorm, ResConv, BlockGate, RemovedLayer)
 
     def __init__(self) -> None:
         super().__init__(autowrap_functions=tuple(timm_glue.tracer_autowrap_functions()))

@@ -1,9 +1,12 @@
 """Removing gated layers and blocks from a model: what each removal replaces, and doing it.
 
-A ResConv at ``gamma = 0`` is the identity; a gated block at ``gamma = 0`` is ``[act](x)``. Removal replaces the
-module by ``nn.Identity`` and, where the activation that follows is provably the identity on the layer's input
-(ReLU on a non-negative tensor, ReLU6 on a ReLU6 output), that activation too. Otherwise the activation stays.
-At ``gamma != 0`` the same replacement changes the function; the caller measures and reports by how much.
+A ResConv at ``gamma = 0`` is the identity; a gated block at ``gamma = 0`` is ``[act](x)``. Removal replaces a layer
+by :class:`~resconv_plugin.nn.RemovedLayer` (the identity; a copy while autograd records, so the host's in-place ops
+cannot break the backward pass), a block by ``nn.Identity``, and, where the activation that follows is provably the
+identity on the removed module's input (ReLU on a non-negative tensor, ReLU6 on a ReLU6 output), that activation
+too. Otherwise the activation stays; an in-place one is switched to ``inplace=False`` where the tensor it now reads
+is read elsewhere as well (a residual shortcut), which it would otherwise overwrite. At ``gamma != 0`` the same
+replacement changes the function; the caller measures and reports by how much.
 """
 
 from __future__ import annotations
@@ -16,9 +19,11 @@ from torch import nn
 
 from resconv_plugin.nn.resconv import ResConv
 from resconv_plugin.nn.block_gate import BlockGate
+from resconv_plugin.nn.removed import RemovedLayer
 from resconv_plugin.fx.graph import (
     activation_is_identity, call_counts, find_residual_blocks, following_activation, trace,
 )
+from resconv_plugin import timm_glue
 from resconv_plugin.fx.recipe import record_step
 from resconv_plugin._utils import set_submodule
 
@@ -133,7 +138,7 @@ def remove(model: nn.Module, names: List[str]) -> List[Removal]:
             continue  # inside a block removed in this call: gone with it
         removal = plan_removal(model, name)
         if removal.kind == "layer":
-            set_submodule(model, name, nn.Identity())
+            set_submodule(model, name, RemovedLayer())
             if removal.removed_activation:
                 set_submodule(model, removal.removed_activation, nn.Identity())
         else:
@@ -141,5 +146,42 @@ def remove(model: nn.Module, names: List[str]) -> List[Removal]:
             set_submodule(model, name, kept)
         done.append(removal)
     if done:
+        _protect_shared_inputs(model, [r.name for r in done])
         record_step(model, "remove", names=[r.name for r in done])
     return done
+
+
+def _protect_shared_inputs(model: nn.Module, names: List[str]) -> List[str]:
+    """Switch off ``inplace`` on an activation that now reads, through identities, a tensor other nodes read too.
+
+    After a removal an in-place activation can act on what used to be the removed module's input (the activation
+    after a removed layer, or the one standing in for a removed block); where that tensor also feeds a residual
+    shortcut, writing over it would change the network's output. Returns the activations switched.
+    """
+    graph = trace(model)
+    modules = dict(model.named_modules())
+
+    def module(node):
+        return modules.get(node.target) if node.op == "call_module" else None
+
+    def shared(node):  # whether the tensor ``node`` returns, followed up through identities, has other readers
+        source, chain = node, []
+        while isinstance(module(source), nn.Identity):
+            chain.append(source)
+            source = source.args[0]
+        readers = {user for n in [source] + chain for user in n.users} - set(chain)
+        return len(readers) > 1
+
+    switched = []
+    for node in [n for n in graph.nodes if n.op == "call_module" and n.target in names]:
+        while True:  # from the removed module down through identities / pass-throughs to the first real op
+            op = module(node)
+            if op is not None and getattr(op, "inplace", False) is True:
+                if shared(node.args[0]):
+                    op.inplace = False
+                    switched.append(node.target)
+                break
+            if op is None or not timm_glue.passes_through(op) or len(node.users) != 1:
+                break
+            node = next(iter(node.users))
+    return switched
