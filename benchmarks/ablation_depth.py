@@ -18,7 +18,8 @@ batch when the gate is set to 0, re-measured after each choice), ``taylor`` (|ga
 one calibration batch). Low-rate rows (``--low-rates``; layer gates, ``--low-rate-levels layer block`` adds block
 gates) stop after removal: the paper's "no retraining". Control rows (``b0-layer-none-kd{off,on}``): the same
 convert and both training phases with no pruner (no L1, nothing removed): what the schedule itself costs or gains
-against the baseline, the floor under every other row.
+against the baseline, the floor under every other row. ``--lr`` runs rows at another peak learning rate (their key
+says it: ``...-lr0.005-s0``).
 
 Figures: top-1 on the full 10,000-image test set after sparsity training (= after the exact removal, no
 fine-tuning) and after fine-tuning + fusion; FLOPs of the deployed model (fvcore, resconv_plugin handles, batch 1);
@@ -61,6 +62,7 @@ EXAMPLE = torch.zeros(1, 1, 28, 28)
 BASELINES = Path(__file__).resolve().parent / "baselines"
 DEFAULT_ARCH = "cifar_resnet20"
 CRITERIA = {"magnitude": "magnitude", "removal": "removal-iterative", "taylor": "taylor"}
+DEFAULT_LR = 0.02  # both phases; ``--lr`` runs rows at another one (key part ``lr<value>``)
 CONTROL = "none"  # the criterion of the control rows (budget 0: no pruner, no regulariser, nothing removed)
 
 
@@ -82,15 +84,24 @@ def row_keys(budgets, low_rates, seed, low_rate_levels=("layer",)):
     return keys
 
 
+def with_lr(key, lr):
+    """The row key at learning rate ``lr``: unchanged at the default, else ``lr<value>`` before the seed."""
+    if lr == DEFAULT_LR:
+        return key
+    head, seed = key.rsplit("-", 1)
+    return f"{head}-lr{lr:g}-{seed}"
+
+
 def parse_key(key):
     parts = key.split("-")
     return {"budget": float(parts[0][1:]), "level": parts[1], "criterion": parts[2], "distill": parts[3] == "kdon",
-            "finetune": "noft" not in parts, "seed": int(parts[-1][1:])}
+            "finetune": "noft" not in parts, "seed": int(parts[-1][1:]),
+            "lr": next((float(p[2:]) for p in parts if p.startswith("lr")), DEFAULT_LR)}
 
 
-def settings(name, epochs, seed, teacher=None):
-    """SGD lr 0.02 cosine (timm), batch 128; distillation weight 0.5 when there is a teacher."""
-    return StageSettings(name=name, epochs=epochs, lr=0.02, seed=seed, progress=False,
+def settings(name, epochs, seed, teacher=None, lr=None):
+    """SGD lr 0.02 (or the row's) cosine (timm), batch 128; distillation weight 0.5 when there is a teacher."""
+    return StageSettings(name=name, epochs=epochs, lr=DEFAULT_LR if lr is None else lr, seed=seed, progress=False,
                          distill_alpha=0.5 if teacher is not None else 0.0)
 
 
@@ -107,7 +118,7 @@ def run_row(key, base, data, calib, args):
                                             calibration_inputs=calib[0], calibration_targets=calib[1])
     selection_seconds = time.time() - start
     teacher = base if spec["distill"] else None
-    train_stage(model, data, settings(f"{key} sparsity", args.sparsity_epochs, spec["seed"] + 1, teacher),
+    train_stage(model, data, settings(f"{key} sparsity", args.sparsity_epochs, spec["seed"] + 1, teacher, spec["lr"]),
                 pruner=pruner, teacher=teacher)
     if pruner is None:  # control row: the schedule's own cost, with every gate kept
         removed, removal_change, reselections = [], 0.0, 0
@@ -117,7 +128,7 @@ def run_row(key, base, data, calib, args):
     top1_sparsity = evaluate(model, data)
     top1_final = None
     if spec["finetune"]:
-        finetune(model, data, settings(f"{key} finetune", args.finetune_epochs, spec["seed"] + 2, teacher),
+        finetune(model, data, settings(f"{key} finetune", args.finetune_epochs, spec["seed"] + 2, teacher, spec["lr"]),
                  teacher=teacher)
         top1_final = evaluate(model, data)
     return model, {"removed": removed, "removal_change": removal_change,
@@ -169,6 +180,8 @@ def main() -> None:
     parser.add_argument("--low-rates", nargs="*", type=float, default=[0.1, 0.2])
     parser.add_argument("--low-rate-levels", nargs="+", choices=["layer", "block"], default=["layer"],
                         help="gate levels of the low-rate rows")
+    parser.add_argument("--lr", type=float, default=DEFAULT_LR, help="peak learning rate of both phases; rows at "
+                        "another lr than 0.02 carry it in their key (e.g. b0.2-layer-removal-kdon-noft-lr0.005-s0)")
     parser.add_argument("--train-subset", type=int, default=20000)
     parser.add_argument("--val-subset", type=int, default=0, help="test images (0 = all 10,000)")
     parser.add_argument("--sparsity-epochs", type=int, default=3)
@@ -210,7 +223,7 @@ def main() -> None:
     table_pruner = resconv_plugin.LayerPruner(table_model, EXAMPLE, latency_reduction=0.0,
                                               latency_repeats=args.repeats)
     table, table_total = table_pruner.savings("latency")
-    keys = [k for k in row_keys(args.budgets, args.low_rates, args.seed, args.low_rate_levels)
+    keys = [with_lr(k, args.lr) for k in row_keys(args.budgets, args.low_rates, args.seed, args.low_rate_levels)
             if any(fnmatch.fnmatch(k, p) for p in args.rows)]
     print(f"baseline {base_top1:.2f}%, {base_flops / 1e6:.2f} MFLOPs; {len(keys)} rows", flush=True)
     for key in keys:
