@@ -281,10 +281,26 @@ def report(name, rows_dir, base_top1):
         seeds.append(f"| {setting} | {', '.join(str(r['seed']) for r in group)} | "
                      f"{' / '.join(f'{c:+.2f}' for c in changes)} | {sum(changes) / len(changes):+.2f} | "
                      f"{max(changes) - min(changes):.2f} |")
-    env = records[-1]["environment"] if records else environment()
+    env = dict(records[-1]["environment"] if records else environment())
+    arch = records[0].get("arch", DEFAULT_ARCH) if records else DEFAULT_ARCH
+    env["command"] = "python benchmarks/ablation_depth.py" + ("" if arch == DEFAULT_ARCH else f" --arch {arch}")  # the seed-0 grid
+    runs: dict = {}
+    for r in records:
+        run = (r["environment"].get("command", "?"), r["environment"].get("cpu", "?"))
+        runs[run] = runs.get(run, 0) + 1
+    if not summary["seeds"]:
+        seeds = []
+    seeds += ["", "## How the rows were run", "",
+              "The command above runs (and resumes) the whole seed-0 grid; the rows were run in pieces by these "
+              "commands, in several sessions. Each row's JSON records its command, commit and machine. A row is "
+              "deterministic per seed on one machine and thread count (a seed-1 row run twice gave the same "
+              "top-1); another CPU or thread count changes float summation order, so the last digits may differ. "
+              "Latency ratios are per machine.", "",
+              "| command | machine | rows |", "|---|---|---|"]
+    seeds += [f"| `{command}` | {cpu} | {n} |" for (command, cpu), n in runs.items()]
     write_results(name, {"environment": env, "records": records, "summary": summary}, header, rows,
                   notes=__doc__.split("Finished rows")[0].strip().replace("\n", " "),
-                  sections="\n".join(seeds) + "\n" if summary["seeds"] else "")
+                  sections="\n".join(seeds) + "\n")
     print(json.dumps(summary))
 
 
