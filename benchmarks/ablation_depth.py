@@ -223,7 +223,8 @@ def main() -> None:
     table_pruner = resconv_plugin.LayerPruner(table_model, EXAMPLE, latency_reduction=0.0,
                                               latency_repeats=args.repeats)
     table, table_total = table_pruner.savings("latency")
-    keys = [with_lr(k, args.lr) for k in row_keys(args.budgets, args.low_rates, args.seed, args.low_rate_levels)
+    keys = [k for k in (with_lr(k, args.lr) for k in row_keys(args.budgets, args.low_rates, args.seed,
+                                                               args.low_rate_levels))
             if any(fnmatch.fnmatch(k, p) for p in args.rows)]
     print(f"baseline {base_top1:.2f}%, {base_flops / 1e6:.2f} MFLOPs; {len(keys)} rows", flush=True)
     for key in keys:
