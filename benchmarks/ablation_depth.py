@@ -99,9 +99,9 @@ def parse_key(key):
             "lr": next((float(p[2:]) for p in parts if p.startswith("lr")), DEFAULT_LR)}
 
 
-def settings(name, epochs, seed, teacher=None, lr=None):
-    """SGD lr 0.02 (or the row's) cosine (timm), batch 128; distillation weight 0.5 when there is a teacher."""
-    return StageSettings(name=name, epochs=epochs, lr=DEFAULT_LR if lr is None else lr, seed=seed, progress=False,
+def settings(name, epochs, seed, teacher, lr):
+    """SGD at the row's peak lr, cosine (timm), batch 128; distillation weight 0.5 when there is a teacher."""
+    return StageSettings(name=name, epochs=epochs, lr=lr, seed=seed, progress=False,
                          distill_alpha=0.5 if teacher is not None else 0.0)
 
 
@@ -118,7 +118,8 @@ def run_row(key, base, data, calib, args):
                                             calibration_inputs=calib[0], calibration_targets=calib[1])
     selection_seconds = time.time() - start
     teacher = base if spec["distill"] else None
-    train_stage(model, data, settings(f"{key} sparsity", args.sparsity_epochs, spec["seed"] + 1, teacher, spec["lr"]),
+    train_stage(model, data,
+                settings(f"{key} sparsity", args.sparsity_epochs, spec["seed"] + 1, teacher, spec["lr"]),
                 pruner=pruner, teacher=teacher)
     if pruner is None:  # control row: the schedule's own cost, with every gate kept
         removed, removal_change, reselections = [], 0.0, 0
@@ -128,7 +129,8 @@ def run_row(key, base, data, calib, args):
     top1_sparsity = evaluate(model, data)
     top1_final = None
     if spec["finetune"]:
-        finetune(model, data, settings(f"{key} finetune", args.finetune_epochs, spec["seed"] + 2, teacher, spec["lr"]),
+        finetune(model, data,
+                 settings(f"{key} finetune", args.finetune_epochs, spec["seed"] + 2, teacher, spec["lr"]),
                  teacher=teacher)
         top1_final = evaluate(model, data)
     return model, {"removed": removed, "removal_change": removal_change,
@@ -284,7 +286,7 @@ def report(name, rows_dir, base_top1):
                      f"{max(changes) - min(changes):.2f} |")
     env = dict(records[-1]["environment"] if records else environment())
     arch = records[0].get("arch", DEFAULT_ARCH) if records else DEFAULT_ARCH
-    env["command"] = "python benchmarks/ablation_depth.py" + ("" if arch == DEFAULT_ARCH else f" --arch {arch}")  # the seed-0 grid
+    env["command"] = "python benchmarks/ablation_depth.py" + ("" if arch == DEFAULT_ARCH else f" --arch {arch}")
     runs: dict = {}
     for r in records:
         run = (r["environment"].get("command", "?"), r["environment"].get("cpu", "?"))

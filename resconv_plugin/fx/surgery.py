@@ -21,7 +21,7 @@ from resconv_plugin.nn.resconv import ResConv
 from resconv_plugin.nn.block_gate import BlockGate
 from resconv_plugin.nn.removed import RemovedLayer
 from resconv_plugin.fx.graph import (
-    activation_is_identity, call_counts, find_residual_blocks, following_activation, trace,
+    _module, activation_is_identity, call_counts, find_residual_blocks, following_activation, trace,
 )
 from resconv_plugin import timm_glue
 from resconv_plugin.fx.recipe import record_step
@@ -162,7 +162,7 @@ def _protect_shared_inputs(model: nn.Module, names: List[str]) -> List[str]:
     modules = dict(model.named_modules())
 
     def module(node):
-        return modules.get(node.target) if node.op == "call_module" else None
+        return _module(node, modules)
 
     def shared(node):  # whether the tensor ``node`` returns, followed up through identities, has other readers
         source, chain = node, []

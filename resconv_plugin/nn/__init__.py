@@ -12,4 +12,5 @@ from resconv_plugin.nn.fusion import add_identity, fold_batchnorm, fuse_resconv_
 from resconv_plugin.nn.removed import RemovedLayer
 from resconv_plugin.nn.resconv import ResConv, identity_compatibility
 
-__all__ = ["ResConv", "BlockGate", "RemovedLayer", "identity_compatibility", "fold_batchnorm", "add_identity", "fuse_resconv_params"]
+__all__ = ["ResConv", "BlockGate", "RemovedLayer", "identity_compatibility", "fold_batchnorm", "add_identity",
+           "fuse_resconv_params"]
