@@ -14,7 +14,7 @@ continues where it stopped. When the schedule ends the weights are written with
 ``benchmarks/baselines/<arch>_fmnist.safetensors`` and the table ``benchmarks/baselines/README.md`` /
 ``baselines.json`` is rewritten from every finished baseline.
 
-Usage: python benchmarks/baselines/train.py --arch cifar_resnet20 [--epochs 20] [--seed 0] [--threads N]
+Usage: python benchmarks/baselines/train.py --arch cifar_resnet20 [--epochs 20] [--seed 0] [--threads N] [--note TEXT]
 """
 
 from __future__ import annotations
