@@ -1,0 +1,75 @@
+"""benchmarks/equal_latency.py's summary: the curve read-off, advantage_pt, the paper's claim and the schedule guard,
+on hand-computed rows (the README's verdict table comes from these numbers)."""
+
+import importlib
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        yield importlib.import_module("equal_latency")
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+
+def row(method, seed, target, latency, top1, flops=0.5):
+    return {"arch": "a", "method": method, "seed": seed, "target": target, "latency_rel": latency, "top1": top1,
+            "flops_rel": flops}
+
+
+def test_curve_reads_linearly_between_points_and_none_below(bench):
+    points = [(0.5, 89.0), (1.0, 90.0)]
+    assert bench.curve_at(points, 0.6) == pytest.approx(89.2)
+    assert bench.curve_at(points, 0.5) == 89.0
+    assert bench.curve_at(points, 0.49) is None
+    assert bench.curve_at([(1.0, 90.0), (0.5, 89.0)], 0.75) == pytest.approx(89.5)  # order does not matter
+
+
+def test_advantage_is_best_depth_mean_minus_best_channel_mean(bench):
+    rows = [row("depth", 0, 0.6, 0.5, 89.0), row("depth", 1, 0.6, 0.5, 88.0),
+            row("slim_r8", 0, 0.6, 0.6, 88.0), row("slim_r8", 1, 0.6, 0.6, 89.0),
+            row("groupnorm_r8", 0, 0.6, 0.6, 80.0), row("groupnorm_r8", 1, 0.6, 0.6, 80.0)]
+    summary = bench.summarise(rows, {"a": 90.0}, [0.8, 0.6, 0.55, 0.45])
+    adv = summary["archs"]["a"]["advantage_pt"]
+    # 0.6: depth seeds 89 + 1 * 0.1 / 0.5 = 89.2 and 88 + 2 * 0.2 = 88.4 -> 88.8; slim 88.5 (groupnorm 80)
+    assert adv["0.6"] == pytest.approx(0.3)
+    # 0.8: depth 89.6 / 89.2 -> 89.4; slim 88 + 2 * 0.5 = 89 / 89 + 0.5 = 89.5 -> 89.25
+    assert adv["0.8"] == pytest.approx(0.15)
+    assert adv["0.55"] is None  # no channel-only point at or below 0.55
+    assert adv["0.45"] is None  # nothing reaches it
+    assert len(summary["archs"]["a"]["points"]) == 6 and summary["archs"]["a"]["baseline_top1"] == 90.0
+
+
+def test_a_method_counts_only_where_every_seed_reaches_the_latency(bench):
+    rows = [row("depth", 0, 0.6, 0.5, 89.0), row("depth", 1, 0.6, 0.7, 89.0),
+            row("slim", 0, 0.6, 0.6, 88.0), row("slim", 1, 0.6, 0.6, 88.0)]
+    adv = bench.summarise(rows, {"a": 90.0}, [0.6])["archs"]["a"]["advantage_pt"]
+    assert adv["0.6"] is None  # seed 1 of depth stops at 0.7: no mean over both seeds at 0.6
+
+
+def test_paper_claim_is_the_largest_flops_reduction_within_0_3_pt(bench):
+    rows = [row("depth", 0, 0.8, 0.8, 89.9, flops=0.7), row("depth", 1, 0.8, 0.8, 89.6, flops=0.7),
+            row("depth", 0, 0.6, 0.6, 89.8, flops=0.4), row("depth", 1, 0.6, 0.6, 89.4, flops=0.4),
+            row("slim", 0, 0.8, 0.8, 89.0, flops=0.6)]
+    claim = bench.paper_claim(rows, 90.0)
+    # depth 0.8: mean change -0.25 (kept); 0.6: -0.4 (too much)
+    assert claim["depth"]["target"] == 0.8 and claim["depth"]["seeds"] == [0, 1]
+    assert claim["depth"]["flops_reduction"] == pytest.approx(0.3)
+    assert claim["depth"]["top1_change"] == pytest.approx(-0.25)
+    assert claim["slim"] is None
+
+
+def test_rows_of_another_schedule_are_refused(bench):
+    schedule = {"train_subset": 20000, "sparsity_epochs": 3, "finetune_epochs": 3}
+    bench.check_schedule({"key": "k", **schedule}, schedule)
+    with pytest.raises(ValueError, match="row k was trained with .*'train_subset': 10000.* this run asks for"):
+        bench.check_schedule({"key": "k", **schedule, "train_subset": 10000}, schedule)
+    with pytest.raises(ValueError, match="row k was trained with"):
+        bench.check_schedule({"key": "k"}, schedule)
