@@ -285,14 +285,19 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--rows", nargs="*", default=["*"], help="fnmatch patterns of row keys to run")
     parser.add_argument("--threads", type=int, default=0)
-    parser.add_argument("--runs", default="runs/equal_latency", help="working folders of the pipeline rows")
+    parser.add_argument("--runs", default=None, help="working folders of the pipeline rows (default runs/NAME, NAME "
+                                                    "from --results-name)")
+    parser.add_argument("--results-name", default="equal_latency", help="results file stem and rows folder "
+                                                                          "(benchmarks/results/NAME_rows), e.g. for a "
+                                                                          "pilot kept apart from the grid")
     parser.add_argument("--quick", action="store_true", help="cifar_resnet20, 1024 images, 1 + 1 epochs, target "
                                                               "0.6, seed 0, depth and slim_r8 (under 2 minutes)")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     if args.threads:
         torch.set_num_threads(args.threads)
-    name = "equal_latency"
+    name = args.results_name
+    args.runs = args.runs or f"runs/{name}"
     if args.quick:
         args.archs, args.targets, args.seeds, args.methods = ["cifar_resnet20"], [0.6], [0], ["depth", "slim_r8"]
         args.train_subset, args.sparsity_epochs, args.finetune_epochs, args.repeats = 1024, 1, 1, 10

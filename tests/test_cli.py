@@ -341,4 +341,5 @@ def test_compress_channel_pruning_auto_meets_the_budget(tmp_path):
         r"joint plan: depth share ([\d.]+): \d+ layers \+ channel ratio ([\d.]+) -> cost ([\d.]+)", log)}
     assert sorted(plan) == [0.0, 0.25, 0.5, 0.75, 1.0] and all(cost <= 0.6 for _, cost in plan.values()), plan
     chosen = float(re.search(r"joint plan: depth share ([\d.]+) chosen", log).group(1))
-    assert ("channel pruning: ratio" in stdout) == (plan[chosen][0] > 0)
+    ratio = float(re.search(r"channel pruning: ratio ([\d.]+) meets the budget", stdout).group(1))
+    assert (ratio > 0) == (plan[chosen][0] > 0)  # FLOPs are deterministic: channels are needed as planned

@@ -190,13 +190,88 @@ def test_pruning_ratio_and_threshold(resnet18):
 
 
 def test_latency_reduction_selection_meets_target(resnet18):
+    """Real timing: the chosen set meets the table's goal after the measured correction (latency_fit)."""
     model, x = resnet18
     pruner = LayerPruner(model, x[:1], latency_reduction=0.2, latency_repeats=3)
     saved, total = pruner.savings("latency")
     chosen = pruner.select()
+    fit = pruner.latency_fit
     assert set(saved) == set(pruner.gates) and total > 0
-    assert sum(saved[n] for n in chosen) >= 0.2 * total
-    assert sum(saved[n] for n in chosen[:-1]) < 0.2 * total
+    assert fit["fraction"] == 0.2 and 1 <= len(fit["rounds"]) <= 4 and fit["rounds"][0]["scale"] == 1.0
+    goal = min(0.2 * total * fit["scale"], resconv_plugin.pruning.set_saving(saved, list(saved)))
+    assert resconv_plugin.pruning.set_saving(saved, chosen) >= goal * (1 - 1e-9)
+
+
+@pytest.fixture
+def table_vs_clock(monkeypatch):
+    """A deterministic latency table (each gate's FLOPs saving) and a fake clock on which a set really saves
+    ``truth`` times what the table predicts; counts the clock's uses."""
+    from resconv_plugin.pruning import pruner as pruner_module
+
+    state = {"truth": 1.0, "timed": 0}
+
+    def table(model, names, example_inputs, **kwargs):
+        return resconv_plugin.pruning.flops_savings(model, names, example_inputs)
+
+    def clock(model, names, example_inputs, **kwargs):
+        state["timed"] += 1
+        saved, total = resconv_plugin.pruning.flops_savings(model, list(names), example_inputs)
+        return state["truth"] * resconv_plugin.pruning.set_saving(saved, list(names)), total
+
+    monkeypatch.setattr(pruner_module, "latency_table", table)
+    monkeypatch.setattr(pruner_module, "measured_saving", clock)
+    torch.manual_seed(0)
+    model = timm.create_model("cifar_resnet20", num_classes=10, in_chans=1).eval()
+    x = torch.randn(1, 1, 28, 28)
+    resconv_plugin.convert(model, x)
+    return model, x, state
+
+
+def true_saving(model, x, names):
+    from resconv_plugin.fx.surgery import gated_modules
+
+    saved, total = resconv_plugin.pruning.flops_savings(model, list(gated_modules(model)), x)
+    return resconv_plugin.pruning.set_saving(saved, names) / total
+
+
+@pytest.mark.parametrize("truth", [0.6, 1.5], ids=["table-overestimates", "table-underestimates"])
+def test_latency_budget_is_met_as_measured(table_vs_clock, truth):
+    """The table is off by a factor: the chosen set is timed, the goal corrected, and the final set meets the
+    budget on the clock without overshooting it by more than the tolerance where the gates allow."""
+    model, x, state = table_vs_clock
+    state["truth"] = truth
+    pruner = LayerPruner(model, x, latency_reduction=0.3)
+    chosen = pruner.select()
+    measured = truth * true_saving(model, x, chosen)
+    assert measured >= 0.3
+    fit = pruner.latency_fit
+    assert fit["scale"] == pytest.approx(1 / truth, rel=0.2)  # the table's error, learnt from the first set
+    assert fit["rounds"][0]["scale"] == 1.0 and fit["rounds"][0]["predicted"] >= 0.3
+    assert fit["rounds"][0]["measured"] == pytest.approx(truth * fit["rounds"][0]["predicted"])
+    assert (fit["rounds"][0]["measured"] < 0.3) == (truth < 1)  # the table's own set misses only if it overestimates
+    assert state["timed"] == len(fit["rounds"]) >= 2
+    # a table-only selection would have missed (0.6) or removed more than needed (1.5)
+    table_only = resconv_plugin.pruning.select_within_budget(
+        pruner.scores(), pruner.savings("latency")[0], 0.3 * pruner.savings("latency")[1], order=list(pruner.gates))
+    assert (truth * true_saving(model, x, table_only) < 0.3) == (truth < 1)
+    assert (len(chosen) < len(table_only)) == (truth > 1)
+
+
+def test_latency_fit_is_reused_and_travels_with_the_state(table_vs_clock):
+    model, x, state = table_vs_clock
+    state["truth"] = 0.6
+    pruner = LayerPruner(model, x, latency_reduction=0.3)
+    chosen = pruner.select()
+    timed = state["timed"]
+    assert pruner.rank() == chosen and state["timed"] == timed  # a second ranking reuses the fit: no timing
+    other = LayerPruner(model, x, latency_reduction=0.3)
+    other.load_state_dict(pruner.state_dict())
+    state["truth"] = 5.0  # a clock that would now give another answer: not consulted
+    assert other.rank() == chosen and state["timed"] == timed
+    assert other.latency_fit == pruner.latency_fit
+    other.latency_reduction = 0.2  # another budget: fitted anew
+    other.rank()
+    assert state["timed"] > timed and other.latency_fit["fraction"] == 0.2
 
 
 def test_budget_driven_sparsity_zeroes_the_budget():

@@ -10,6 +10,10 @@ One denominator everywhere: budgets, reports and benchmarks all count the deploy
   negative). Unlike timing a layer alone, this sees what removal really changes in the whole forward pass (a
   dropped activation, memory traffic, kernel launches). A set's predicted saving is the sum of its entries
   (:func:`predicted_saving`); ``benchmarks/ablation_depth.py`` reports how well that predicts the measured latency.
+* :func:`measured_saving`: what removing a whole set saves, timed directly (the deployed model without the set
+  against the full one, in turns). Per-gate entries are small next to timing noise on a busy machine (a layer of
+  cifar_resnet20 is 2-5% of its latency at batch 1), so ``LayerPruner`` checks the set it chooses against this
+  and corrects the table's goal until the measured saving meets the budget.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from resconv_plugin.measure.latency import interleaved_latencies
 from resconv_plugin.fx.surgery import plan_removal, remove
 from resconv_plugin.pruning.select import set_saving
 
-__all__ = ["flops_savings", "latency_table", "predicted_saving", "COST_KINDS"]
+__all__ = ["flops_savings", "latency_table", "measured_saving", "predicted_saving", "COST_KINDS"]
 
 COST_KINDS = ("flops", "latency")
 Savings = Tuple[Dict[str, float], float]
@@ -65,17 +69,36 @@ def latency_table(model: nn.Module, names: Iterable[str], example_inputs: Tuple[
         device: the device to time on (the one you deploy to; default: the inputs' device). On CUDA every timed
             forward is synchronised.
     """
+    times = _timed_removals(model, {name: [name] for name in names}, example_inputs, repeats=repeats,
+                            channels_last=channels_last, device=device)
+    full = times.pop("")
+    return {name: max(0.0, full - t) for name, t in times.items()}, full
+
+
+@torch.no_grad()
+def measured_saving(model: nn.Module, names: Iterable[str], example_inputs: Tuple[torch.Tensor, ...], *,
+                    repeats: int = 20, channels_last: bool = False,
+                    device: Union[str, torch.device, None] = None) -> Tuple[float, float]:
+    """``(seconds saved by removing names together, seconds of the deployed model)``, both deployed models timed in
+    turns on this machine (arguments as :func:`latency_table`; the saving may be negative within noise)."""
+    times = _timed_removals(model, {"set": list(names)}, example_inputs, repeats=repeats,
+                            channels_last=channels_last, device=device)
+    return times[""] - times["set"], times[""]
+
+
+def _timed_removals(model: nn.Module, variants: Dict[str, list], example_inputs: Tuple[torch.Tensor, ...], *,
+                    repeats: int, channels_last: bool, device) -> Dict[str, float]:
+    """Median seconds of the deployed model (key ``""``) and of each variant (the model with its gates removed),
+    timed in turns."""
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     device = torch.device(device) if device is not None else example_inputs[0].device
     inputs = tuple((t.contiguous(memory_format=fmt) if t.dim() == 4 else t).to(device) for t in example_inputs)
     models = {"": deployed(model).to(device, memory_format=fmt)}
-    for name in names:
+    for key, removed in variants.items():
         variant = copy.deepcopy(model)
-        remove(variant, [name])
-        models[name] = deployed(variant).to(device, memory_format=fmt)
-    times = interleaved_latencies({k: (lambda m=m: m(*inputs)) for k, m in models.items()}, repeats=repeats)
-    full = times.pop("")
-    return {name: max(0.0, full - t) for name, t in times.items()}, full
+        remove(variant, removed)
+        models[key] = deployed(variant).to(device, memory_format=fmt)
+    return interleaved_latencies({k: (lambda m=m: m(*inputs)) for k, m in models.items()}, repeats=repeats)
 
 
 def predicted_saving(savings: Dict[str, float], names: Iterable[str]) -> float:

@@ -257,6 +257,9 @@ class Pipeline:
                              ignored_layers=c.ignored_layers or None, latency_device=c.latency_device)
         if c.latency_reduction is not None:  # measured latency differs per process: rank 0's table decides
             pruner.load_state_dict(self.dist.broadcast(pruner.state_dict()))
+            for r in (pruner.latency_fit or {}).get("rounds", []):
+                log.info("latency budget: %d gates, table predicts %.3f, measured %.3f (goal scale %.3f)",
+                         len(r["removed"]), r["predicted"], r["measured"], r["scale"])
         return pruner
 
     # -- the stages ----------------------------------------------------------------------------------------------
