@@ -99,7 +99,8 @@ def depth_row(method, arch, target, seed, base, data, args):
     report = compress(config, data=data, model=base)
     stages = {r["stage"]: r for r in report["stages"]}
     model = resconv_plugin.load(out / "model.safetensors")
-    return model, {"removed": report["removed"], "channel_ratio": stages.get("channel_pruned", {}).get("channel_ratio")}
+    return model, {"removed": report["removed"], "channel_ratio": stages.get("channel_pruned", {}).get("channel_ratio"),
+                   "latency_fit": report.get("latency_fit")}
 
 
 def prune_channels(model, method, ratio, calib):
@@ -342,7 +343,8 @@ def main() -> None:
                   / resconv_plugin.count_flops(base_plain, EXAMPLE).total,
                   **info, **schedule, "minutes": (time.time() - start) / 60, "environment": environment()}
         write_json(path, record)
-        print(json.dumps({k: v for k, v in record.items() if k not in ("environment", "removed")}), flush=True)
+        brief = {k: v for k, v in record.items() if k not in ("environment", "removed", "latency_fit")}
+        print(json.dumps(brief), flush=True)
     report(name, rows_dir, baselines, args.targets)
 
 

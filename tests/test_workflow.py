@@ -212,6 +212,24 @@ def test_a_bug_in_a_models_forward_is_not_turned_into_an_input_error():
         resconv_plugin.count_flops(torch.nn.Conv2d(1, 1, 3), torch.zeros(1, 2, 8, 8))
 
 
+def test_compress_reports_the_measured_check_of_a_latency_budget(tmp_path):
+    """--latency-reduction: the chosen layers are timed as a whole; every round of that check is in report.json
+    and the layers removed are the set of its chosen round (the removal criterion ranks once)."""
+    import timm
+
+    torch.manual_seed(3)
+    mine = timm.create_model("cifar_resnet20", num_classes=2, in_chans=1).eval()
+    config = CompressionConfig(model="cifar_resnet20", epochs=0, sparsity_epochs=1, finetune_epochs=0, batch_size=32,
+                               latency_reduction=0.3, importance="removal", output=tmp_path / "run",
+                               latency_repeats=2, plots=False, progress=False)
+    report = compress(config, data=tiny_data(), model=mine)
+    fit = report["latency_fit"]
+    assert fit["fraction"] == 0.3 and 1 <= len(fit["rounds"]) <= 4
+    assert all({"scale", "removed", "predicted", "measured"} <= set(r) for r in fit["rounds"])
+    chosen = [r for r in fit["rounds"] if r["scale"] == fit["scale"]]
+    assert chosen and sorted(report["removed"]) == chosen[0]["removed"]
+
+
 def test_compress_starts_from_a_given_model_and_leaves_it_alone(tmp_path):
     import timm
 

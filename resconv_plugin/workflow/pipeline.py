@@ -257,6 +257,8 @@ class Pipeline:
                              ignored_layers=c.ignored_layers or None, latency_device=c.latency_device)
         if c.latency_reduction is not None:  # measured latency differs per process: rank 0's table decides
             pruner.load_state_dict(self.dist.broadcast(pruner.state_dict()))
+            if pruner.latency_fit is not None:
+                self.run_state.state["latency_fit"] = pruner.latency_fit
             for r in (pruner.latency_fit or {}).get("rounds", []):
                 log.info("latency budget: %d gates, table predicts %.3f, measured %.3f (goal scale %.3f)",
                          len(r["removed"]), r["predicted"], r["measured"], r["scale"])
@@ -408,7 +410,7 @@ class Pipeline:
                   "stages": records, "summary": summary, "removed": run.state["removed"],
                   "removal": run.state["removal"], "epochs": run.state["epochs_log"],
                   "gamma_trace": run.state["gamma_trace"], "resumed": run.state["resumed"],
-                  "model_file": str(run.out / "model.safetensors")}
+                  "latency_fit": run.state.get("latency_fit"), "model_file": str(run.out / "model.safetensors")}
         if self.dist.main:
             write_report(report, run.out, plots=c.plots)
             print("\n" + stage_table(records))
