@@ -23,7 +23,8 @@ is distilled from the baseline like depth (alpha 0.5, T 4). Training: SGD moment
 
 Figures: top-1 on the full Fashion-MNIST test set; FLOPs of the deployed model (fvcore, resconv_plugin handles,
 batch 1); latency_rel = median batch-1 CPU latency of the deployed row model / the deployed baseline, timed in turns
-(--repeats rounds, --threads threads) right after the row finished. Rows are kept one JSON file each under
+(--repeats rounds, --threads threads) right after the row finished; channel rows keep every try of the bisection
+(``bisection``: [ratio, latency_rel]), depth rows the pruner's measured check of its latency budget (``latency_fit``). Rows are kept one JSON file each under
 benchmarks/results/equal_latency_rows/ (commit them): the same command resumes at the next row, in a later session
 too. The summary (``equal_latency_summary.json``): per arch, every point, and advantage_pt per target = best
 depth-based method's mean top-1 over seeds minus the best channel-only method's, each read off its method's
@@ -122,18 +123,20 @@ def prune_channels(model, method, ratio, calib):
 
 def match_latency(model, method, target, base_plain, calib, args, tolerance=0.02, iterations=12):
     """Bisect the channel pruning ratio until the deployed model's measured latency is within ``tolerance`` of
-    ``target`` (relative to the baseline); returns (model, ratio, measured latency_rel) of the closest try."""
-    lo, hi, best = 0.0, 0.95, None
+    ``target`` (relative to the baseline); returns (model, ratio, measured latency_rel, every try as
+    [ratio, latency_rel]) of the closest try."""
+    lo, hi, best, tries = 0.0, 0.95, None, []
     for _ in range(iterations):
         ratio = (lo + hi) / 2
         candidate = prune_channels(model, method, ratio, calib)
         rel = latency_rel(candidate, base_plain, args.repeats)
+        tries.append([ratio, rel])
         if best is None or abs(rel - target) < abs(best[2] - target):
             best = (candidate, ratio, rel)
         if abs(rel - target) <= tolerance:
             break
         lo, hi = (ratio, hi) if rel > target else (lo, ratio)
-    return best
+    return (*best, tries)
 
 
 def channel_row(method, arch, target, seed, base, data, calib, base_plain, rows_dir, args):
@@ -147,13 +150,13 @@ def channel_row(method, arch, target, seed, base, data, calib, base_plain, rows_
                                      global_pruning=True, **({"round_to": round_to} if round_to else {}))
         train_stage(model, data, settings(f"{method} sparsity", args.sparsity_epochs, seed + 1),
                     regularizers=[regulariser], teacher=base)
-        model, ratio, _ = match_latency(model.eval(), method, goal, base_plain, calib, args)
+        model, ratio, _, tries = match_latency(model.eval(), method, goal, base_plain, calib, args)
         epochs = args.finetune_epochs
     else:  # prune first, then train for the same total epochs
-        model, ratio, _ = match_latency(model, method, goal, base_plain, calib, args)
+        model, ratio, _, tries = match_latency(model, method, goal, base_plain, calib, args)
         epochs = args.sparsity_epochs + args.finetune_epochs
     train_stage(model, data, settings(f"{method} finetune", epochs, seed + 2), teacher=base)
-    return model.eval(), {"channel_ratio": ratio, "latency_goal": goal}
+    return model.eval(), {"channel_ratio": ratio, "latency_goal": goal, "bisection": tries}
 
 
 def check_schedule(record, schedule):
@@ -343,7 +346,7 @@ def main() -> None:
                   / resconv_plugin.count_flops(base_plain, EXAMPLE).total,
                   **info, **schedule, "minutes": (time.time() - start) / 60, "environment": environment()}
         write_json(path, record)
-        brief = {k: v for k, v in record.items() if k not in ("environment", "removed", "latency_fit")}
+        brief = {k: v for k, v in record.items() if k not in ("environment", "removed", "latency_fit", "bisection")}
         print(json.dumps(brief), flush=True)
     report(name, rows_dir, baselines, args.targets)
 
