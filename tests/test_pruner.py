@@ -202,6 +202,26 @@ def test_latency_reduction_selection_meets_target(resnet18):
     assert resconv_plugin.pruning.set_saving(saved, chosen) >= goal * (1 - 1e-9)
 
 
+def test_latency_table_sums_to_the_measured_saving_of_removing_every_gate(monkeypatch):
+    """Single savings are rescaled so that the whole table predicts the model with every gate removed, timed in the
+    same rounds (fake clock: full 10 ms, each single removal 9.5 ms, all removed 4 ms)."""
+    from resconv_plugin.pruning import cost
+
+    def clock(model, variants, example_inputs, **kwargs):
+        return {"": 10.0, **{k: (4.0 if len(v) > 1 else 9.5) for k, v in variants.items()}}
+
+    monkeypatch.setattr(cost, "_timed_removals", clock)
+    torch.manual_seed(0)
+    model = timm.create_model("cifar_resnet20", num_classes=10, in_chans=1).eval()
+    x = torch.randn(1, 1, 28, 28)
+    resconv_plugin.convert(model, x)
+    names = list(resconv_plugin.fx.surgery.gated_modules(model))
+    table, full = cost.latency_table(model, names, (x,))
+    assert full == 10.0 and set(table) == set(names) and len(names) == 16
+    assert all(v == pytest.approx(6.0 / 16) for v in table.values())  # 0.5 each, scaled to sum to 10 - 4
+    assert cost.latency_table(model, names[:1], (x,))[0] == {names[0]: 0.5}  # one gate: nothing to scale by
+
+
 @pytest.fixture
 def table_vs_clock(monkeypatch):
     """A deterministic latency table (each gate's FLOPs saving) and a fake clock on which a set really saves
