@@ -281,8 +281,10 @@ def main() -> None:
     parser.add_argument("--archs", nargs="+", default=["cifar_resnet20", "cifar_resnet56"])
     parser.add_argument("--targets", nargs="+", type=float, default=[0.8, 0.6, 0.45, 0.35])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
-    parser.add_argument("--methods", nargs="+", default=["depth", "joint", "slim", "slim_r8", "groupnorm_r8",
-                                                         "meta_taylor_r8", "meta_magnitude_r8"])
+    parser.add_argument("--methods", nargs="+", default=["depth", "joint", "slim", "groupnorm", "meta_taylor"],
+                        help="the grid's default: the pilot (equal_latency_pilot.md) found round_to=8 no help at equal "
+                             "latency and Taylor / magnitude level; any of depth, joint, slim, groupnorm, meta_taylor, "
+                             "meta_magnitude, channel methods optionally with _r8")
     parser.add_argument("--train-subset", type=int, default=20000)
     parser.add_argument("--sparsity-epochs", type=int, default=3)
     parser.add_argument("--finetune-epochs", type=int, default=3)
