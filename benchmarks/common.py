@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -38,8 +39,8 @@ def environment() -> Dict[str, object]:
         "python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
         "fvcore": md.version("fvcore"), "resconv_plugin": md.version("resconv-plugin"),
         "cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "commit": commit,
-        "command": " ".join(["python", os.path.relpath(Path(sys.argv[0]).resolve(), RESULTS.parent.parent)]
-                            + sys.argv[1:]),
+        "command": shlex.join(["python", os.path.relpath(Path(sys.argv[0]).resolve(), RESULTS.parent.parent)]
+                             + sys.argv[1:]),
     }
 
 
