@@ -24,9 +24,9 @@ is distilled from the baseline like depth (alpha 0.5, T 4). Training: SGD moment
 Figures: top-1 on the full Fashion-MNIST test set; FLOPs of the deployed model (fvcore, resconv_plugin handles,
 batch 1); latency_rel = median batch-1 CPU latency of the deployed row model / the deployed baseline, timed in turns
 (--repeats rounds, --threads threads) right after the row finished; channel rows keep every try of the bisection
-(``bisection``: [ratio, latency_rel]), depth rows the pruner's measured check of its latency budget (``latency_fit``). Rows are kept one JSON file each under
-benchmarks/results/equal_latency_rows/ (commit them): the same command resumes at the next row, in a later session
-too. The summary (``equal_latency_summary.json``): per arch, every point, and advantage_pt per target = best
+(``bisection``: [ratio, latency_rel]), depth rows the pruner's measured check of its latency budget (``latency_fit``).
+Rows are kept one JSON file each under benchmarks/results/equal_latency_rows/ (commit them): the same command resumes at
+the next row, in a later session too. The summary (``equal_latency_summary.json``): per arch, every point, and advantage_pt per target = best
 depth-based method's mean top-1 over seeds minus the best channel-only method's, each read off its method's
 top-1-vs-latency curve (points sorted by latency, linear in between, the baseline at latency 1.0); null where a
 channel-only method has no point at or below that latency; and the paper's claim per method,

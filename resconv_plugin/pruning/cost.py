@@ -11,8 +11,9 @@ One denominator everywhere: budgets, reports and benchmarks all count the deploy
   dropped activation, memory traffic, kernel launches). The model with *every* measured gate removed is timed in
   the same rounds and the entries are scaled so that they sum to its saving: single savings of a few percent are
   biased by noise (on a busy 2-core machine the sum of cifar_resnet20's 16 entries came to 0.26-0.46 of the latency
-  at batch 1, while removing all 16 measured 0.72), the saving of removing them all is not. A set's predicted saving is the sum of its entries
-  (:func:`predicted_saving`); ``benchmarks/ablation_depth.py`` reports how well that predicts the measured latency.
+  at batch 1, while removing all 16 measured 0.72), the saving of removing them all is not. A set's predicted
+  saving is the sum of its entries (:func:`predicted_saving`); ``benchmarks/ablation_depth.py`` reports how well that
+  predicts the measured latency.
 * :func:`measured_saving`: what removing a whole set saves, timed directly (the deployed model without the set
   against the full one, in turns). Per-gate entries are small next to timing noise on a busy machine (a layer of
   cifar_resnet20 is 2-5% of its latency at batch 1), so ``LayerPruner`` checks the set it chooses against this

@@ -115,10 +115,10 @@ class LayerPruner:
     the deployed model's FLOPs (fvcore, gates fused and BatchNorms folded); ``latency_reduction`` = fraction of the
     deployed model's latency, from a lookup table measured on this machine at the example input's batch size
     (:func:`~resconv_plugin.pruning.latency_table`), the chosen set then timed as a whole and the table's goal
-    corrected until the measured saving meets the budget (:attr:`latency_fit`). Budgets are met at the least total importance: exactly by dynamic
-    programming over the savings (``selection="dp"``, default), or greedily by importance per unit saved
-    (``"greedy"``; always with nested gates). An iterative criterion (``importance="removal-iterative"``) is
-    re-measured after each chosen gate and selected greedily. Ties go to the gate that saves more, then module order.
+    corrected until the measured saving meets the budget (:attr:`latency_fit`). Budgets are met at the least total
+    importance: exactly by dynamic programming over the savings (``selection="dp"``, default), or greedily by importance
+    per unit saved (``"greedy"``; always with nested gates). An iterative criterion (``importance="removal-iterative"``)
+    is re-measured after each chosen gate and selected greedily. Ties go to the gate that saves more, then module order.
 
     **Importance** (``importance=``): ``"magnitude"`` (``|gamma|``, the paper's criterion), ``"removal"`` (the measured
     loss increase when the gate is set to 0 on ``calibration_inputs``: cross-entropy with ``calibration_targets``,
@@ -463,14 +463,16 @@ class LayerPruner:
         saved, _, target = self._target()
         if self.importance.iterative:
             memo: Dict[tuple, Dict[str, float]] = {}  # the model does not change within one ranking
+            order = [n for n in self._order if n in self._gates]
+
+            def remembered(removed: Sequence[str] = ()) -> Dict[str, float]:
+                key = tuple(sorted(removed))
+                if key not in memo:
+                    memo[key] = scored(removed)
+                return memo[key]
 
             def choose(goal: float) -> List[str]:
-                def remembered(removed: Sequence[str] = ()) -> Dict[str, float]:
-                    key = tuple(sorted(removed))
-                    if key not in memo:
-                        memo[key] = scored(removed)
-                    return memo[key]
-                return select_iteratively(remembered, saved, goal, order=[n for n in self._order if n in self._gates])
+                return select_iteratively(remembered, saved, goal, order=order)
         else:
             scores = scored()
 
@@ -505,15 +507,13 @@ class LayerPruner:
             chosen = choose(goal)
             if not chosen or any(r["removed"] == sorted(chosen) for r in rounds):
                 break  # the correction lands on a set already measured
-            measured, full = measured_saving(self.model, chosen, self.example_inputs, repeats=self.latency_repeats,
-                                             channels_last=self.latency_channels_last, device=self.latency_device)
-            predicted = set_saving(saved, chosen) / total
-            rounds.append({"scale": scale, "removed": sorted(chosen), "predicted": predicted,
-                           "measured": measured / full})
-            if fraction <= measured / full <= fraction + _FIT_TOLERANCE or (goal >= reachable
-                                                                            and measured / full < fraction):
+            seconds, full = measured_saving(self.model, chosen, self.example_inputs, repeats=self.latency_repeats,
+                                            channels_last=self.latency_channels_last, device=self.latency_device)
+            measured, predicted = seconds / full, set_saving(saved, chosen) / total
+            rounds.append({"scale": scale, "removed": sorted(chosen), "predicted": predicted, "measured": measured})
+            if fraction <= measured <= fraction + _FIT_TOLERANCE or (goal >= reachable and measured < fraction):
                 break
-            scale = predicted / max(measured / full, 1e-3)  # the table's error on this set, applied to the budget
+            scale = predicted / max(measured, 1e-3)  # the table's error on this set, applied to the budget
         if not rounds:
             return target
         met = [r for r in rounds if r["measured"] >= fraction]
