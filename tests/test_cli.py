@@ -335,6 +335,7 @@ def test_compress_channel_pruning_auto_meets_the_budget(tmp_path):
     assert report["summary"]["flops_reduction"] >= 0.4 - 1e-9
     log = (out / "log.txt").read_text()
     assert log.count("joint plan: depth share") == 6  # five candidate splits and the choice
+    assert log.count("after 8 recovery steps (one-shot") == 5  # --quick: each candidate trained 8 steps first
     import re
 
     plan = {float(share): (float(ratio), float(cost)) for share, ratio, cost in re.findall(

@@ -100,6 +100,67 @@ def test_fixed_set_importance_trains_a_chosen_set():
         FixedSetImportance("layers.0.0")
 
 
+def _labelled_batches(net, x, seen):
+    """Two batches of ``x`` labelled by the unpruned net's own predictions (a task a pruned copy can recover);
+    each batch drawn appends its index to ``seen``."""
+    with torch.no_grad():
+        y = net(x).argmax(1)
+
+    class Batches:
+        def __iter__(self):
+            for i in range(2):
+                seen.append(i)
+                yield x[16 * i:16 * (i + 1)], y[16 * i:16 * (i + 1)]
+
+    return Batches(), y
+
+
+def test_recovery_trains_each_candidate_on_the_same_batches_before_scoring():
+    net, x = make()
+    seen = []
+    batches, y = _labelled_batches(net, x, seen)
+    pruner = JointPruner(net, x[:1], 0.3, calibration_inputs=x, calibration_targets=y, cost="flops",
+                         depth_shares=(0.0, 1.0), recovery_batches=batches, recovery_steps=3, recovery_lr=0.05)
+    plan = pruner.plan()
+    assert seen == [0, 1, 0] * 2  # 3 steps per candidate over a 2-batch set: started again from its first batch
+    for c in plan.candidates:
+        assert c.recovery_steps == 3 and c.oneshot_score is not None
+        assert c.score < c.oneshot_score  # trained towards the unpruned net's labels
+        # the score is the task loss of the recovered copy as deployed (its own BatchNorm statistics): redone by hand
+        model = pruner.recover(pruner.apply(c))
+        with torch.no_grad():
+            expected = torch.nn.functional.cross_entropy(model.eval()(x), y).item()
+        assert c.score == pytest.approx(expected, rel=1e-5)
+    assert plan.best.score == min(c.score for c in plan.candidates)
+    one_shot = JointPruner(net, x[:1], 0.3, calibration_inputs=x, calibration_targets=y, cost="flops",
+                           depth_shares=(0.0, 1.0)).plan()
+    assert [c.score for c in one_shot.candidates] == pytest.approx([c.oneshot_score for c in plan.candidates])
+    assert all(c.recovery_steps == 0 and c.score == c.oneshot_score for c in one_shot.candidates)
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(recovery_steps=-1), ValueError, "recovery_steps must be a non-negative int, got -1"),
+    (dict(recovery_steps=5), ValueError, r"recovery_steps=5 needs recovery_batches"),
+    (dict(recovery_steps=5, recovery_batches=iter([])), TypeError, "recovery_batches must be re-iterable"),
+    (dict(recovery_steps=5, recovery_batches=[], recovery_lr=0), ValueError,
+     "recovery_lr must be a positive number, got 0"),
+])
+def test_bad_recovery_arguments(kwargs, error, match):
+    net, x = make()
+    with pytest.raises(error, match=match):
+        JointPruner(net, x[:1], 0.3, calibration_inputs=x, cost="flops", **kwargs)
+
+
+def test_bad_recovery_batches_fail_when_drawn():
+    net, x = make()
+    for batches, error, match in (([], ValueError, "recovery_batches yielded no batch"),
+                                  ([x[:4]], TypeError, r"must yield \(inputs, targets\) pairs, got Tensor")):
+        pruner = JointPruner(net, x[:1], 0.3, calibration_inputs=x, cost="flops", depth_shares=(1.0,),
+                             recovery_batches=batches, recovery_steps=2)
+        with pytest.raises(error, match=match):
+            pruner.plan()
+
+
 @pytest.mark.parametrize("kwargs,match", [
     (dict(reduction=1.0), r"reduction must be in \(0, 1\)"),
     (dict(cost="watts"), "cost must be 'latency', 'flops' or a callable"),

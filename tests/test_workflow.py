@@ -48,6 +48,9 @@ def test_config_defaults_and_checks(tmp_path):
         CompressionConfig(model="cifar_resnet20", flops_reduction=1.5).validated()
     with pytest.raises(ConfigError, match="calibration_size \\(--calibration-size\\) must be a positive int, got 0"):
         CompressionConfig(model="cifar_resnet20", calibration_size=0).validated()
+    with pytest.raises(ConfigError, match="joint_recovery_steps \\(--joint-recovery-steps\\) must be an int >= 0, "
+                                          "got -1"):
+        CompressionConfig(model="cifar_resnet20", joint_recovery_steps=-1).validated()
     with pytest.raises(ConfigError, match="level \\(--level\\) must be 'auto', 'layer' or 'block', got 'blocks'"):
         CompressionConfig(model="cifar_resnet20", level="blocks").validated()
     assert CompressionConfig(model="cifar_resnet20").level == "auto"

@@ -39,7 +39,7 @@ log = logging.getLogger("resconv")
 #: Options of the command that are not settings of the run (the rest map 1:1 onto CompressionConfig fields).
 COMMAND_ONLY = ("command_name", "config", "quick", "log_level", "no_plots")
 QUICK = {"train_subset": 1024, "val_subset": 512, "latency_repeats": 10, "epochs": 1, "sparsity_epochs": 1,
-         "finetune_epochs": 1, "calibration_size": 64}
+         "finetune_epochs": 1, "calibration_size": 64, "joint_recovery_steps": 8}
 DEMO = {"model": "cifar_resnet20", "data": "fashion-mnist", "train_subset": 10000, "epochs": 3, "lr": 0.1,
         "sparsity_epochs": 2, "finetune_epochs": 2, "flops_reduction": 0.4, "output": "runs/demo"}
 
@@ -147,6 +147,9 @@ def _add_compress_options(p: argparse.ArgumentParser, demo: bool = False) -> Non
                    help="torch-pruning MetaPruner pruning_ratio, global, L2 magnitude (0 = none); 'auto': split the "
                         "--latency-reduction / --flops-reduction budget between layers and channels by measurement "
                         "(resconv_plugin.pruning.JointPruner) and meet it exactly after training")
+    g.add_argument("--joint-recovery-steps", type=int, default=200,
+                   help="with --channel-pruning auto: distilled training steps (batches of --batch-size) on each "
+                        "candidate split before it is scored (0: one-shot scores; default 200)")
 
     g = p.add_argument_group("device")
     g.add_argument("--device", default="auto", help="where to train: cuda, cuda:N, cpu (default: cuda when "
@@ -167,8 +170,8 @@ def _add_compress_options(p: argparse.ArgumentParser, demo: bool = False) -> Non
     g.add_argument("--restart", action="store_true", help="start over even if the output folder holds a run")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--quick", action="store_true",
-                   help="smoke check: 1024 / 512 images, one epoch per stage, a 64-image calibration batch "
-                        "(explicit options win)")
+                   help="smoke check: 1024 / 512 images, one epoch per stage, a 64-image calibration batch, 8 "
+                        "recovery steps per joint candidate (explicit options win)")
     g.add_argument("--latency-repeats", type=int, default=50)
     g.add_argument("--no-plots", action="store_true")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")

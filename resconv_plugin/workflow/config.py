@@ -100,6 +100,8 @@ class CompressionConfig:
     distill_temperature: float = 4.0
     # channel pruning: a torch-pruning pruning_ratio, or "auto" (JointPruner splits the budget)
     channel_pruning: Union[float, str] = 0.0
+    # with channel_pruning="auto": distilled training steps on each candidate split before it is scored
+    joint_recovery_steps: int = 200
     # device
     device: str = "auto"
     amp: str = "none"
@@ -175,6 +177,10 @@ class CompressionConfig:
                                                  and 0.0 <= c.channel_pruning <= 1.0):
             raise ConfigError(f"channel_pruning (--channel-pruning) must be a ratio in [0, 1] or 'auto', got "
                              f"{c.channel_pruning!r}")
+        if (isinstance(c.joint_recovery_steps, bool) or not isinstance(c.joint_recovery_steps, int)
+                or c.joint_recovery_steps < 0):
+            raise ConfigError(f"joint_recovery_steps (--joint-recovery-steps) must be an int >= 0, got "
+                             f"{c.joint_recovery_steps!r}")
         if c.channel_pruning == "auto" and c.flops_reduction is None and c.latency_reduction is None:
             raise ConfigError("--channel-pruning auto splits a --latency-reduction or --flops-reduction budget between "
                              "layers and channels: give one of them")

@@ -42,7 +42,7 @@ from resconv_plugin.workflow.report import stage_latencies, stage_table, write_r
 from resconv_plugin._utils import atomic_file
 from resconv_plugin.workflow.rules import finetune, remove_pruned, sparsity_steps
 from resconv_plugin.workflow.training import StageSettings, evaluate, train_stage
-from resconv_plugin.data import ImageData, build_datasets, calibration_batch
+from resconv_plugin.data import BatchLoader, ImageData, build_datasets, calibration_batch
 
 __all__ = ["compress", "Pipeline", "STAGES", "RESUME_IGNORED", "environment"]
 
@@ -226,13 +226,18 @@ class Pipeline:
     def _record(self, stage: str, **extra: Any) -> None:
         self.run_state.record(stage, self.model, self.data, self.example, **extra)
 
-    def _joint(self, model: nn.Module) -> JointPruner:
+    def _joint(self, model: nn.Module, recovery: bool = False) -> JointPruner:
+        """The JointPruner of the budget; ``recovery``: with the short distilled training of each candidate (for
+        the plan; meeting the budget after training needs none)."""
         c = self.config
         reduction = c.latency_reduction if c.latency_reduction is not None else c.flops_reduction
+        steps = c.joint_recovery_steps if recovery else 0
+        batches = BatchLoader(self.data, True, c.batch_size, seed=c.seed, device=self.device) if steps else None
         return JointPruner(model, self.example, reduction, calibration_inputs=self.calib[0],
                            calibration_targets=self.calib[1],
                            cost="latency" if c.latency_reduction is not None else "flops",
-                           importance=c.importance, latency_repeats=20)
+                           importance=c.importance, latency_repeats=20, recovery_batches=batches,
+                           recovery_steps=steps, recovery_lr=c.finetune_lr)
 
     def _depth_set(self) -> Optional[List[str]]:
         plan = self.run_state.state.get("joint_plan")
@@ -285,14 +290,15 @@ class Pipeline:
         log.info("converted %d layers (%s level); %d convs skipped", len(report.converted), report.level,
                  len(report.skipped))
         if c.channel_pruning == "auto":
-            plan = self.dist.broadcast(self._joint(self.model).plan())  # measured on rank 0's clock: every
+            plan = self.dist.broadcast(self._joint(self.model, recovery=True).plan())  # measured on rank 0's clock: every
             # process follows the same plan
             self.run_state.state["joint_plan"] = {
                 "target_rel": plan.target_rel, "best": dataclasses.asdict(plan.best),
                 "candidates": [dataclasses.asdict(x) for x in plan.candidates]}
             for x in plan.candidates:
-                log.info("joint plan: depth share %.2f: %d layers + channel ratio %.3f -> cost %.3f, proxy %.4g",
-                         x.depth_share, len(x.depth_names), x.channel_ratio, x.cost_rel, x.score)
+                log.info("joint plan: depth share %.2f: %d layers + channel ratio %.3f -> cost %.3f, proxy %.4g "
+                         "after %d recovery steps (one-shot %.4g)", x.depth_share, len(x.depth_names),
+                         x.channel_ratio, x.cost_rel, x.score, x.recovery_steps, x.oneshot_score)
             log.info("joint plan: depth share %.2f chosen", plan.best.depth_share)
 
     def sparsity(self) -> None:
