@@ -19,9 +19,10 @@ with channels only when depth alone cannot reach the budget), so the choice incl
 
 Why recovery: at small budgets one-shot scores rank wrecks. On cifar_resnet20 at 0.45 of the latency every
 candidate's calibration loss was near chance before training (2.4-3.3 nats, chance 2.3) and the lowest was pure
-channel pruning, which after the full schedule lost 14.9 pt where pure depth lost 7.4; after 50-100 distilled steps
-pure depth scores clearly best (benchmarks/results/joint_proxy.md). Scoring after recovery with the statistics
-re-estimated on the scored batch itself flattered the narrow channel-pruned candidates, hence the deployed statistics.
+channel pruning, which after the full schedule lost 14.9 pt where pure depth lost 7.4; after 200-300 distilled
+steps pure channel pruning scores clearly worst (benchmarks/results/joint_proxy.md). Scoring after recovery with
+the statistics re-estimated on the scored batch itself flattered narrow channel-pruned candidates, hence the
+deployed statistics.
 
 Train the chosen plan afterwards (``LayerPruner`` budget-driven sparsity with
 ``importance=FixedSetImportance(plan.best.depth_names)``, then ``channel_pruner`` with ``plan.best.channel_ratio``,
