@@ -14,7 +14,7 @@ from helpers import randomize_bn
 from resconv_plugin import LayerPruner
 from resconv_plugin.pruning import (
     CapSchedule, GateImportance, MagnitudeImportance, RemovalImportance, TaylorImportance, make_importance,
-    output_divergence, select_count, select_iteratively, select_within_budget,
+    output_divergence, select_count, select_iteratively, select_within_budget, set_saving,
 )
 
 
@@ -173,6 +173,22 @@ def test_selection_ties_go_to_larger_saving_then_module_order():
     scores = {"a": 1.0, "b": 1.0, "c": 1.0}
     assert select_count(scores, 1, {"a": 1.0, "b": 2.0, "c": 2.0}, order=["a", "b", "c"]) == ["b"]
     assert select_within_budget({"a": 0.0, "b": 0.0}, {"a": 5.0, "b": 5.0}, 4.0, order=["b", "a"]) == ["b"]
+
+
+def test_a_goal_at_the_reachable_maximum_is_met_despite_rounding():
+    """The latency fit asks for min(goal, everything reachable); the chosen gates' savings summed in their order can
+    fall a rounding short of that (0.3 + 0.2 + 0.1 < 0.1 + 0.2 + 0.3): every gate must be chosen, not an error
+    (cifar_resnet20 depth row at 0.45, seed 1: "save at most 0.00195207, less than the target 0.00195207")."""
+    savings = {"a": 0.1, "b": 0.2, "c": 0.3}
+    everything = set_saving(savings, ["a", "b", "c"])
+    assert 0.3 + 0.2 + 0.1 < everything  # the rounding this test is about
+    scores = {"a": 3.0, "b": 2.0, "c": 1.0}  # chosen c, b, a: summed in that order
+    assert sorted(select_iteratively(lambda chosen: scores, savings, everything, order=["a", "b", "c"])) == \
+        ["a", "b", "c"]
+    for method in ("greedy", "dp"):
+        assert sorted(select_within_budget(scores, savings, everything, method=method)) == ["a", "b", "c"]
+    with pytest.raises(ValueError, match="save at most 0.6, less than the target 0.61"):
+        select_within_budget(scores, savings, 0.61)
 
 
 def test_nested_gates_count_a_block_once():

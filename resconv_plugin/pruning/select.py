@@ -68,6 +68,12 @@ def _total(chosen: Sequence[str], savings: Mapping[str, float]) -> float:
     return sum(savings[c] for c in chosen)
 
 
+def _short(total: float, target: float) -> bool:
+    """``total`` misses ``target`` by more than rounding: the same savings summed in another order differ in the
+    last bits, so a goal equal to the total of every gate (a budget at the reachable maximum) must count as met."""
+    return total < target - 1e-9 * abs(target)
+
+
 def set_saving(savings: Mapping[str, float], names: Iterable[str]) -> float:
     """What removing ``names`` together saves: the sum of their positive savings, a layer inside a block of
     ``names`` counted with the block, not twice (also the largest reachable saving when ``names`` is every gate).
@@ -83,7 +89,7 @@ def set_saving(savings: Mapping[str, float], names: Iterable[str]) -> float:
 def _drop_unneeded(chosen: List[str], scores: Mapping[str, float], savings: Mapping[str, float],
                    target: float) -> List[str]:
     for name in sorted(chosen, key=lambda n: -max(scores[n], 0.0)):
-        if _total(chosen, savings) - savings[name] >= target:
+        if not _short(_total(chosen, savings) - savings[name], target):
             chosen.remove(name)
     return chosen
 
@@ -92,7 +98,7 @@ def _greedy(scores: Mapping[str, float], savings: Mapping[str, float], target: f
             rank: Mapping[str, int]) -> List[str]:
     chosen: List[str] = []
     for name in sorted(scores, key=lambda n: _ratio_key(scores[n], savings[n], rank[n])):
-        if _total(chosen, savings) >= target:
+        if not _short(_total(chosen, savings), target):
             break
         if savings[name] <= 0 or any(_inside(name, c) for c in chosen):
             continue
@@ -161,7 +167,7 @@ def select_within_budget(scores: Mapping[str, float], savings: Mapping[str, floa
     rank.update({n: len(rank) + i for i, n in enumerate(n for n in scores if n not in rank)})
     names = list(scores)
     reachable = set_saving(savings, names)
-    if reachable < target:
+    if _short(reachable, target):
         raise ValueError(f"the {len(names)} candidate gates save at most {reachable:.6g}, less than the target "
                          f"{target:.6g}")
     if method == "dp" and not _nested(names):
@@ -188,7 +194,7 @@ def select_iteratively(score_fn: Callable[[List[str]], Dict[str, float]], saving
     rank = {n: i for i, n in enumerate(order)}
     chosen: List[str] = []
     last: Dict[str, float] = {}
-    while _total(chosen, savings) < target:
+    while _short(_total(chosen, savings), target):
         available = [n for n in order if n not in chosen and not any(_inside(n, c) for c in chosen)
                      and _net_saving(n, chosen, savings) > 0]
         if not available:
