@@ -11,7 +11,8 @@ One denominator everywhere: budgets, reports and benchmarks all count the deploy
   dropped activation, memory traffic, kernel launches). The model with *every* measured gate removed is timed in
   the same rounds and the entries are scaled so that they sum to its saving: single savings of a few percent are
   biased by noise (on a busy 2-core machine the sum of cifar_resnet20's 16 entries came to 0.26-0.46 of the latency
-  at batch 1, while removing all 16 measured 0.72), the saving of removing them all is not. A set's predicted
+  at batch 1, while removing all 16 measured 0.72), the saving of removing them all is not; where no single removal
+  measured a saving at all (tiny inputs, a loaded machine), that saving is shared equally. A set's predicted
   saving is the sum of its entries (:func:`predicted_saving`); ``benchmarks/ablation_depth.py`` reports how well that
   predicts the measured latency.
 * :func:`measured_saving`: what removing a whole set saves, timed directly (the deployed model without the set
@@ -84,8 +85,12 @@ def latency_table(model: nn.Module, names: Iterable[str], example_inputs: Tuple[
     every = times.pop(_ALL, None)
     table = {name: max(0.0, full - t) for name, t in times.items()}
     summed = set_saving(table, names)
-    if every is not None and full - every > 0 and summed > 0:  # the sum of the entries = removing them all
-        table = {name: v * (full - every) / summed for name, v in table.items()}
+    if every is not None and full - every > 0:  # the sum of the entries = removing them all
+        if summed > 0:
+            table = {name: v * (full - every) / summed for name, v in table.items()}
+        else:  # every single saving drowned in noise: share what removing them all measured
+            outer = set_saving({name: 1.0 for name in names}, names)  # a layer inside a listed block not counted
+            table = {name: (full - every) / outer for name in names}
     return table, full
 
 
