@@ -29,7 +29,9 @@ Rows are kept one JSON file each under benchmarks/results/equal_latency_rows/ (c
 the next row, in a later session too. The summary (``equal_latency_summary.json``): per arch, every point, and advantage_pt per target = best
 depth-based method's mean top-1 over seeds minus the best channel-only method's, each read off its method's
 top-1-vs-latency curve (points sorted by latency, linear in between, the baseline at latency 1.0); null where a
-channel-only method has no point at or below that latency; and the paper's claim per method,
+channel-only method has no point at or below that latency; ``matched``: per target and method the rows' mean top-1
+(min, max) and latency over seeds (the like-for-like pairs: channel rows are bisected to their depth row's latency);
+and the paper's claim per method,
 ``flops_reduction_within_0.3pt``: the point (mean over seeds) with the most FLOPs removed for at most 0.3 pt lost.
 
 Usage: python benchmarks/equal_latency.py [--quick] [--archs ...] [--targets ...] [--seeds 0 1] [--methods ...]
@@ -231,8 +233,26 @@ def summarise(records, baselines, targets):
             channel = best([m for m in by_method if m not in DEPTH_METHODS])
             advantage[str(t)] = None if depth is None or channel is None else depth - channel
         summary["archs"][arch] = {"baseline_top1": base_top1, "points": points, "advantage_pt": advantage,
+                                  "matched": matched(rows),
                                   "flops_reduction_within_0.3pt": paper_claim(rows, base_top1)}
     return summary
+
+
+def matched(rows):
+    """Per target and method, the mean (and spread) over seeds of the rows themselves: each channel row is bisected to
+    its depth row's measured latency, so these are the like-for-like pairs even where a curve cannot be read at the
+    target (a channel row landing a little above it, where ``advantage_pt`` is null by definition)."""
+    out = {}
+    for target in sorted({r["target"] for r in rows}, reverse=True):
+        for method in sorted({r["method"] for r in rows if r["target"] == target}):
+            same = [r for r in rows if r["target"] == target and r["method"] == method]
+            top1 = [r["top1"] for r in same]
+            out.setdefault(str(target), {})[method] = {
+                "seeds": sorted(r["seed"] for r in same), "top1": statistics.mean(top1),
+                "top1_min": min(top1), "top1_max": max(top1),
+                "latency_rel": statistics.mean(r["latency_rel"] for r in same),
+                "flops_rel": statistics.mean(r["flops_rel"] for r in same)}
+    return out
 
 
 def paper_claim(rows, base_top1, tolerance=0.3):

@@ -73,3 +73,14 @@ def test_rows_of_another_schedule_are_refused(bench):
         bench.check_schedule({"key": "k", **schedule, "train_subset": 10000}, schedule)
     with pytest.raises(ValueError, match="row k was trained with"):
         bench.check_schedule({"key": "k"}, schedule)
+
+
+def test_matched_pairs_are_the_rows_means_per_target(bench):
+    rows = [row("depth", 0, 0.45, 0.44, 88.0, 0.2), row("depth", 1, 0.45, 0.45, 86.0, 0.3),
+            row("meta_taylor", 0, 0.45, 0.47, 84.0), row("meta_taylor", 1, 0.45, 0.48, 83.0)]
+    summary = bench.summarise(rows, {"a": 90.0}, [0.45])["archs"]["a"]
+    assert summary["advantage_pt"] == {"0.45": None}  # meta_taylor never at or below 0.45
+    m = summary["matched"]["0.45"]
+    assert m["depth"] == {"seeds": [0, 1], "top1": 87.0, "top1_min": 86.0, "top1_max": 88.0,
+                          "latency_rel": pytest.approx(0.445), "flops_rel": pytest.approx(0.25)}
+    assert m["meta_taylor"]["top1"] == 83.5 and m["meta_taylor"]["latency_rel"] == pytest.approx(0.475)
