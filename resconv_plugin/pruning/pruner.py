@@ -20,7 +20,7 @@ from resconv_plugin.pruning.importance import GateImportance, MagnitudeImportanc
 from resconv_plugin.pruning.regularizer import MODES, L1Regularizer, OptimizerHook
 from resconv_plugin.pruning.schedule import CapSchedule
 from resconv_plugin.pruning.select import (
-    METHODS, select_count, select_iteratively, select_within_budget, set_saving,
+    METHODS, _short, select_count, select_iteratively, select_within_budget, set_saving,
 )
 
 __all__ = ["LayerPruner", "StepReport", "MODES", "BUDGETS", "given_budget"]
@@ -431,7 +431,7 @@ class LayerPruner:
         saved, total, target = self._target()
         names = list(self._gates)
         reachable = set_saving(saved, names)
-        if reachable < target:
+        if _short(reachable, target):  # the selection's own test: a goal at the maximum is reachable
             what = "flops_reduction" if self._budget_kind() == "flops" else "latency_reduction"
             raise ValueError(f"{what}={target / total:.3g} is unreachable: removing every prunable gate "
                              f"({len(names)}) removes at most {reachable / total:.3f} of the model's "

@@ -267,12 +267,11 @@ class Pipeline:
             for r in (pruner.latency_fit or {}).get("rounds", []):
                 log.info("latency budget: %d gates, table predicts %.3f, measured %.3f (goal scale %.3f)",
                          len(r["removed"]), r["predicted"], r["measured"], r["scale"])
-            rounds = (pruner.latency_fit or {}).get("rounds", [])
-            if rounds and max(r["measured"] for r in rounds) < c.latency_reduction:
+            best = max((r["measured"] for r in (pruner.latency_fit or {}).get("rounds", [])), default=None)
+            if best is not None and best < c.latency_reduction:
                 log.warning("latency budget not met as measured: the closest set of gates removes %.3f of the "
                             "latency, %.3f asked (the per-gate latency table is noise next to each layer's share; "
-                            "report.json latency_fit has every round)", max(r["measured"] for r in rounds),
-                            c.latency_reduction)
+                            "report.json latency_fit has every round)", best, c.latency_reduction)
         return pruner
 
     # -- the stages ----------------------------------------------------------------------------------------------
