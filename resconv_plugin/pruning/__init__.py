@@ -14,7 +14,8 @@ A new importance criterion is one :class:`GateImportance` subclass, passed as ``
 """
 
 from resconv_plugin.pruning.calibration import calibration_loss, output_divergence, recalibrate_batchnorm
-from resconv_plugin.pruning.cost import flops_savings, latency_table, measured_saving, predicted_saving
+from resconv_plugin.pruning.cost import (flops_savings, latency_table, measured_saving, predicted_saving,
+                                         removal_signatures)
 from resconv_plugin.pruning.channels import channel_pruner, classifier_of
 from resconv_plugin.pruning.importance import (
     IMPORTANCES, FixedSetImportance, GateImportance, MagnitudeImportance, RemovalImportance, TaylorImportance,
@@ -30,6 +31,7 @@ __all__ = [
     "LayerPruner", "StepReport", "BUDGETS", "given_budget",
     "GateImportance", "MagnitudeImportance", "RemovalImportance", "TaylorImportance",
     "IMPORTANCES", "make_importance", "flops_savings", "latency_table", "measured_saving", "predicted_saving",
+    "removal_signatures",
     "select_within_budget", "select_iteratively", "select_count", "set_saving", "CapSchedule", "L1Regularizer", "MODES",
     "output_divergence", "calibration_loss", "recalibrate_batchnorm", "FixedSetImportance", "JointPruner", "JointPlan",
     "SplitCandidate", "channel_pruner", "classifier_of",
