@@ -12,8 +12,9 @@ a note), latency target t (fraction of the deployed baseline's batch-1 CPU laten
   channels by measurement, the channels meet it exactly after removal).
 * ``slim`` / ``groupnorm``: torch-pruning's ``BNScalePruner`` (``BNScaleImportance``) / ``GroupNormPruner``
   (``GroupMagnitudeImportance``) regularising for --sparsity-epochs, then channels pruned (global) with the
-  pruning ratio bisected until the deployed model's measured latency matches the depth row's measured latency (same
-  arch, target, seed; the nominal target when that row is not there yet), then --finetune-epochs.
+  pruning ratio bisected until the deployed model's measured latency lies within 0.02 below the depth row's measured
+  latency (same arch, target, seed; the nominal target when that row is not there yet; rows before commit 25d7c3b
+  accepted 0.02 either side), then --finetune-epochs.
 * ``meta_taylor`` / ``meta_magnitude``: ``MetaPruner`` with ``GroupTaylorImportance`` (gradients of one
   calibration batch) / ``GroupMagnitudeImportance``, pruned first (bisected on latency as above), then
   --sparsity-epochs + --finetune-epochs of training: the same total epochs.
@@ -124,20 +125,22 @@ def prune_channels(model, method, ratio, calib):
 
 
 def match_latency(model, method, target, base_plain, calib, args, tolerance=0.02, iterations=12):
-    """Bisect the channel pruning ratio until the deployed model's measured latency is within ``tolerance`` of
-    ``target`` (relative to the baseline); returns (model, ratio, measured latency_rel, every try as
-    [ratio, latency_rel]) of the closest try."""
+    """Bisect the channel pruning ratio until the deployed model's measured latency lies in [target - tolerance,
+    target] (relative to the baseline; aiming at its middle, so that a channel row is not slower than the depth row
+    it is compared with and its curve can be read at the depth row's latency); returns (model, ratio, measured
+    latency_rel, every try as [ratio, latency_rel]) of the try closest to that middle."""
+    aim = target - tolerance / 2
     lo, hi, best, tries = 0.0, 0.95, None, []
     for _ in range(iterations):
         ratio = (lo + hi) / 2
         candidate = prune_channels(model, method, ratio, calib)
         rel = latency_rel(candidate, base_plain, args.repeats)
         tries.append([ratio, rel])
-        if best is None or abs(rel - target) < abs(best[2] - target):
+        if best is None or abs(rel - aim) < abs(best[2] - aim):
             best = (candidate, ratio, rel)
-        if abs(rel - target) <= tolerance:
+        if abs(rel - aim) <= tolerance / 2:
             break
-        lo, hi = (ratio, hi) if rel > target else (lo, ratio)
+        lo, hi = (ratio, hi) if rel > aim else (lo, ratio)
     return (*best, tries)
 
 
