@@ -13,7 +13,7 @@ a note), latency target t (fraction of the deployed baseline's batch-1 CPU laten
 * ``slim`` / ``groupnorm``: torch-pruning's ``BNScalePruner`` (``BNScaleImportance``) / ``GroupNormPruner``
   (``GroupMagnitudeImportance``) regularising for --sparsity-epochs, then channels pruned (global) with the
   pruning ratio bisected until the deployed model's measured latency lies within 0.02 below the depth row's measured
-  latency (same arch, target, seed; the nominal target when that row is not there yet; rows before commit 25d7c3b
+  latency (same arch, target, seed; the nominal target when that row is not there yet; rows before commit 8a30a67
   accepted 0.02 either side), then --finetune-epochs.
 * ``meta_taylor`` / ``meta_magnitude``: ``MetaPruner`` with ``GroupTaylorImportance`` (gradients of one
   calibration batch) / ``GroupMagnitudeImportance``, pruned first (bisected on latency as above), then
