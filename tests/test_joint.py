@@ -89,6 +89,26 @@ def test_budget_met_within_one_channel_group():
     assert pruner.cost_rel(one_less) > 0.65
 
 
+def convs(model):
+    """A cost only layer removal lowers: the number of convolutions of the deployed model."""
+    return float(sum(isinstance(m, nn.Conv2d) for m in model.modules()))
+
+
+def test_splits_that_cannot_reach_the_budget_are_listed_not_fatal():
+    """Cost = number of convs (7: stem + 6 layers): channel pruning never lowers it, so the splits whose layers
+    alone stay above 0.75 of it (shares 0, 0.25, 0.5: at most one layer) are unreachable; shares 0.75 and 1 remove
+    two layers (5 / 7 = 0.714) and are scored."""
+    net, x = make()
+    plan = JointPruner(net, x[:1], 0.25, calibration_inputs=x, cost=convs).plan()
+    assert plan.unreachable == [0.0, 0.25, 0.5]
+    assert [c.depth_share for c in plan.candidates] == [0.75, 1.0]
+    assert all(len(c.depth_names) == 2 and c.channel_ratio == 0.0 and c.cost_rel == pytest.approx(5 / 7)
+               for c in plan.candidates)
+    assert plan.best.depth_share in (0.75, 1.0)
+    with pytest.raises(ValueError, match="no split of the budget reaches 0.050 of the cost"):
+        JointPruner(net, x[:1], 0.95, calibration_inputs=x, cost=convs).plan()  # even 6 layers leave 1 / 7
+
+
 def test_fixed_set_importance_trains_a_chosen_set():
     net, x = make()
     names = ["layers.0.0", "layers.4.0"]

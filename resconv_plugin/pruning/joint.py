@@ -82,10 +82,18 @@ class SplitCandidate:
 
 @dataclass
 class JointPlan:
-    """Every candidate split, and the best one."""
+    """Every candidate split that met the budget, the best one, and the shares that could not meet it.
+
+    Attributes:
+        target_rel: the cost to reach, relative to the unpruned model's.
+        candidates: the splits measured.
+        unreachable: the depth shares whose split could not reach ``target_rel`` (channel pruning up to ratio 0.95
+            on top of their layers; e.g. pure width at a latency that only removing layers reaches).
+    """
 
     target_rel: float
     candidates: List[SplitCandidate] = field(default_factory=list)
+    unreachable: List[float] = field(default_factory=list)
 
     @property
     def best(self) -> SplitCandidate:
@@ -297,17 +305,30 @@ class JointPruner:
 
     # ------------------------------------------------------------------------------------------------ plan
     def plan(self) -> JointPlan:
-        """Measure every candidate split (see the module docstring) and return them all with the best."""
+        """Measure every candidate split (see the module docstring) and return them all with the best.
+
+        A split that cannot reach the budget is listed in :attr:`JointPlan.unreachable` and not scored.
+
+        Raises:
+            ValueError: no split reaches the budget.
+        """
         target = 1.0 - self.reduction
         plan = JointPlan(target_rel=target)
         for share in self.depth_shares:
             depth_model, names = self._depth(share)
-            model, ratio, rel = self.meet(depth_model, target)
+            try:
+                model, ratio, rel = self.meet(depth_model, target)
+            except ValueError:
+                plan.unreachable.append(share)
+                continue
             oneshot = self.score(model)
             score = self.score(self.recover(model), recovered=True) if self.recovery_steps else oneshot
             plan.candidates.append(SplitCandidate(depth_share=share, depth_names=names, channel_ratio=ratio,
                                                   cost_rel=rel, score=score, oneshot_score=oneshot,
                                                   recovery_steps=self.recovery_steps))
+        if not plan.candidates:
+            raise ValueError(f"no split of the budget reaches {target:.3f} of the cost (depth shares "
+                             f"{list(self.depth_shares)}, channel pruning up to ratio 0.95 on top of each)")
         return plan
 
     def apply(self, split: SplitCandidate) -> nn.Module:

@@ -299,7 +299,10 @@ class Pipeline:
             # process follows the same plan
             self.run_state.state["joint_plan"] = {
                 "target_rel": plan.target_rel, "best": dataclasses.asdict(plan.best),
-                "candidates": [dataclasses.asdict(x) for x in plan.candidates]}
+                "candidates": [dataclasses.asdict(x) for x in plan.candidates], "unreachable": plan.unreachable}
+            for share in plan.unreachable:
+                log.info("joint plan: depth share %.2f cannot reach the budget (channel pruning up to ratio 0.95 on "
+                         "top of its layers)", share)
             for x in plan.candidates:
                 log.info("joint plan: depth share %.2f: %d layers + channel ratio %.3f -> cost %.3f, proxy %.4g "
                          "after %d recovery steps (one-shot %.4g)", x.depth_share, len(x.depth_names),
