@@ -107,6 +107,11 @@ def test_splits_that_cannot_reach_the_budget_are_listed_not_fatal():
     assert plan.best.depth_share in (0.75, 1.0)
     with pytest.raises(ValueError, match="no split of the budget reaches 0.050 of the cost"):
         JointPruner(net, x[:1], 0.95, calibration_inputs=x, cost=convs).plan()  # even 6 layers leave 1 / 7
+    pruner = JointPruner(net, x[:1], 0.25, calibration_inputs=x, cost=convs)
+    with pytest.raises(ValueError, match="does not reach 0.750 of the cost"):
+        pruner.meet(net)
+    model, ratio, rel = pruner.meet(net, strict=False)  # the cheapest try: no ratio lowers this cost
+    assert rel == 1.0 and 0 < ratio <= 0.95
 
 
 def test_fixed_set_importance_trains_a_chosen_set():

@@ -367,6 +367,46 @@ def test_latency_budget_is_met_when_the_table_errs_most_on_the_gates_chosen_firs
     assert 0.2 <= measured <= 0.2 + 0.02
 
 
+def test_latency_budget_falls_back_to_every_gate_when_the_table_zeroes_some(monkeypatch):
+    """Noise left three entries of the table at 0 (layer3's conv2s; each really saves time) and the table
+    overestimates by 1 / 0.85: choosing the table's whole saving still misses the budget as measured, so the fit
+    measures every gate removed, which meets it; a later ranking reuses that without timing."""
+    from resconv_plugin.pruning import pruner as pruner_module
+    from resconv_plugin.fx.surgery import gated_modules
+
+    zeroed = {f"layer3.{b}.conv2" for b in range(3)}
+    timed = []
+
+    def table(model, names, example_inputs, **kwargs):
+        saved, total = resconv_plugin.pruning.flops_savings(model, names, example_inputs)
+        return {n: (0.0 if n in zeroed else v) for n, v in saved.items()}, total
+
+    def clock(model, names, example_inputs, **kwargs):
+        timed.append(sorted(names))
+        saved, total = resconv_plugin.pruning.flops_savings(model, list(gated_modules(model)), example_inputs)
+        return 0.85 * resconv_plugin.pruning.set_saving(saved, list(names)), total
+
+    monkeypatch.setattr(pruner_module, "latency_table", table)
+    monkeypatch.setattr(pruner_module, "measured_saving", clock)
+    torch.manual_seed(0)
+    model = timm.create_model("cifar_resnet20", num_classes=10, in_chans=1).eval()
+    x = torch.randn(1, 1, 28, 28)
+    resconv_plugin.convert(model, x)
+    names = list(gated_modules(model))
+    saved, total = table(model, names, (x,))
+    in_table = sum(saved.values()) / total  # what the table says removing every gate saves
+    every = 0.85 * true_saving(model, x, names)
+    fraction = (0.85 * in_table + min(every, in_table)) / 2  # the table's whole saving measures less than this
+    pruner = LayerPruner(model, x, latency_reduction=fraction)
+    chosen = pruner.select()
+    fit = pruner.latency_fit
+    assert sorted(chosen) == sorted(names) and fit["every"]
+    assert fit["rounds"][-1]["every"] and fit["rounds"][-1]["measured"] >= fraction
+    assert all(r["measured"] < fraction for r in fit["rounds"][:-1]) and len(fit["rounds"]) >= 2
+    count = len(timed)
+    assert sorted(pruner.rank()) == sorted(names) and len(timed) == count  # reused, not timed again
+
+
 def test_latency_fit_is_reused_and_travels_with_the_state(table_vs_clock):
     model, x, state = table_vs_clock
     state["truth"] = 0.6

@@ -227,10 +227,10 @@ def test_compress_reports_the_measured_check_of_a_latency_budget(tmp_path):
                                latency_repeats=2, plots=False, progress=False)
     report = compress(config, data=tiny_data(), model=mine)
     fit = report["latency_fit"]
-    assert fit["fraction"] == 0.3 and 1 <= len(fit["rounds"]) <= 4
-    assert all({"scale", "removed", "predicted", "measured"} <= set(r) for r in fit["rounds"])
-    chosen = [r for r in fit["rounds"] if r["scale"] == fit["scale"]]
-    assert chosen and sorted(report["removed"]) == chosen[0]["removed"]
+    assert fit["fraction"] == 0.3 and 1 <= len(fit["rounds"]) <= 6
+    assert all({"scale", "removed", "predicted", "measured", "every"} <= set(r) for r in fit["rounds"])
+    chosen = fit["rounds"][fit["best"]]
+    assert chosen["scale"] == fit["scale"] and sorted(report["removed"]) == chosen["removed"]
 
 
 def test_compress_warns_when_a_latency_budget_is_not_met_as_measured(tmp_path, monkeypatch, caplog):

@@ -480,6 +480,8 @@ class LayerPruner:
                 return select_within_budget(scores, saved, goal, order=self._order, method=self.selection)
         if kind == "latency":
             target = self._fit_latency_goal(choose)
+            if target == math.inf:  # only removing every gate met the budget as measured
+                return [n for n in self._order if n in self._gates]
         return choose(target)
 
     def _fit_latency_goal(self, choose) -> float:
@@ -502,28 +504,35 @@ class LayerPruner:
         reachable = set_saving(saved, list(self._gates))
         fit = self.latency_fit
         if fit is not None and fit["fraction"] == fraction:
-            return min(target * fit["scale"], reachable)
+            return math.inf if fit.get("every") else min(target * fit["scale"], reachable)
         aim = fraction + _FIT_TOLERANCE / 2
+        everything = [n for n in self._order if n in self._gates]
         rounds: List[Dict[str, Any]] = []
-        goal = min(target, reachable)
+        goal, exhausted = min(target, reachable), False
         for _ in range(_FIT_ROUNDS):
-            chosen = choose(goal)
+            chosen = everything if exhausted else choose(goal)
             if not chosen or any(r["removed"] == sorted(chosen) for r in rounds):
                 break  # the correction lands on a set already measured
             seconds, full = measured_saving(self.model, chosen, self.example_inputs, repeats=self.latency_repeats,
                                             channels_last=self.latency_channels_last, device=self.latency_device)
             measured, predicted = seconds / full, set_saving(saved, chosen) / total
             rounds.append({"scale": goal / target, "removed": sorted(chosen), "predicted": predicted,
-                           "measured": measured})
-            if fraction <= measured <= fraction + _FIT_TOLERANCE or (goal >= reachable and measured < fraction):
+                           "measured": measured, "every": exhausted})
+            if fraction <= measured <= fraction + _FIT_TOLERANCE or exhausted:
                 break
+            if predicted * total >= reachable * (1 - 1e-9) and measured < fraction:
+                # the table's whole saving chosen and still short: gates whose entries noise left at 0 were not
+                # needed by the table; removing every gate is the last set to measure
+                exhausted = True
+                continue
             goal = min(self._next_goal(rounds, aim) * total, reachable)
         if not rounds:
             return target
         met = [r for r in rounds if r["measured"] >= fraction]
         best = min(met, key=lambda r: r["measured"]) if met else max(rounds, key=lambda r: r["measured"])
-        self.latency_fit = {"fraction": fraction, "scale": best["scale"], "rounds": rounds}
-        return min(target * best["scale"], reachable)
+        self.latency_fit = {"fraction": fraction, "scale": best["scale"], "rounds": rounds, "every": best["every"],
+                            "best": rounds.index(best)}
+        return math.inf if best["every"] else min(target * best["scale"], reachable)
 
     @staticmethod
     def _next_goal(rounds: List[Dict[str, Any]], aim: float) -> float:

@@ -340,9 +340,14 @@ class Pipeline:
         if c.channel_pruning == "auto":  # the rest of the budget, measured against the baseline, met exactly
             base = load(self.run_state.out / "baseline.safetensors").to(self.device)
             convert(base, self.example, level=c.level, init_gamma=c.init_gamma)
-            pruned, ratio, rel = self._joint(base).meet(self.model.eval())
+            target = 1.0 - (c.latency_reduction if c.latency_reduction is not None else c.flops_reduction)
+            pruned, ratio, rel = self._joint(base).meet(self.model.eval(), target, strict=False)
             self.model = self.dist.broadcast(pruned)
-            log.info("channel pruning: ratio %.3f meets the budget (cost %.3f of the baseline)", ratio, rel)
+            if rel <= target:
+                log.info("channel pruning: ratio %.3f meets the budget (cost %.3f of the baseline)", ratio, rel)
+            else:  # the plan met it; measured again after training it misses (timing noise): keep the closest
+                log.warning("channel pruning: no ratio up to 0.95 meets the budget as measured now; ratio %.3f "
+                            "comes closest (cost %.3f of the baseline, %.3f asked)", ratio, rel, target)
             self._record("channel_pruned", channel_ratio=ratio)
             return
         channel_pruner(self.model.eval(), self.example, pruning_ratio=c.channel_pruning, global_pruning=True).step()
