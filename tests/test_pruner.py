@@ -202,19 +202,33 @@ def test_latency_reduction_selection_meets_target(resnet18):
     assert resconv_plugin.pruning.set_saving(saved, chosen) >= goal * (1 - 1e-9)
 
 
+def converted(arch):
+    """A converted timm CIFAR ResNet (10 classes, one channel, seed 0) and a 28x28 example input."""
+    torch.manual_seed(0)
+    model = timm.create_model(arch, num_classes=10, in_chans=1).eval()
+    x = torch.randn(1, 1, 28, 28)
+    resconv_plugin.convert(model, x)
+    return model, x
+
+
+def fake_latency(monkeypatch, table, clock):
+    """The pruner's latency table and its measured check replaced by deterministic stand-ins."""
+    from resconv_plugin.pruning import pruner as pruner_module
+
+    monkeypatch.setattr(pruner_module, "latency_table", table)
+    monkeypatch.setattr(pruner_module, "measured_saving", clock)
+
+
 def test_latency_table_sums_to_the_measured_saving_of_removing_every_gate(monkeypatch):
-    """Single savings are rescaled so that the whole table predicts the model with every gate removed, timed in the
-    same rounds (fake clock: full 10 ms, each single removal 9.5 ms, all removed 4 ms)."""
+    """Single savings are rescaled so that the whole table predicts the model with every gate removed, timed against
+    the full model like them (fake clock: full 10 ms, each single removal 9.5 ms, all removed 4 ms)."""
     from resconv_plugin.pruning import cost
 
     def clock(model, variants, example_inputs, **kwargs):
         return {"": 10.0, **{k: (4.0 if len(v) > 1 else 9.5) for k, v in variants.items()}}
 
     monkeypatch.setattr(cost, "_timed_removals", clock)
-    torch.manual_seed(0)
-    model = timm.create_model("cifar_resnet20", num_classes=10, in_chans=1).eval()
-    x = torch.randn(1, 1, 28, 28)
-    resconv_plugin.convert(model, x)
+    model, x = converted("cifar_resnet20")
     names = list(resconv_plugin.fx.surgery.gated_modules(model))
     table, full = cost.latency_table(model, names, (x,))
     assert full == 10.0 and set(table) == set(names) and len(names) == 16
@@ -235,10 +249,7 @@ def test_removal_signatures_group_the_layers_of_one_shape():
     gated, and the first stage's conv1 / conv2 differ by the activation after them)."""
     from resconv_plugin.pruning import removal_signatures
 
-    torch.manual_seed(0)
-    model = timm.create_model("cifar_resnet20", num_classes=10, in_chans=1).eval()
-    x = torch.randn(1, 1, 28, 28)
-    resconv_plugin.convert(model, x)
+    model, x = converted("cifar_resnet20")
     names = list(resconv_plugin.fx.surgery.gated_modules(model))
     signatures = removal_signatures(model, names, (x,))
     groups = {}
@@ -256,10 +267,7 @@ def test_latency_table_pools_the_layers_of_one_shape(monkeypatch):
     keeps every measurement as it came."""
     from resconv_plugin.pruning import cost
 
-    torch.manual_seed(0)
-    model = timm.create_model("cifar_resnet20", num_classes=10, in_chans=1).eval()
-    x = torch.randn(1, 1, 28, 28)
-    resconv_plugin.convert(model, x)
+    model, x = converted("cifar_resnet20")
     names = list(resconv_plugin.fx.surgery.gated_modules(model))
     single = {n: 0.4 for n in names}
     single.update({"layer1.0.conv1": 3.0, "layer1.1.conv1": 0.0, "layer1.2.conv1": 0.3, "layer3.1.conv1": 0.2})
@@ -281,7 +289,6 @@ def test_latency_table_pools_the_layers_of_one_shape(monkeypatch):
 def table_vs_clock(monkeypatch):
     """A deterministic latency table (each gate's FLOPs saving) and a fake clock on which a set really saves
     ``truth`` times what the table predicts; counts the clock's uses."""
-    from resconv_plugin.pruning import pruner as pruner_module
 
     state = {"truth": 1.0, "timed": 0}
 
@@ -293,12 +300,8 @@ def table_vs_clock(monkeypatch):
         saved, total = resconv_plugin.pruning.flops_savings(model, list(names), example_inputs)
         return state["truth"] * resconv_plugin.pruning.set_saving(saved, list(names)), total
 
-    monkeypatch.setattr(pruner_module, "latency_table", table)
-    monkeypatch.setattr(pruner_module, "measured_saving", clock)
-    torch.manual_seed(0)
-    model = timm.create_model("cifar_resnet20", num_classes=10, in_chans=1).eval()
-    x = torch.randn(1, 1, 28, 28)
-    resconv_plugin.convert(model, x)
+    fake_latency(monkeypatch, table, clock)
+    model, x = converted("cifar_resnet20")
     return model, x, state
 
 
@@ -337,7 +340,6 @@ def test_latency_budget_is_met_when_the_table_errs_most_on_the_gates_chosen_firs
     first) tenfold and underestimates the last stage twofold, as noise does to the entries a selection prefers. The
     table's error on one set says little about the next: the goal is interpolated between the sets measured on
     either side of the budget, and the set kept measures within the tolerance."""
-    from resconv_plugin.pruning import pruner as pruner_module
     from resconv_plugin.fx.surgery import gated_modules
 
     weight = {"layer1": 0.1, "layer2": 1.0, "layer3": 2.0}
@@ -349,12 +351,8 @@ def test_latency_budget_is_met_when_the_table_errs_most_on_the_gates_chosen_firs
         saved, total = resconv_plugin.pruning.flops_savings(model, list(gated_modules(model)), example_inputs)
         return sum(weight[n.split(".")[0]] * saved[n] for n in names), total
 
-    monkeypatch.setattr(pruner_module, "latency_table", table)
-    monkeypatch.setattr(pruner_module, "measured_saving", clock)
-    torch.manual_seed(0)
-    model = timm.create_model("cifar_resnet56", num_classes=10, in_chans=1).eval()
-    x = torch.randn(1, 1, 28, 28)
-    resconv_plugin.convert(model, x)
+    fake_latency(monkeypatch, table, clock)
+    model, x = converted("cifar_resnet56")
     with torch.no_grad():
         for name, gate in gated_modules(model).items():
             gate.gamma.fill_({"layer1": 0.1, "layer2": 0.5, "layer3": 0.9}[name.split(".")[0]])
@@ -371,7 +369,6 @@ def test_latency_budget_falls_back_to_every_gate_when_the_table_zeroes_some(monk
     """Noise left three entries of the table at 0 (layer3's conv2s; each really saves time) and the table
     overestimates by 1 / 0.85: choosing the table's whole saving still misses the budget as measured, so the fit
     measures every gate removed, which meets it; a later ranking reuses that without timing."""
-    from resconv_plugin.pruning import pruner as pruner_module
     from resconv_plugin.fx.surgery import gated_modules
 
     zeroed = {f"layer3.{b}.conv2" for b in range(3)}
@@ -386,12 +383,8 @@ def test_latency_budget_falls_back_to_every_gate_when_the_table_zeroes_some(monk
         saved, total = resconv_plugin.pruning.flops_savings(model, list(gated_modules(model)), example_inputs)
         return 0.85 * resconv_plugin.pruning.set_saving(saved, list(names)), total
 
-    monkeypatch.setattr(pruner_module, "latency_table", table)
-    monkeypatch.setattr(pruner_module, "measured_saving", clock)
-    torch.manual_seed(0)
-    model = timm.create_model("cifar_resnet20", num_classes=10, in_chans=1).eval()
-    x = torch.randn(1, 1, 28, 28)
-    resconv_plugin.convert(model, x)
+    fake_latency(monkeypatch, table, clock)
+    model, x = converted("cifar_resnet20")
     names = list(gated_modules(model))
     saved, total = table(model, names, (x,))
     in_table = sum(saved.values()) / total  # what the table says removing every gate saves
