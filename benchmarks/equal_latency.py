@@ -387,7 +387,7 @@ def report(name, rows_dir, baselines, targets):
              f"{r['latency_rel']:.3f}", f"{r['flops_rel']:.3f}",
              "-" if r.get("channel_ratio") is None else f"{r['channel_ratio']:.3f}"]
             for r in sorted(records, key=lambda r: (r["arch"], -r["target"], r["method"], r["seed"]))]
-    env = records[-1]["environment"] if records else environment()
+    env = environment()  # the command that made this table; every row keeps its own
     write_results(name, {"environment": env, "records": records, "summary": summary}, header, rows,
                   notes=__doc__.split("Usage:")[0].strip().replace("\n", " "))
     write_json(RESULTS / f"{name}_summary.json", summary)
