@@ -494,8 +494,10 @@ class LayerPruner:
         a corrected goal (at most ``_FIT_ROUNDS`` times) until the measured saving lies in [budget, budget + 0.02]:
         aiming at the middle of that window, by the table's error on the last set while every set measured fell on
         one side of it, then by linear interpolation between the closest sets on either side (a table whose error
-        differs between sets, as for the largest entries, would make the first rule oscillate). It keeps the
-        smallest measured saving that met the budget (else the set that came closest). The goal's scale is kept in
+        differs between sets, as for the largest entries, would make the first rule oscillate). When the table's
+        whole saving is chosen and still measures short (entries noise left at 0), every gate removed is measured
+        last (``latency_fit["every"]``). It keeps the smallest measured saving that met the budget (else the set that
+        came closest; its index is ``latency_fit["best"]``). The goal's scale is kept in
         :attr:`latency_fit` (and :meth:`state_dict`) and reused by later rankings of the same budget, so
         re-ranking during sparsity training costs no timing and every process of a distributed run follows rank 0.
         """
