@@ -222,7 +222,7 @@ def summarise(records, baselines, targets):
         by_method = {}
         for r in rows:
             by_method.setdefault(r["method"], {}).setdefault(r["seed"], []).append((r["latency_rel"], r["top1"]))
-        advantage = {}
+        advantage, notes = {}, {}
         for t in targets:
             def best(methods):
                 means = []
@@ -235,7 +235,12 @@ def summarise(records, baselines, targets):
             depth = best([m for m in by_method if m in DEPTH_METHODS])
             channel = best([m for m in by_method if m not in DEPTH_METHODS])
             advantage[str(t)] = None if depth is None or channel is None else depth - channel
+            missing = [side for side, value in (("depth-based", depth), ("channel-only", channel)) if value is None]
+            if missing:
+                notes[str(t)] = (f"null: no {' and no '.join(missing)} method has a point at or below {t} of the "
+                                 "latency on every seed")
         summary["archs"][arch] = {"baseline_top1": base_top1, "points": points, "advantage_pt": advantage,
+                                  "notes": notes,
                                   "matched": matched(rows),
                                   "flops_reduction_within_0.3pt": paper_claim(rows, base_top1)}
     return summary

@@ -45,6 +45,10 @@ def test_advantage_is_best_depth_mean_minus_best_channel_mean(bench):
     assert adv["0.55"] is None  # no channel-only point at or below 0.55
     assert adv["0.45"] is None  # nothing reaches it
     assert len(summary["archs"]["a"]["points"]) == 6 and summary["archs"]["a"]["baseline_top1"] == 90.0
+    assert summary["archs"]["a"]["notes"] == {  # every null says why, nothing else has a note
+        "0.55": "null: no channel-only method has a point at or below 0.55 of the latency on every seed",
+        "0.45": "null: no depth-based and no channel-only method has a point at or below 0.45 of the latency on "
+                "every seed"}
 
 
 def test_a_method_counts_only_where_every_seed_reaches_the_latency(bench):
