@@ -463,7 +463,7 @@ class LayerPruner:
         saved, _, target = self._target()
         if self.importance.iterative:
             memo: Dict[tuple, Dict[str, float]] = {}  # the model does not change within one ranking
-            order = [n for n in self._order if n in self._gates]
+            order = self._gate_order()
 
             def remembered(removed: Sequence[str] = ()) -> Dict[str, float]:
                 key = tuple(sorted(removed))
@@ -481,8 +481,12 @@ class LayerPruner:
         if kind == "latency":
             target = self._fit_latency_goal(choose)
             if target == math.inf:  # only removing every gate met the budget as measured
-                return [n for n in self._order if n in self._gates]
+                return self._gate_order()
         return choose(target)
+
+    def _gate_order(self) -> List[str]:
+        """The prunable gates in module order."""
+        return [n for n in self._order if n in self._gates]
 
     def _fit_latency_goal(self, choose) -> float:
         """The goal, in the latency table's units, whose chosen set meets ``latency_reduction`` as *measured*.
@@ -508,7 +512,7 @@ class LayerPruner:
         if fit is not None and fit["fraction"] == fraction:
             return math.inf if fit.get("every") else min(target * fit["scale"], reachable)
         aim = fraction + _FIT_TOLERANCE / 2
-        everything = [n for n in self._order if n in self._gates]
+        everything = self._gate_order()
         rounds: List[Dict[str, Any]] = []
         goal, exhausted = min(target, reachable), False
         for _ in range(_FIT_ROUNDS):

@@ -340,8 +340,9 @@ class Pipeline:
         if c.channel_pruning == "auto":  # the rest of the budget, measured against the baseline, met exactly
             base = load(self.run_state.out / "baseline.safetensors").to(self.device)
             convert(base, self.example, level=c.level, init_gamma=c.init_gamma)
-            target = 1.0 - (c.latency_reduction if c.latency_reduction is not None else c.flops_reduction)
-            pruned, ratio, rel = self._joint(base).meet(self.model.eval(), target, strict=False)
+            joint = self._joint(base)
+            target = 1.0 - joint.reduction
+            pruned, ratio, rel = joint.meet(self.model.eval(), target, strict=False)
             self.model = self.dist.broadcast(pruned)
             if rel <= target:
                 log.info("channel pruning: ratio %.3f meets the budget (cost %.3f of the baseline)", ratio, rel)
