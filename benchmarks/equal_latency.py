@@ -19,7 +19,7 @@ a note), latency target t (fraction of the deployed baseline's batch-1 CPU laten
   calibration batch) / ``GroupMagnitudeImportance``, pruned first (bisected on latency as above), then
   --sparsity-epochs + --finetune-epochs of training: the same total epochs.
 Channel methods run with default rounding and with ``round_to=8`` (method name suffix ``_r8``); every channel method
-is distilled from the baseline like depth (alpha 0.5, T 4). Training: SGD momentum 0.9, lr 0.02 cosine, weight decay
+is distilled from the baseline like depth (alpha 0.5, T 4). Training: SGD momentum 0.9, cosine, lr 0.02 (--finetune-lr after pruning), weight decay
 5e-4, batch 128, on --train-subset training images; calibration: 256 training images.
 
 Figures: top-1 on the full Fashion-MNIST test set; FLOPs of the deployed model (fvcore, resconv_plugin handles,
@@ -88,8 +88,13 @@ def latency_rel(model, base_plain, repeats):
     return times["m"] / times["b"]
 
 
-def settings(name, epochs, seed):
-    return StageSettings(name=name, epochs=epochs, lr=0.02, seed=seed, progress=False, distill_alpha=0.5)
+SPARSITY_LR = 0.02  # slim / groupnorm regularised training, like the command's --sparsity-lr default
+#: Schedule values of rows written before the option existed.
+SCHEDULE_DEFAULTS = {"finetune_lr": 0.02}
+
+
+def settings(name, epochs, seed, lr):
+    return StageSettings(name=name, epochs=epochs, lr=lr, seed=seed, progress=False, distill_alpha=0.5)
 
 
 def depth_row(method, arch, target, seed, base, data, args):
@@ -98,8 +103,8 @@ def depth_row(method, arch, target, seed, base, data, args):
     config = CompressionConfig(model=arch, epochs=0, latency_reduction=round(1 - target, 6),
                                channel_pruning="auto" if method == "joint" else 0.0,
                                sparsity_epochs=args.sparsity_epochs, finetune_epochs=args.finetune_epochs,
-                               train_subset=args.train_subset, seed=seed, output=out, latency_repeats=args.repeats,
-                               plots=False, progress=False)
+                               finetune_lr=args.finetune_lr, train_subset=args.train_subset, seed=seed, output=out,
+                               latency_repeats=args.repeats, plots=False, progress=False)
     report = compress(config, data=data, model=base)
     stages = {r["stage"]: r for r in report["stages"]}
     model = resconv_plugin.load(out / "model.safetensors")
@@ -153,21 +158,21 @@ def channel_row(method, arch, target, seed, base, data, calib, base_plain, rows_
         cls, importance, round_to = channel_spec(method)
         regulariser = channel_pruner(model, EXAMPLE, cls, importance=importance, reg=REGULARISED[name],
                                      global_pruning=True, **({"round_to": round_to} if round_to else {}))
-        train_stage(model, data, settings(f"{method} sparsity", args.sparsity_epochs, seed + 1),
+        train_stage(model, data, settings(f"{method} sparsity", args.sparsity_epochs, seed + 1, SPARSITY_LR),
                     regularizers=[regulariser], teacher=base)
         model, ratio, _, tries = match_latency(model.eval(), method, goal, base_plain, calib, args)
         epochs = args.finetune_epochs
     else:  # prune first, then train for the same total epochs
         model, ratio, _, tries = match_latency(model, method, goal, base_plain, calib, args)
         epochs = args.sparsity_epochs + args.finetune_epochs
-    train_stage(model, data, settings(f"{method} finetune", epochs, seed + 2), teacher=base)
+    train_stage(model, data, settings(f"{method} finetune", epochs, seed + 2, args.finetune_lr), teacher=base)
     return model.eval(), {"channel_ratio": ratio, "latency_goal": goal, "bisection": tries}
 
 
 def check_schedule(record, schedule):
     """A finished row is reused only if it was trained with this run's schedule: rows of different schedules are
     not comparable."""
-    used = {k: record.get(k) for k in schedule}
+    used = {k: record.get(k, SCHEDULE_DEFAULTS.get(k)) for k in schedule}
     if used != schedule:
         raise ValueError(f"row {record['key']} was trained with {used}, this run asks for {schedule}: use the same "
                          "--train-subset / --sparsity-epochs / --finetune-epochs, or another --rows selection")
@@ -316,6 +321,9 @@ def main() -> None:
     parser.add_argument("--train-subset", type=int, default=20000)
     parser.add_argument("--sparsity-epochs", type=int, default=3)
     parser.add_argument("--finetune-epochs", type=int, default=3)
+    parser.add_argument("--finetune-lr", type=float, default=0.02,
+                        help="peak rate (cosine) of the training after pruning, every method: depth's --finetune-lr, "
+                             "the channel methods' fine-tuning (meta_*: all their epochs)")
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--rows", nargs="*", default=["*"], help="fnmatch patterns of row keys to run")
     parser.add_argument("--threads", type=int, default=0)
@@ -341,7 +349,7 @@ def main() -> None:
             channel_spec(m)  # fail before any training on an unknown name
     rows_dir = RESULTS / f"{name}_rows"
     schedule = {"train_subset": args.train_subset, "sparsity_epochs": args.sparsity_epochs,
-                "finetune_epochs": args.finetune_epochs}
+                "finetune_epochs": args.finetune_epochs, "finetune_lr": args.finetune_lr}
     data = build_datasets("fashion-mnist", train_subset=args.train_subset, val_subset=2000 if args.quick else 0)
     baselines, bases = {}, {}
     for arch in args.archs:
