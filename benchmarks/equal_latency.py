@@ -19,8 +19,10 @@ a note), latency target t (fraction of the deployed baseline's batch-1 CPU laten
   calibration batch) / ``GroupMagnitudeImportance``, pruned first (bisected on latency as above), then
   --sparsity-epochs + --finetune-epochs of training: the same total epochs.
 Channel methods run with default rounding and with ``round_to=8`` (method name suffix ``_r8``); every channel method
-is distilled from the baseline like depth (alpha 0.5, T 4). Training: SGD momentum 0.9, cosine, lr 0.02 (--finetune-lr after pruning), weight decay
-5e-4, batch 128, on --train-subset training images; calibration: 256 training images.
+is distilled from the baseline like depth (alpha 0.5, T 4). Training: SGD momentum 0.9, cosine, weight decay 5e-4,
+batch 128, on --train-subset training images, at lr 0.02 before pruning (depth's sparsity training, slim / groupnorm
+regularised) and at --finetune-lr after it (default: the command's --finetune-lr default; rows record it; rows
+without it were trained at 0.02); calibration: 256 training images.
 
 Figures: top-1 on the full Fashion-MNIST test set; FLOPs of the deployed model (fvcore, resconv_plugin handles,
 batch 1); latency_rel = median batch-1 CPU latency of the deployed row model / the deployed baseline, timed in turns
@@ -321,9 +323,10 @@ def main() -> None:
     parser.add_argument("--train-subset", type=int, default=20000)
     parser.add_argument("--sparsity-epochs", type=int, default=3)
     parser.add_argument("--finetune-epochs", type=int, default=3)
-    parser.add_argument("--finetune-lr", type=float, default=0.02,
+    parser.add_argument("--finetune-lr", type=float, default=None,
                         help="peak rate (cosine) of the training after pruning, every method: depth's --finetune-lr, "
-                             "the channel methods' fine-tuning (meta_*: all their epochs)")
+                             "the channel methods' fine-tuning (meta_*: all their epochs); default: the command's "
+                             "--finetune-lr default (CompressionConfig.finetune_lr)")
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--rows", nargs="*", default=["*"], help="fnmatch patterns of row keys to run")
     parser.add_argument("--threads", type=int, default=0)
@@ -339,6 +342,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     name = args.results_name
+    if args.finetune_lr is None:
+        args.finetune_lr = CompressionConfig().finetune_lr
     args.runs = args.runs or f"runs/{name}"
     if args.quick:
         args.archs, args.targets, args.seeds, args.methods = ["cifar_resnet20"], [0.6], [0], ["depth", "slim_r8"]

@@ -98,6 +98,8 @@ class CompressionConfig:
     distill: Optional[bool] = None
     distill_alpha: float = 0.5
     distill_temperature: float = 4.0
+    # the divergence guard of every training stage (StageSettings.divergence_factor; 0 turns it off)
+    divergence_factor: float = 3.0
     # channel pruning: a torch-pruning pruning_ratio, or "auto" (JointPruner splits the budget)
     channel_pruning: Union[float, str] = 0.0
     # with channel_pruning="auto": distilled training steps on each candidate split before it is scored
@@ -184,6 +186,10 @@ class CompressionConfig:
         if c.channel_pruning == "auto" and c.flops_reduction is None and c.latency_reduction is None:
             raise ConfigError("--channel-pruning auto splits a --latency-reduction or --flops-reduction budget between "
                              "layers and channels: give one of them")
+        if isinstance(c.divergence_factor, bool) or not isinstance(c.divergence_factor, (int, float)) or not (
+                c.divergence_factor == 0 or c.divergence_factor > 1):
+            raise ConfigError(f"divergence_factor (--divergence-factor) must be 0 (no check) or > 1, got "
+                             f"{c.divergence_factor!r}")
         if c.distill is None:  # the default: distillation wherever there is training after the baseline
             c.distill = bool(c.finetune_epochs or c.sparsity_epochs)
         elif c.distill and not (c.finetune_epochs or c.sparsity_epochs):

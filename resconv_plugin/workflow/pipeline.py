@@ -193,7 +193,8 @@ class Pipeline:
                              warmup_epochs=min(c.warmup_epochs, max(epochs - 1, 0)), min_lr=c.min_lr,
                              smoothing=c.smoothing, seed=c.seed + STAGES.index(name), workers=c.workers,
                              progress=c.progress, amp=None if c.amp == "none" else c.amp,
-                             channels_last=c.channels_last, **overrides)
+                             channels_last=c.channels_last, divergence_factor=c.divergence_factor or None,
+                             **overrides)
 
     def _distill_settings(self) -> Dict[str, float]:
         c = self.config
@@ -212,6 +213,8 @@ class Pipeline:
     def _log_training(self, result) -> None:
         self.run_state.state["epochs_log"].extend(result.epochs_log)
         self.run_state.state["gamma_trace"].extend(result.gamma_trace)
+        stage = result.epochs_log[-1]["stage"] if result.epochs_log else None
+        self.run_state.state.setdefault("restarts", []).extend({"stage": stage, **r} for r in result.restarts)
 
     def _train(self, name: str, epochs: int, lr: float, pruner=None, **overrides: Any) -> None:
         resume, checkpoint = self._progress(name)
@@ -430,6 +433,7 @@ class Pipeline:
                   "stages": records, "summary": summary, "removed": run.state["removed"],
                   "removal": run.state["removal"], "epochs": run.state["epochs_log"],
                   "gamma_trace": run.state["gamma_trace"], "resumed": run.state["resumed"],
+                  "restarts": run.state.get("restarts", []),
                   "latency_fit": run.state.get("latency_fit"), "model_file": str(run.out / "model.safetensors")}
         if self.dist.main:
             write_report(report, run.out, plots=c.plots)

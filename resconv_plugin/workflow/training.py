@@ -7,9 +7,12 @@ targets for mixup / cutmix), ``Mixup`` and ``ModelEmaV3``; optional distillation
 
 from __future__ import annotations
 
+import copy
 import logging
+import math
 import time
-from dataclasses import dataclass, field
+from collections import deque
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
@@ -20,12 +23,20 @@ from resconv_plugin.distill import distillation_loss
 from resconv_plugin.workflow.syncbn import synchronized_batchnorm
 from resconv_plugin.data import BatchLoader, ImageData
 
-__all__ = ["StageSettings", "StageProgress", "train_stage", "evaluate", "model_device", "NEAR_ZERO"]
+__all__ = ["StageSettings", "StageProgress", "TrainingDiverged", "train_stage", "evaluate", "model_device",
+           "NEAR_ZERO"]
 
 log = logging.getLogger("resconv")
 
 #: A gate counts as "near zero" in the progress bar below this |gamma|.
 NEAR_ZERO = 0.05
+#: The divergence check compares the mean loss of this many updates with its threshold.
+DIVERGENCE_WINDOW = 10
+
+
+class TrainingDiverged(RuntimeError):
+    """A stage's training loss still blew up after every allowed restart at a lower rate (``StageSettings.
+    divergence_factor`` / ``max_restarts``): train it with a lower rate."""
 
 
 @dataclass
@@ -55,11 +66,36 @@ class StageSettings:
     gamma_points_per_epoch: int = 20
     amp: Optional[str] = None
     channels_last: bool = False
+    divergence_factor: Optional[float] = 3.0
+    max_restarts: int = 4
+
+    def __post_init__(self) -> None:
+        if self.divergence_factor is not None and not self.divergence_factor > 1:
+            raise ValueError(f"divergence_factor must be > 1 or None (no check), got {self.divergence_factor!r}")
+        if not isinstance(self.max_restarts, int) or self.max_restarts < 0:
+            raise ValueError(f"max_restarts must be an int >= 0, got {self.max_restarts!r}")
+
+
+StageSettings.__doc__ += """
+
+    Divergence guard: when the mean training loss of the last 10 updates exceeds ``divergence_factor`` times the
+    larger of the stage's first loss and ln(number of classes) (the loss of a uniform guess), or any loss is not
+    finite, the stage restarts from where this call began (the model, the pruner's and the optimiser's state) at
+    half the rate, up to ``max_restarts`` times, then raises :class:`TrainingDiverged`. Each restart is logged and
+    kept in :attr:`StageProgress.restarts`; the rate in effect is saved with the progress, so a resumed stage keeps
+    it. ``divergence_factor=None`` turns the check off.
+
+    Example:
+        >>> StageSettings(name="finetune", epochs=3, lr=0.02, divergence_factor=None).lr
+        0.02
+"""
 
 
 @dataclass
 class StageProgress:
-    """The resumable state of a stage: saved after every epoch."""
+    """The resumable state of a stage: saved after every epoch. ``lr``: the stage's peak rate after the divergence
+    guard's restarts (None: the settings' rate); ``restarts``: one entry per restart (update, mean loss, threshold,
+    the rate given up and the new one)."""
 
     epoch: int = 0
     updates: int = 0
@@ -69,6 +105,9 @@ class StageProgress:
     scaler: Optional[dict] = None
     epochs_log: List[dict] = field(default_factory=list)
     gamma_trace: List[dict] = field(default_factory=list)
+    first_loss: Optional[float] = None
+    lr: Optional[float] = None
+    restarts: List[dict] = field(default_factory=list)
 
     def to_dict(self) -> Dict[str, Any]:
         return dict(self.__dict__)
@@ -115,20 +154,66 @@ def train_stage(model: nn.Module, data: ImageData, settings: StageSettings, dist
         on_epoch_end: called with the progress after every epoch (the caller checkpoints it).
         regularizers: more torch-pruning style regularisers (``regularize(model)`` after ``backward()``), e.g. a
             ``BNScalePruner`` trained alongside the LayerPruner.
+
+    A training loss that blows up restarts the stage from where this call began at half the rate (the divergence
+    guard of :class:`StageSettings`; the restarts are in the returned progress's ``restarts``).
+
+    Raises:
+        TrainingDiverged: the loss still blew up after ``settings.max_restarts`` restarts.
     """
     dist = dist or Dist()
-    stage = _Stage(model, data, settings, dist, pruner, teacher, regularizers)
-    progress = stage.restore(resume)
-    with synchronized_batchnorm(model, dist):
-        stage.net = nn.parallel.DistributedDataParallel(
-            model, device_ids=[stage.device.index] if stage.device.type == "cuda" else None) if dist.enabled else model
-        model.train()
-        for epoch in range(progress.epoch, settings.epochs):
-            stage.epoch(epoch, progress)
-            if on_epoch_end is not None:
-                on_epoch_end(progress)
+    guarded = settings.divergence_factor is not None
+    start_model = copy.deepcopy(model.state_dict()) if guarded else None
+    start_pruner = pruner.state_dict() if guarded and pruner is not None else None
+    restarts: List[dict] = list((resume or {}).get("restarts") or [])
+    allowed = len(restarts) + settings.max_restarts  # this call's restarts come on top of a resumed run's
+    lr = (resume or {}).get("lr")  # the rate a resumed stage had come down to
+    while True:
+        if lr is not None:
+            settings = replace(settings, lr=lr)
+        stage = _Stage(model, data, settings, dist, pruner, teacher, regularizers)
+        progress = stage.restore(copy.deepcopy(resume) if guarded else resume)  # a restart needs it untouched
+        progress.lr, progress.restarts = lr, restarts
+        try:
+            with synchronized_batchnorm(model, dist):
+                stage.net = nn.parallel.DistributedDataParallel(
+                    model, device_ids=[stage.device.index] if stage.device.type == "cuda" else None
+                ) if dist.enabled else model
+                model.train()
+                for epoch in range(progress.epoch, settings.epochs):
+                    stage.epoch(epoch, progress)
+                    if on_epoch_end is not None:
+                        on_epoch_end(progress)
+        except _Diverged as blow_up:
+            if pruner is not None:
+                pruner.detach()
+            if len(restarts) >= allowed:
+                raise TrainingDiverged(
+                    f"{settings.name}: the training loss blew up at lr {settings.lr:.4g} (mean {blow_up.loss:.4g} "
+                    f"over the last {DIVERGENCE_WINDOW} updates > {blow_up.threshold:.4g}, update {blow_up.update}) "
+                    f"after {settings.max_restarts} restarts at half the rate: train with a lower rate") from None
+            lr = settings.lr / 2
+            restarts.append({"update": blow_up.update, "loss": blow_up.loss, "threshold": blow_up.threshold,
+                             "lr": settings.lr, "new_lr": lr})
+            log.warning("%s: the training loss blew up at update %d (mean %.4g over the last %d updates > %.4g) at lr "
+                        "%.4g: restarting where the stage began at lr %.4g", settings.name, blow_up.update,
+                        blow_up.loss, DIVERGENCE_WINDOW, blow_up.threshold, settings.lr, lr)
+            with torch.no_grad():
+                model.load_state_dict(start_model)
+            if start_pruner is not None:
+                pruner.load_state_dict(start_pruner)
+            continue
+        break
     stage.finish()
     return progress
+
+
+class _Diverged(Exception):
+    """Raised inside the loop by the divergence check; train_stage restarts the stage at half the rate."""
+
+    def __init__(self, update: int, loss: float, threshold: float) -> None:
+        super().__init__(update, loss, threshold)
+        self.update, self.loss, self.threshold = update, loss, threshold
 
 
 class _Stage:
@@ -167,6 +252,7 @@ class _Stage:
         else:
             self.criterion = nn.CrossEntropyLoss()
         self.trace_every = max(1, len(self.loader) // max(1, s.gamma_points_per_epoch))
+        self.recent_losses: deque = deque(maxlen=DIVERGENCE_WINDOW)
         if teacher is not None:
             teacher.eval().to(self.device)
         if s.channels_last:
@@ -239,6 +325,7 @@ class _Stage:
                    leave=False, dynamic_ncols=True, mininterval=1.0)
         for x, y in bar:
             loss, out = self.step(x, y, progress)
+            self.check_divergence(loss.item(), progress)
             loss_sum += loss.item() * len(y)
             correct += (out.argmax(1) == y).sum().item()
             seen += len(y)
@@ -271,6 +358,23 @@ class _Stage:
         progress.optimizer = self.optimizer.state_dict()
         progress.ema = self.ema.state_dict() if self.ema is not None else None
         progress.scaler = self.scaler.state_dict() if self.scaler is not None else None
+
+    def check_divergence(self, loss: float, progress: StageProgress) -> None:
+        """Raise _Diverged when the loss is not finite or the mean of the last DIVERGENCE_WINDOW updates exceeds the
+        threshold (every rank decides together under torchrun)."""
+        factor = self.s.divergence_factor
+        if factor is None:
+            return
+        if progress.first_loss is None:
+            progress.first_loss = loss
+        self.recent_losses.append(loss)
+        threshold = factor * max(progress.first_loss, math.log(self.data.num_classes))
+        mean = sum(self.recent_losses) / len(self.recent_losses)
+        blown = not math.isfinite(loss) or (len(self.recent_losses) == DIVERGENCE_WINDOW and mean > threshold)
+        if self.dist.enabled:
+            blown = self.dist.all_sum(float(blown))[0] > 0
+        if blown:
+            raise _Diverged(progress.updates, mean, threshold)
 
     def finish(self) -> None:
         if self.ema is not None:

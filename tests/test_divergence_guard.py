@@ -1,0 +1,96 @@
+"""train_stage's divergence guard: a blown-up loss restarts the stage from where it began at half the rate."""
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from test_device import synthetic
+from resconv_plugin.workflow.report import write_report
+from resconv_plugin.workflow.training import StageSettings, TrainingDiverged, train_stage
+
+
+def linear_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(784, 10))
+
+
+def run(lr: float, epochs: int = 2, model: nn.Module = None, batch_size: int = 32, **kwargs):
+    """(model, progress) after a stage on 512 random images with random labels (weight decay 0: a linear model whose
+    loss blows up above lr ~0.1 and stays near ln 10 below 0.05)."""
+    model = model if model is not None else linear_model()
+    settings = StageSettings(name="t", epochs=epochs, lr=lr, batch_size=batch_size, weight_decay=0.0, progress=False,
+                             **{k: v for k, v in kwargs.items() if k not in ("resume", "on_epoch_end")})
+    progress = train_stage(model, synthetic(512), settings, resume=kwargs.get("resume"),
+                           on_epoch_end=kwargs.get("on_epoch_end"))
+    return model, progress
+
+
+def test_blow_up_restarts_at_half_the_rate_and_matches_a_fresh_run_at_that_rate():
+    model, progress = run(0.2)
+    assert [r["lr"] for r in progress.restarts] == [0.2, 0.1][:len(progress.restarts)]
+    assert len(progress.restarts) >= 1
+    final_lr = 0.2 / 2 ** len(progress.restarts)
+    assert progress.lr == pytest.approx(final_lr)
+    for r in progress.restarts:
+        assert r["new_lr"] == pytest.approx(r["lr"] / 2) and r["loss"] > r["threshold"]
+        assert r["threshold"] == pytest.approx(3.0 * max(progress.first_loss, math.log(10)))
+    assert all(e["train_loss"] < 3.0 * math.log(10) for e in progress.epochs_log)
+    assert len(progress.epochs_log) == 2  # only the finished run's epochs are logged
+    # restarting restored the starting weights: identical to a run started at the final rate
+    fresh, fresh_progress = run(final_lr)
+    assert fresh_progress.restarts == []
+    for a, b in zip(model.state_dict().values(), fresh.state_dict().values()):
+        torch.testing.assert_close(a, b)
+
+
+def test_without_the_guard_the_same_stage_blows_up():
+    _, progress = run(0.2, divergence_factor=None)
+    assert progress.restarts == [] and progress.lr is None
+    assert progress.epochs_log[-1]["train_loss"] > 3.0 * math.log(10)
+
+
+def test_out_of_restarts_raises_with_the_rate():
+    with pytest.raises(TrainingDiverged, match=r"blew up at lr 0.4.*after 1 restarts.*lower rate"):
+        run(0.8, max_restarts=1)
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_resumed_stage_keeps_the_lowered_rate():
+    whole, whole_progress = run(0.2, batch_size=16)  # 32 updates an epoch: every restart happens in epoch 1
+    assert whole_progress.restarts and all(r["update"] < 32 for r in whole_progress.restarts)
+    saved = {}
+
+    def interrupt(progress):  # the pipeline checkpoints here; the process then dies
+        saved.update(progress=copy.deepcopy(progress.to_dict()), weights=copy.deepcopy(model.state_dict()))
+        raise Interrupted
+
+    model = linear_model()
+    with pytest.raises(Interrupted):
+        run(0.2, model=model, batch_size=16, on_epoch_end=interrupt)
+    assert saved["progress"]["lr"] == pytest.approx(whole_progress.lr)
+    resumed = linear_model()
+    resumed.load_state_dict(saved["weights"])
+    _, progress = run(0.2, model=resumed, batch_size=16, resume=saved["progress"])  # asked at 0.2 again: runs at the saved rate
+    assert progress.restarts == whole_progress.restarts and progress.lr == whole_progress.lr
+    for a, b in zip(resumed.state_dict().values(), whole.state_dict().values()):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("kwargs, match", [({"divergence_factor": 1.0}, "divergence_factor must be > 1"),
+                                           ({"max_restarts": -1}, "max_restarts must be an int >= 0")])
+def test_bad_guard_settings(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        StageSettings(name="t", epochs=1, lr=0.1, **kwargs)
+
+
+def test_report_lists_restarts(tmp_path):
+    restart = {"stage": "finetune", "update": 7, "loss": 26.8, "threshold": 8.7, "lr": 0.02, "new_lr": 0.01}
+    write_report({"settings": {}, "stages": [], "restarts": [restart]}, tmp_path, plots=False)
+    assert "Restarted: finetune at update 7, mean loss 26.8 > 8.7 (divergence guard), lr 0.02 -> 0.01" in (
+        tmp_path / "report.md").read_text()
