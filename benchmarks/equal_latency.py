@@ -14,7 +14,9 @@ a note), latency target t (fraction of the deployed baseline's batch-1 CPU laten
   (``GroupMagnitudeImportance``) regularising for --sparsity-epochs, then channels pruned (global) with the
   pruning ratio bisected until the deployed model's measured latency lies within 0.02 below the depth row's measured
   latency (same arch, target, seed; the nominal target when that row is not there yet; rows before commit 8a30a67
-  accepted 0.02 either side), then --finetune-epochs.
+  accepted 0.02 either side; each try is timed in turns with the depth row's rebuilt structure, not the baseline,
+  in rows that record ``latency_vs_depth``: that row / its depth row, timed in turns at the end), then
+  --finetune-epochs.
 * ``meta_taylor`` / ``meta_magnitude``: ``MetaPruner`` with ``GroupTaylorImportance`` (gradients of one
   calibration batch) / ``GroupMagnitudeImportance``, pruned first (bisected on latency as above), then
   --sparsity-epochs + --finetune-epochs of training: the same total epochs.
@@ -36,6 +38,12 @@ channel-only method has no point at or below that latency; ``matched``: per targ
 (min, max) and latency over seeds (the like-for-like pairs: channel rows are bisected to their depth row's latency);
 and the paper's claim per method,
 ``flops_reduction_within_0.3pt``: the point (mean over seeds) with the most FLOPs removed for at most 0.3 pt lost.
+``--retime`` (run alone on the machine; trains nothing): each row's latency_rel was measured when the row finished,
+over several sessions and next to different training jobs, and drifts (the same structure measured 0.05-0.12 apart
+at batch 1); it rebuilds every row whose structure does not depend on its training (depth: its removed gates;
+meta_*: its ratio and calibration batch; checked by FLOPs) and times them all with the baseline in one interleaved
+run per arch (``NAME_retimed.json``); the summary's ``retimed`` holds the same verdict over those methods at those
+latencies.
 
 Usage: python benchmarks/equal_latency.py [--quick] [--archs ...] [--targets ...] [--seeds 0 1] [--methods ...]
 Ends with one JSON line (the summary).
@@ -90,6 +98,54 @@ def latency_rel(model, base_plain, repeats):
     return times["m"] / times["b"]
 
 
+def rebuild(record, base, data):
+    """The deployed structure of a finished row, rebuilt from the baseline (weights: the baseline's, pruned as the row
+    was; timing does not depend on them), or None where the structure depends on the row's training (slim,
+    groupnorm: regularised weights; joint: channels pruned after training) or is not reproduced (its FLOPs differ
+    from the row's). depth: the row's ``removed`` gates set to 0 and removed (``LayerPruner(threshold=0)``);
+    meta_*: the row's channel ratio on its calibration batch (seed)."""
+    method = record["method"]
+    if method == "depth":
+        model = copy.deepcopy(base).eval()
+        resconv_plugin.convert(model, EXAMPLE)
+        gates = resconv_plugin.gated_modules(model)
+        with torch.no_grad():
+            for name in record["removed"]:
+                gates[name].gamma.zero_()
+        resconv_plugin.LayerPruner(model, EXAMPLE, threshold=0.0).step()
+    elif method.partition("_r")[0] in ("meta_taylor", "meta_magnitude"):
+        model = prune_channels(base, method, record["channel_ratio"], calibration_batch(data, 256, seed=record["seed"]))
+    else:
+        return None
+    plain = resconv_plugin.deployed(model).eval()
+    flops_rel = resconv_plugin.count_flops(plain, EXAMPLE).total / resconv_plugin.count_flops(
+        resconv_plugin.deployed(base), EXAMPLE).total
+    return plain if abs(flops_rel - record["flops_rel"]) < 1e-6 else None
+
+
+def retime(records, bases, data, repeats):
+    """Every rebuildable row's deployed model and its arch's baseline timed in one interleaved run per arch (median of
+    ``repeats`` rounds): latency_rel under the same conditions for every point, free of the drift between the rows'
+    own measurements (taken over several sessions, next to different training jobs). Returns {key: latency_rel} and
+    the keys that could not be rebuilt."""
+    retimed, skipped = {}, []
+    for arch, base in bases.items():
+        models = {"": resconv_plugin.deployed(base).eval()}
+        for r in records:
+            if r["arch"] == arch:
+                plain = rebuild(r, base, data)
+                if plain is None:
+                    skipped.append(r["key"])
+                else:
+                    models[r["key"]] = plain
+        with torch.no_grad():
+            times = resconv_plugin.interleaved_latencies({k: (lambda m=m: m(EXAMPLE)) for k, m in models.items()},
+                                                         repeats=repeats)
+        retimed.update({k: t / times[""] for k, t in times.items() if k})
+        print(f"{arch}: {len(models) - 1} rows retimed in one run ({repeats} rounds)", flush=True)
+    return retimed, skipped
+
+
 SPARSITY_LR = 0.02  # slim / groupnorm regularised training, like the command's --sparsity-lr default
 #: Schedule values of rows written before the option existed.
 SCHEDULE_DEFAULTS = {"finetune_lr": 0.02}
@@ -131,17 +187,22 @@ def prune_channels(model, method, ratio, calib):
     return candidate.eval()
 
 
-def match_latency(model, method, target, base_plain, calib, args, tolerance=0.02, iterations=12):
+def match_latency(model, method, target, base_plain, calib, args, tolerance=0.02, iterations=12, reference=None):
     """Bisect the channel pruning ratio until the deployed model's measured latency lies in [target - tolerance,
     target] (relative to the baseline; aiming at its middle, so that a channel row is not slower than the depth row
     it is compared with and its curve can be read at the depth row's latency); returns (model, ratio, measured
-    latency_rel, every try as [ratio, latency_rel]) of the try closest to that middle."""
+    latency_rel, every try as [ratio, latency_rel]) of the try closest to that middle.
+
+    ``reference``: the depth row's deployed structure (rebuilt), whose latency_rel is ``target``: each try is then
+    timed in turns with it, not with the baseline, and its latency_rel read as target x (try / reference), so that
+    the match does not depend on the drift between the depth row's own measurement and this one."""
     aim = target - tolerance / 2
     lo, hi, best, tries = 0.0, 0.95, None, []
     for _ in range(iterations):
         ratio = (lo + hi) / 2
         candidate = prune_channels(model, method, ratio, calib)
-        rel = latency_rel(candidate, base_plain, args.repeats)
+        rel = latency_rel(candidate, base_plain, args.repeats) if reference is None else (
+            target * latency_rel(candidate, reference, args.repeats))
         tries.append([ratio, rel])
         if best is None or abs(rel - aim) < abs(best[2] - aim):
             best = (candidate, ratio, rel)
@@ -153,7 +214,9 @@ def match_latency(model, method, target, base_plain, calib, args, tolerance=0.02
 
 def channel_row(method, arch, target, seed, base, data, calib, base_plain, rows_dir, args):
     depth_path = rows_dir / f"{arch}-depth-t{target}-s{seed}.json"
-    goal = json.loads(depth_path.read_text())["latency_rel"] if depth_path.exists() else target
+    depth = json.loads(depth_path.read_text()) if depth_path.exists() else None
+    goal = depth["latency_rel"] if depth else target
+    reference = rebuild(depth, base, data) if depth else None
     model = copy.deepcopy(base).eval()
     name = method.partition("_r")[0]
     if name in REGULARISED:  # sparsity training with the pruner's regulariser, then prune
@@ -162,13 +225,16 @@ def channel_row(method, arch, target, seed, base, data, calib, base_plain, rows_
                                      global_pruning=True, **({"round_to": round_to} if round_to else {}))
         train_stage(model, data, settings(f"{method} sparsity", args.sparsity_epochs, seed + 1, SPARSITY_LR),
                     regularizers=[regulariser], teacher=base)
-        model, ratio, _, tries = match_latency(model.eval(), method, goal, base_plain, calib, args)
+        model, ratio, _, tries = match_latency(model.eval(), method, goal, base_plain, calib, args, reference=reference)
         epochs = args.finetune_epochs
     else:  # prune first, then train for the same total epochs
-        model, ratio, _, tries = match_latency(model, method, goal, base_plain, calib, args)
+        model, ratio, _, tries = match_latency(model, method, goal, base_plain, calib, args, reference=reference)
         epochs = args.sparsity_epochs + args.finetune_epochs
     train_stage(model, data, settings(f"{method} finetune", epochs, seed + 2, args.finetune_lr), teacher=base)
-    return model.eval(), {"channel_ratio": ratio, "latency_goal": goal, "bisection": tries}
+    info = {"channel_ratio": ratio, "latency_goal": goal, "bisection": tries}
+    if reference is not None:  # the like-for-like figure: this row / its depth row, timed in turns now
+        info["latency_vs_depth"] = latency_rel(model.eval(), reference, args.repeats)
+    return model.eval(), info
 
 
 def check_schedule(record, schedule):
@@ -220,36 +286,55 @@ def curve_at(points, latency):
     return points[-1][1]
 
 
-def summarise(records, baselines, targets):
+def advantage_at(rows, base_top1, targets):
+    """advantage_pt per target (the issue's definition) and a note per null value, from ``rows``' latency_rel."""
+    by_method = {}
+    for r in rows:
+        by_method.setdefault(r["method"], {}).setdefault(r["seed"], []).append((r["latency_rel"], r["top1"]))
+    advantage, notes = {}, {}
+    for t in targets:
+        def best(methods):
+            means = []
+            for m in methods:
+                values = [curve_at(pts + [(1.0, base_top1)], t) for pts in by_method.get(m, {}).values()]
+                if values and all(v is not None for v in values):
+                    means.append(statistics.mean(values))
+            return max(means) if means else None
+
+        depth = best([m for m in by_method if m in DEPTH_METHODS])
+        channel = best([m for m in by_method if m not in DEPTH_METHODS])
+        advantage[str(t)] = None if depth is None or channel is None else depth - channel
+        missing = [side for side, value in (("depth-based", depth), ("channel-only", channel)) if value is None]
+        if missing:
+            notes[str(t)] = (f"null: no {' and no '.join(missing)} method has a point at or below {t} of the "
+                             "latency on every seed")
+    return advantage, notes
+
+
+def summarise(records, baselines, targets, retimed=None):
+    """Per arch: every point, advantage_pt and its notes, matched, the paper's claim; with ``retimed`` ({key:
+    latency_rel} from one interleaved run) also ``retimed``: the same verdict over the methods whose every row was
+    retimed, at the retimed latencies."""
     summary = {"archs": {}}
     for arch, base_top1 in baselines.items():
         rows = [r for r in records if r["arch"] == arch]
         points = [{"method": r["method"], "seed": r["seed"], "latency_rel": r["latency_rel"], "top1": r["top1"],
                    "flops_rel": r["flops_rel"]} for r in rows]
-        by_method = {}
-        for r in rows:
-            by_method.setdefault(r["method"], {}).setdefault(r["seed"], []).append((r["latency_rel"], r["top1"]))
-        advantage, notes = {}, {}
-        for t in targets:
-            def best(methods):
-                means = []
-                for m in methods:
-                    values = [curve_at(pts + [(1.0, base_top1)], t) for pts in by_method.get(m, {}).values()]
-                    if values and all(v is not None for v in values):
-                        means.append(statistics.mean(values))
-                return max(means) if means else None
-
-            depth = best([m for m in by_method if m in DEPTH_METHODS])
-            channel = best([m for m in by_method if m not in DEPTH_METHODS])
-            advantage[str(t)] = None if depth is None or channel is None else depth - channel
-            missing = [side for side, value in (("depth-based", depth), ("channel-only", channel)) if value is None]
-            if missing:
-                notes[str(t)] = (f"null: no {' and no '.join(missing)} method has a point at or below {t} of the "
-                                 "latency on every seed")
+        advantage, notes = advantage_at(rows, base_top1, targets)
         summary["archs"][arch] = {"baseline_top1": base_top1, "points": points, "advantage_pt": advantage,
                                   "notes": notes,
                                   "matched": matched(rows),
                                   "flops_reduction_within_0.3pt": paper_claim(rows, base_top1)}
+        if retimed:
+            methods = sorted({r["method"] for r in rows}
+                             - {r["method"] for r in rows if r["key"] not in retimed})
+            same = [dict(r, latency_rel=retimed[r["key"]]) for r in rows if r["method"] in methods]
+            if same:
+                advantage, notes = advantage_at(same, base_top1, targets)
+                summary["archs"][arch]["retimed"] = {
+                    "methods": methods, "advantage_pt": advantage, "notes": notes, "matched": matched(same),
+                    "points": [{"method": r["method"], "seed": r["seed"], "latency_rel": r["latency_rel"],
+                                "top1": r["top1"], "flops_rel": r["flops_rel"]} for r in same]}
     return summary
 
 
@@ -335,6 +420,11 @@ def main() -> None:
     parser.add_argument("--results-name", default="equal_latency", help="results file stem and rows folder "
                                                                           "(benchmarks/results/NAME_rows), e.g. for a "
                                                                           "pilot kept apart from the grid")
+    parser.add_argument("--retime", action="store_true",
+                        help="time every finished row that can be rebuilt (depth, meta_*) with its baseline in one "
+                             "interleaved run per arch (run it alone on the machine), write NAME_retimed.json and "
+                             "the summary's 'retimed' verdict; trains nothing")
+    parser.add_argument("--retime-repeats", type=int, default=200)
     parser.add_argument("--quick", action="store_true", help="cifar_resnet20, 1024 images, 1 + 1 epochs, target "
                                                               "0.6, seed 0, depth and slim_r8 (under 2 minutes)")
     args = parser.parse_args()
@@ -365,6 +455,16 @@ def main() -> None:
             continue
         bases[arch] = base.eval()
         baselines[arch] = evaluate(bases[arch], data)
+    if args.retime:
+        records = [json.loads(p.read_text()) for p in sorted(rows_dir.glob("*.json"))]
+        retimed, skipped = retime([r for r in records if r["arch"] in bases], bases, data, args.retime_repeats)
+        write_json(RESULTS / f"{name}_retimed.json", {
+            "definition": "latency_rel of each row's deployed structure (rebuilt from the baseline) and the baseline, "
+                          "all timed in turns in one run per arch: median of repeats rounds, batch 1",
+            "repeats": args.retime_repeats, "threads": torch.get_num_threads(), "latency_rel": retimed,
+            "not_rebuilt": skipped, "environment": environment()})
+        report(name, rows_dir, baselines, args.targets)
+        return
     keys = [k for k in row_keys(list(bases), args.targets, args.seeds, args.methods)
             if any(fnmatch.fnmatch(k, p) for p in args.rows)]
     print(f"{len(keys)} rows ({sum((rows_dir / f'{k}.json').exists() for k in keys)} done)", flush=True)
@@ -397,12 +497,15 @@ def main() -> None:
 def report(name, rows_dir, baselines, targets):
     records = [json.loads(p.read_text()) for p in sorted(rows_dir.glob("*.json"))]
     records = [r for r in records if r["arch"] in baselines]
-    summary = summarise(records, baselines, targets)
-    header = ["arch", "target", "method", "seed", "top-1 %", "change", "latency vs base", "FLOPs vs base",
+    retimed_path = RESULTS / f"{name}_retimed.json"
+    retimed = json.loads(retimed_path.read_text())["latency_rel"] if retimed_path.exists() else {}
+    summary = summarise(records, baselines, targets, retimed)
+    header = ["arch", "target", "method", "seed", "top-1 %", "change", "latency vs base", "retimed", "FLOPs vs base",
               "channel ratio"]
     rows = [[r["arch"], r["target"], r["method"], r["seed"], f"{r['top1']:.2f}",
              f"{r['top1'] - r['baseline_top1']:+.2f}",
-             f"{r['latency_rel']:.3f}", f"{r['flops_rel']:.3f}",
+             f"{r['latency_rel']:.3f}", f"{retimed[r['key']]:.3f}" if r["key"] in retimed else "-",
+             f"{r['flops_rel']:.3f}",
              "-" if r.get("channel_ratio") is None else f"{r['channel_ratio']:.3f}"]
             for r in sorted(records, key=lambda r: (r["arch"], -r["target"], r["method"], r["seed"]))]
     env = environment()  # the command that made this table; every row keeps its own
@@ -410,7 +513,8 @@ def report(name, rows_dir, baselines, targets):
                   notes=__doc__.split("Usage:")[0].strip().replace("\n", " "))
     write_json(RESULTS / f"{name}_summary.json", summary)
     plot(summary, RESULTS / f"{name}.png")
-    print(json.dumps({a: s["advantage_pt"] for a, s in summary["archs"].items()}))
+    print(json.dumps({a: {"advantage_pt": s["advantage_pt"], "retimed": s.get("retimed", {}).get("advantage_pt")}
+                      for a, s in summary["archs"].items()}))
 
 
 if __name__ == "__main__":

@@ -88,3 +88,52 @@ def test_matched_pairs_are_the_rows_means_per_target(bench):
     assert m["depth"] == {"seeds": [0, 1], "top1": 87.0, "top1_min": 86.0, "top1_max": 88.0,
                           "latency_rel": pytest.approx(0.445), "flops_rel": pytest.approx(0.25)}
     assert m["meta_taylor"]["top1"] == 83.5 and m["meta_taylor"]["latency_rel"] == pytest.approx(0.475)
+
+
+def test_retimed_verdict_uses_only_methods_whose_every_row_was_retimed(bench):
+    rows = [dict(row("depth", s, 0.6, 0.6, 89.0), key=f"d{s}") for s in (0, 1)] + \
+           [dict(row("meta_taylor", s, 0.6, 0.62, 88.0), key=f"m{s}") for s in (0, 1)] + \
+           [dict(row("slim", s, 0.6, 0.5, 89.5), key=f"s{s}") for s in (0, 1)]
+    # retimed: depth stays at 0.6, meta_taylor now at 0.5; slim's structure could not be rebuilt (one row missing)
+    retimed = {"d0": 0.6, "d1": 0.6, "m0": 0.5, "m1": 0.5, "s0": 0.5}
+    arch = bench.summarise(rows, {"a": 90.0}, [0.6], retimed)["archs"]["a"]
+    assert arch["advantage_pt"]["0.6"] == pytest.approx(89.0 - (89.5 + 0.5 * 0.1 / 0.5))  # as run: slim best
+    assert arch["retimed"]["methods"] == ["depth", "meta_taylor"]
+    # retimed: meta_taylor 88 + 2 * 0.1 / 0.5 = 88.4 at 0.6; depth 89.0
+    assert arch["retimed"]["advantage_pt"]["0.6"] == pytest.approx(0.6)
+    assert arch["retimed"]["matched"]["0.6"]["meta_taylor"]["latency_rel"] == pytest.approx(0.5)
+    assert "retimed" not in bench.summarise(rows, {"a": 90.0}, [0.6])["archs"]["a"]
+
+
+def test_rebuild_reproduces_depth_and_meta_structures_and_refuses_the_rest(bench):
+    import copy
+
+    import timm
+    import torch
+
+    import resconv_plugin
+    from resconv_plugin.data import calibration_batch
+    from test_device import synthetic
+
+    torch.manual_seed(0)
+    base = timm.create_model("cifar_resnet20", num_classes=10, in_chans=1).eval()
+    data = synthetic(300)
+    flops = lambda m: resconv_plugin.count_flops(resconv_plugin.deployed(m), bench.EXAMPLE).total
+    removed = ["layer1.0.conv1", "layer2.1.conv2", "layer3.2.conv1"]
+    pruned = copy.deepcopy(base)
+    resconv_plugin.convert(pruned, bench.EXAMPLE)
+    with torch.no_grad():
+        for name in removed:
+            resconv_plugin.gated_modules(pruned)[name].gamma.zero_()
+    resconv_plugin.LayerPruner(pruned, bench.EXAMPLE, threshold=0.0).step()
+    depth = {"method": "depth", "removed": removed, "seed": 0, "flops_rel": flops(pruned) / flops(base)}
+    assert depth["flops_rel"] < 0.9
+    plain = bench.rebuild(depth, base, data)
+    assert flops(plain) == flops(pruned) and sum(p.numel() for p in plain.parameters()) < sum(
+        p.numel() for p in base.parameters())
+    meta = bench.prune_channels(base, "meta_taylor", 0.3, calibration_batch(data, 256, seed=1))
+    record = {"method": "meta_taylor", "channel_ratio": 0.3, "seed": 1, "flops_rel": flops(meta) / flops(base)}
+    assert flops(bench.rebuild(record, base, data)) == flops(meta)
+    assert bench.rebuild(dict(record, flops_rel=record["flops_rel"] + 0.01), base, data) is None  # not reproduced
+    for method in ("slim", "groupnorm", "joint"):
+        assert bench.rebuild({"method": method, "seed": 0, "flops_rel": 0.5}, base, data) is None
