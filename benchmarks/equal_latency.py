@@ -123,12 +123,13 @@ def rebuild(record, base, data):
     return plain if abs(flops_rel - record["flops_rel"]) < 1e-6 else None
 
 
-def retime(records, bases, data, repeats):
+def retime(records, bases, data, repeats, passes=3):
     """Every rebuildable row's deployed model and its arch's baseline timed in one interleaved run per arch (median of
-    ``repeats`` rounds): latency_rel under the same conditions for every point, free of the drift between the rows'
-    own measurements (taken over several sessions, next to different training jobs). Returns {key: latency_rel} and
-    the keys that could not be rebuilt."""
-    retimed, skipped = {}, []
+    ``repeats`` rounds), ``passes`` times: latency_rel under the same conditions for every point, free of the drift
+    between the rows' own measurements (taken over several sessions, next to different training jobs). Returns
+    ({key: median latency_rel over the passes}, {key: every pass's latency_rel}, the keys that could not be
+    rebuilt)."""
+    runs, skipped = {}, []
     for arch, base in bases.items():
         models = {"": resconv_plugin.deployed(base).eval()}
         for r in records:
@@ -138,12 +139,15 @@ def retime(records, bases, data, repeats):
                     skipped.append(r["key"])
                 else:
                     models[r["key"]] = plain
-        with torch.no_grad():
-            times = resconv_plugin.interleaved_latencies({k: (lambda m=m: m(EXAMPLE)) for k, m in models.items()},
-                                                         repeats=repeats)
-        retimed.update({k: t / times[""] for k, t in times.items() if k})
-        print(f"{arch}: {len(models) - 1} rows retimed in one run ({repeats} rounds)", flush=True)
-    return retimed, skipped
+        for _ in range(passes):
+            with torch.no_grad():
+                times = resconv_plugin.interleaved_latencies(
+                    {k: (lambda m=m: m(EXAMPLE)) for k, m in models.items()}, repeats=repeats)
+            for k, t in times.items():
+                if k:
+                    runs.setdefault(k, []).append(t / times[""])
+        print(f"{arch}: {len(models) - 1} rows retimed, {passes} runs of {repeats} rounds", flush=True)
+    return {k: statistics.median(v) for k, v in runs.items()}, runs, skipped
 
 
 SPARSITY_LR = 0.02  # slim / groupnorm regularised training, like the command's --sparsity-lr default
@@ -425,6 +429,7 @@ def main() -> None:
                              "interleaved run per arch (run it alone on the machine), write NAME_retimed.json and "
                              "the summary's 'retimed' verdict; trains nothing")
     parser.add_argument("--retime-repeats", type=int, default=200)
+    parser.add_argument("--retime-passes", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="cifar_resnet20, 1024 images, 1 + 1 epochs, target "
                                                               "0.6, seed 0, depth and slim_r8 (under 2 minutes)")
     args = parser.parse_args()
@@ -457,12 +462,15 @@ def main() -> None:
         baselines[arch] = evaluate(bases[arch], data)
     if args.retime:
         records = [json.loads(p.read_text()) for p in sorted(rows_dir.glob("*.json"))]
-        retimed, skipped = retime([r for r in records if r["arch"] in bases], bases, data, args.retime_repeats)
+        retimed, runs, skipped = retime([r for r in records if r["arch"] in bases], bases, data,
+                                        args.retime_repeats, args.retime_passes)
         write_json(RESULTS / f"{name}_retimed.json", {
             "definition": "latency_rel of each row's deployed structure (rebuilt from the baseline) and the baseline, "
-                          "all timed in turns in one run per arch: median of repeats rounds, batch 1",
-            "repeats": args.retime_repeats, "threads": torch.get_num_threads(), "latency_rel": retimed,
-            "not_rebuilt": skipped, "environment": environment()})
+                          "all timed in turns in one run per arch (median of repeats rounds, batch 1), passes runs; "
+                          "latency_rel: the median over the passes, passes_latency_rel: each",
+            "repeats": args.retime_repeats, "passes": args.retime_passes, "threads": torch.get_num_threads(),
+            "latency_rel": retimed, "passes_latency_rel": runs, "not_rebuilt": skipped,
+            "environment": environment()})
         report(name, rows_dir, baselines, args.targets)
         return
     keys = [k for k in row_keys(list(bases), args.targets, args.seeds, args.methods)

@@ -137,3 +137,9 @@ def test_rebuild_reproduces_depth_and_meta_structures_and_refuses_the_rest(bench
     assert bench.rebuild(dict(record, flops_rel=record["flops_rel"] + 0.01), base, data) is None  # not reproduced
     for method in ("slim", "groupnorm", "joint"):
         assert bench.rebuild({"method": method, "seed": 0, "flops_rel": 0.5}, base, data) is None
+    # retime: every rebuildable row timed with the baseline, once per pass; the others listed
+    rows = [dict(depth, arch="a", key="d"), dict(record, arch="a", key="m"),
+            {"arch": "a", "key": "s", "method": "slim", "seed": 0, "flops_rel": 0.5}]
+    retimed, runs, skipped = bench.retime(rows, {"a": base}, data, repeats=2, passes=3)
+    assert sorted(retimed) == ["d", "m"] and skipped == ["s"]
+    assert all(len(runs[k]) == 3 and retimed[k] == sorted(runs[k])[1] for k in retimed)
