@@ -125,9 +125,9 @@ def _add_compress_options(p: argparse.ArgumentParser, demo: bool = False) -> Non
     g.add_argument("--finetune-epochs", type=int, default=5, help="after layer removal")
     g.add_argument("--finetune-lr", type=float, default=0.02)
     g.add_argument("--divergence-factor", type=float, default=3.0,
-                   help="divergence guard: a stage whose mean loss over 10 updates exceeds this times max(its first "
-                        "loss, ln classes), or is not finite, restarts where it began at half the rate (up to 4 "
-                        "times; 0: no check)")
+                   help="divergence guard: a stage whose mean loss over 10 updates of its first epoch exceeds this "
+                        "times max(its first loss, ln classes), or any non-finite loss, restarts it where it began "
+                        "at half the rate (up to 4 times; 0: no check)")
     g.add_argument("--batch-size", type=int, default=128, help="global batch (split over torchrun processes)")
     g.add_argument("--opt", default="sgd", help="timm optimizer name (sgd, momentum, adamw, lamb, ...)")
     g.add_argument("--momentum", type=float, default=0.9)

@@ -78,9 +78,9 @@ class StageSettings:
 
 StageSettings.__doc__ += """
 
-    Divergence guard: when the mean training loss of the last 10 updates exceeds ``divergence_factor`` times the
-    larger of the stage's first loss and ln(number of classes) (the loss of a uniform guess), or any loss is not
-    finite, the stage restarts from where this call began (the model, the pruner's and the optimiser's state) at
+    Divergence guard: when the mean training loss of the last 10 updates in the stage's first epoch exceeds
+    ``divergence_factor`` times the larger of the stage's first loss and ln(number of classes) (the loss of a uniform
+    guess), or any loss is not finite, the stage restarts from where this call began (the model, the pruner's and the optimiser's state) at
     half the rate, up to ``max_restarts`` times, then raises :class:`TrainingDiverged`. Each restart is logged and
     kept in :attr:`StageProgress.restarts`; the rate in effect is saved with the progress, so a resumed stage keeps
     it. ``divergence_factor=None`` turns the check off.
@@ -325,7 +325,7 @@ class _Stage:
                    leave=False, dynamic_ncols=True, mininterval=1.0)
         for x, y in bar:
             loss, out = self.step(x, y, progress)
-            self.check_divergence(loss.item(), progress)
+            self.check_divergence(loss.item(), progress, first_epoch=epoch == 0)
             loss_sum += loss.item() * len(y)
             correct += (out.argmax(1) == y).sum().item()
             seen += len(y)
@@ -359,9 +359,11 @@ class _Stage:
         progress.ema = self.ema.state_dict() if self.ema is not None else None
         progress.scaler = self.scaler.state_dict() if self.scaler is not None else None
 
-    def check_divergence(self, loss: float, progress: StageProgress) -> None:
-        """Raise _Diverged when the loss is not finite or the mean of the last DIVERGENCE_WINDOW updates exceeds the
-        threshold (every rank decides together under torchrun)."""
+    def check_divergence(self, loss: float, progress: StageProgress, first_epoch: bool) -> None:
+        """Raise _Diverged when the loss is not finite or, in the stage's first epoch, the mean of the last
+        DIVERGENCE_WINDOW updates exceeds the threshold (every rank decides together under torchrun). Later epochs
+        check finiteness only: a rate too high blows up within its first updates, while a loss that rises later may
+        be the budget's doing (sparsity training anneals the chosen layers to 0), which a lower rate would not cure."""
         factor = self.s.divergence_factor
         if factor is None:
             return
@@ -370,7 +372,8 @@ class _Stage:
         self.recent_losses.append(loss)
         threshold = factor * max(progress.first_loss, math.log(self.data.num_classes))
         mean = sum(self.recent_losses) / len(self.recent_losses)
-        blown = not math.isfinite(loss) or (len(self.recent_losses) == DIVERGENCE_WINDOW and mean > threshold)
+        blown = not math.isfinite(loss) or (first_epoch and len(self.recent_losses) == DIVERGENCE_WINDOW
+                                            and mean > threshold)
         if self.dist.enabled:
             blown = self.dist.all_sum(float(blown))[0] > 0
         if blown:
