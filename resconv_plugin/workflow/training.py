@@ -80,8 +80,8 @@ StageSettings.__doc__ += """
 
     Divergence guard: when the mean training loss of the last 10 updates in the stage's first epoch exceeds
     ``divergence_factor`` times the larger of the stage's first loss and ln(number of classes) (the loss of a uniform
-    guess), or any loss is not finite, the stage restarts from where this call began (the model, the pruner's and the optimiser's state) at
-    half the rate, up to ``max_restarts`` times, then raises :class:`TrainingDiverged`. Each restart is logged and
+    guess), or any loss is not finite, the stage restarts from where this call began (the model, the pruner's and
+    the optimiser's state) at half the rate, up to ``max_restarts`` times, then raises :class:`TrainingDiverged`. Each restart is logged and
     kept in :attr:`StageProgress.restarts`; the rate in effect is saved with the progress, so a resumed stage keeps
     it. ``divergence_factor=None`` turns the check off.
 
@@ -163,7 +163,7 @@ def train_stage(model: nn.Module, data: ImageData, settings: StageSettings, dist
     """
     dist = dist or Dist()
     guarded = settings.divergence_factor is not None
-    start_model = copy.deepcopy(model.state_dict()) if guarded else None
+    start_model = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()} if guarded else None
     start_pruner = pruner.state_dict() if guarded and pruner is not None else None
     restarts: List[dict] = list((resume or {}).get("restarts") or [])
     allowed = len(restarts) + settings.max_restarts  # this call's restarts come on top of a resumed run's
