@@ -386,14 +386,18 @@ def plot(summary, path):
     archs = list(summary["archs"])
     if not archs:
         return
-    fig, axes = plt.subplots(1, len(archs), figsize=(6 * len(archs), 4.5), squeeze=False)
-    for ax, arch in zip(axes[0], archs):
+    panels = [(arch, "as run", summary["archs"][arch]["points"]) for arch in archs]
+    panels += [(arch, "retimed", summary["archs"][arch]["retimed"]["points"]) for arch in archs
+               if summary["archs"][arch].get("retimed")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
+    for ax, (arch, how, points) in zip(axes[0], panels):
         info = summary["archs"][arch]
-        for method in sorted({p["method"] for p in info["points"]}):
-            pts = sorted((p["latency_rel"], p["top1"], p["seed"]) for p in info["points"] if p["method"] == method)
+        for method in sorted({p["method"] for p in points}):
+            pts = sorted((p["latency_rel"], p["top1"], p["seed"]) for p in points if p["method"] == method)
             ax.plot([p[0] for p in pts], [p[1] for p in pts], "o" if method in DEPTH_METHODS else "x", label=method)
         ax.axhline(info["baseline_top1"], color="grey", lw=0.8, ls="--", label="baseline")
-        ax.set(title=arch, xlabel="CPU latency / baseline (batch 1, deployed)", ylabel="top-1 % (Fashion-MNIST)")
+        ax.set(title=f"{arch} (latency {how})", xlabel="CPU latency / baseline (batch 1, deployed)",
+               ylabel="top-1 % (Fashion-MNIST)")
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
