@@ -474,6 +474,7 @@ def main() -> None:
                           "latency_rel: the median over the passes, passes_latency_rel: each",
             "repeats": args.retime_repeats, "passes": args.retime_passes, "threads": torch.get_num_threads(),
             "latency_rel": retimed, "passes_latency_rel": runs, "not_rebuilt": skipped,
+            "flops_rel": {r["key"]: r["flops_rel"] for r in records if r["key"] in retimed},
             "environment": environment()})
         report(name, rows_dir, baselines, args.targets)
         return
@@ -506,11 +507,25 @@ def main() -> None:
     report(name, rows_dir, baselines, args.targets)
 
 
+def current_retimes(saved, records):
+    """({key: retimed latency_rel} of the rows the retimed file measured, the keys of rows rerun since then): a row
+    counts as the one measured when its FLOPs are those recorded with the retime."""
+    rows_flops = {r["key"]: r["flops_rel"] for r in records}
+    current = {k: v for k, v in saved["latency_rel"].items()
+               if k in rows_flops and saved.get("flops_rel", {}).get(k) == rows_flops[k]}
+    return current, sorted(set(saved["latency_rel"]) & set(rows_flops) - set(current))
+
+
 def report(name, rows_dir, baselines, targets):
     records = [json.loads(p.read_text()) for p in sorted(rows_dir.glob("*.json"))]
     records = [r for r in records if r["arch"] in baselines]
     retimed_path = RESULTS / f"{name}_retimed.json"
-    retimed = json.loads(retimed_path.read_text())["latency_rel"] if retimed_path.exists() else {}
+    retimed = {}
+    if retimed_path.exists():
+        retimed, stale = current_retimes(json.loads(retimed_path.read_text()), records)
+        if stale:
+            print(f"note: {len(stale)} rows changed since {retimed_path.name} was written (not retimed: "
+                  f"{', '.join(stale)}); run --retime again", flush=True)
     summary = summarise(records, baselines, targets, retimed)
     header = ["arch", "target", "method", "seed", "top-1 %", "change", "latency vs base", "retimed", "FLOPs vs base",
               "channel ratio"]

@@ -143,3 +143,10 @@ def test_rebuild_reproduces_depth_and_meta_structures_and_refuses_the_rest(bench
     retimed, runs, skipped = bench.retime(rows, {"a": base}, data, repeats=2, passes=3)
     assert sorted(retimed) == ["d", "m"] and skipped == ["s"]
     assert all(len(runs[k]) == 3 and retimed[k] == sorted(runs[k])[1] for k in retimed)
+
+
+def test_a_retimed_value_counts_only_for_the_row_it_measured(bench):
+    saved = {"latency_rel": {"a": 0.5, "b": 0.6, "gone": 0.7}, "flops_rel": {"a": 0.25, "b": 0.3, "gone": 0.1}}
+    records = [{"key": "a", "flops_rel": 0.25}, {"key": "b", "flops_rel": 0.31}, {"key": "new", "flops_rel": 0.2}]
+    assert bench.current_retimes(saved, records) == ({"a": 0.5}, ["b"])  # b was rerun with another structure
+    assert bench.current_retimes({"latency_rel": {"a": 0.5}}, records) == ({}, ["a"])  # a file without FLOPs
