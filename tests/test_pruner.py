@@ -327,7 +327,9 @@ def test_latency_budget_is_met_as_measured(table_vs_clock, truth):
     assert fit["rounds"][0]["scale"] == 1.0 and fit["rounds"][0]["predicted"] >= 0.3
     assert fit["rounds"][0]["measured"] == pytest.approx(truth * fit["rounds"][0]["predicted"])
     assert (fit["rounds"][0]["measured"] < 0.3) == (truth < 1)  # the table's own set misses only if it overestimates
-    assert state["timed"] == len(fit["rounds"]) >= 2
+    assert len(fit["rounds"]) >= 2  # every timing is in the rounds: twice for a set that met the budget
+    assert state["timed"] == sum(len(r["measurements"]) for r in fit["rounds"])
+    assert all(len(r["measurements"]) == (2 if r["measurements"][0] >= 0.3 else 1) for r in fit["rounds"])
     # a table-only selection would have missed (0.6) or removed more than needed (1.5)
     table_only = resconv_plugin.pruning.select_within_budget(
         pruner.scores(), pruner.savings("latency")[0], 0.3 * pruner.savings("latency")[1], order=list(pruner.gates))
@@ -363,6 +365,28 @@ def test_latency_budget_is_met_when_the_table_errs_most_on_the_gates_chosen_firs
     rounds = pruner.latency_fit["rounds"]
     assert rounds[0]["measured"] < 0.1 and any(r["measured"] > 0.3 for r in rounds)  # both sides were measured
     assert 0.2 <= measured <= 0.2 + 0.02
+
+
+def test_one_disturbed_timing_does_not_decide_the_latency_fit(table_vs_clock, monkeypatch):
+    """The first timing of the first set reads three times its saving (a busy machine; seen on cifar_resnet20:
+    0.685 read for five layers whose model then measured 0.221): the set is timed again, counts by the lower
+    reading, and the fit goes on to a set that meets the budget on the true clock."""
+    from resconv_plugin.pruning import pruner as pruner_module
+
+    model, x, state = table_vs_clock
+    honest = pruner_module.measured_saving
+
+    def glitch(model, names, example_inputs, **kwargs):
+        seconds, total = honest(model, names, example_inputs, **kwargs)
+        return (3 * seconds if state["timed"] == 1 else seconds), total
+
+    monkeypatch.setattr(pruner_module, "measured_saving", glitch)
+    state["truth"] = 0.6  # the table overestimates: its first set really saves less than asked
+    pruner = LayerPruner(model, x, latency_reduction=0.3)
+    chosen = pruner.select()
+    first = pruner.latency_fit["rounds"][0]
+    assert first["measurements"][0] >= 0.3 > first["measured"] == first["measurements"][1]
+    assert 0.6 * true_saving(model, x, chosen) >= 0.3
 
 
 def test_latency_budget_falls_back_to_every_gate_when_the_table_zeroes_some(monkeypatch):

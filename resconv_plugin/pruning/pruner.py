@@ -498,9 +498,11 @@ class LayerPruner:
         a corrected goal (at most ``_FIT_ROUNDS`` times) until the measured saving lies in [budget, budget + 0.02]:
         aiming at the middle of that window, by the table's error on the last set while every set measured fell on
         one side of it, then by linear interpolation between the closest sets on either side (a table whose error
-        differs between sets, as for the largest entries, would make the first rule oscillate). When the table's
-        whole saving is chosen and still measures short (entries noise left at 0), every gate removed is measured
-        last (``latency_fit["every"]``). It keeps the smallest measured saving that met the budget (else the set that
+        differs between sets, as for the largest entries, would make the first rule oscillate). A set whose saving
+        meets the budget is timed twice and counts by the lower of the two (on a busy machine one timing of five
+        cifar_resnet20 layers once read 0.685 of the latency saved, the final model then measured 0.221). When the
+        table's whole saving is chosen and still measures short (entries noise left at 0), every gate removed is
+        measured last (``latency_fit["every"]``). It keeps the smallest measured saving that met the budget (else the set that
         came closest; its index is ``latency_fit["best"]``). The goal's scale is kept in
         :attr:`latency_fit` (and :meth:`state_dict`) and reused by later rankings of the same budget, so
         re-ranking during sparsity training costs no timing and every process of a distributed run follows rank 0.
@@ -519,11 +521,12 @@ class LayerPruner:
             chosen = everything if exhausted else choose(goal)
             if not chosen or any(r["removed"] == sorted(chosen) for r in rounds):
                 break  # the correction lands on a set already measured
-            seconds, full = measured_saving(self.model, chosen, self.example_inputs, repeats=self.latency_repeats,
-                                            channels_last=self.latency_channels_last, device=self.latency_device)
-            measured, predicted = seconds / full, set_saving(saved, chosen) / total
+            measurements = [self._measure_saving(chosen)]
+            if measurements[0] >= fraction:  # one disturbed timing must not decide: a set that meets the budget
+                measurements.append(self._measure_saving(chosen))  # is timed again and counts by the lower saving
+            measured, predicted = min(measurements), set_saving(saved, chosen) / total
             rounds.append({"scale": goal / target, "removed": sorted(chosen), "predicted": predicted,
-                           "measured": measured, "every": exhausted})
+                           "measured": measured, "measurements": measurements, "every": exhausted})
             if fraction <= measured <= fraction + _FIT_TOLERANCE or exhausted:
                 break
             if predicted * total >= reachable * (1 - 1e-9) and measured < fraction:
@@ -539,6 +542,12 @@ class LayerPruner:
         self.latency_fit = {"fraction": fraction, "scale": best["scale"], "rounds": rounds, "every": best["every"],
                             "best": rounds.index(best)}
         return math.inf if best["every"] else min(target * best["scale"], reachable)
+
+    def _measure_saving(self, chosen: List[str]) -> float:
+        """The measured latency saving of removing ``chosen`` together, as a fraction of the deployed model's."""
+        seconds, full = measured_saving(self.model, chosen, self.example_inputs, repeats=self.latency_repeats,
+                                        channels_last=self.latency_channels_last, device=self.latency_device)
+        return seconds / full
 
     @staticmethod
     def _next_goal(rounds: List[Dict[str, Any]], aim: float) -> float:
