@@ -291,10 +291,18 @@ def curve_at(points, latency):
 
 
 def advantage_at(rows, base_top1, targets):
-    """advantage_pt per target (the issue's definition) and a note per null value, from ``rows``' latency_rel."""
+    """advantage_pt per target (the issue's definition) and a note per null value, from ``rows``' latency_rel.
+
+    A method's curve per seed counts only for the seeds with a row at every target the method has rows at (a seed
+    run at one target only, as a third seed to test one point, has no curve; it counts in ``matched``)."""
     by_method = {}
     for r in rows:
         by_method.setdefault(r["method"], {}).setdefault(r["seed"], []).append((r["latency_rel"], r["top1"]))
+    for method, seeds in by_method.items():
+        covered = {r["target"] for r in rows if r["method"] == method}
+        for seed in list(seeds):
+            if {r["target"] for r in rows if r["method"] == method and r["seed"] == seed} != covered:
+                del seeds[seed]
     advantage, notes = {}, {}
     for t in targets:
         def best(methods):

@@ -150,3 +150,12 @@ def test_a_retimed_value_counts_only_for_the_row_it_measured(bench):
     records = [{"key": "a", "flops_rel": 0.25}, {"key": "b", "flops_rel": 0.31}, {"key": "new", "flops_rel": 0.2}]
     assert bench.current_retimes(saved, records) == ({"a": 0.5}, ["b"])  # b was rerun with another structure
     assert bench.current_retimes({"latency_rel": {"a": 0.5}}, records) == ({}, ["a"])  # a file without FLOPs
+
+
+def test_a_seed_run_at_one_target_only_has_no_curve(bench):
+    rows = [row("depth", s, t, t, 90.0 - 10 * (1 - t)) for s in (0, 1) for t in (0.8, 0.6)] + \
+           [row("slim", s, t, t, 90.0 - 20 * (1 - t)) for s in (0, 1) for t in (0.8, 0.6)] + \
+           [row("depth", 2, 0.6, 0.65, 80.0)]  # a third seed at 0.6 only, landing above 0.6
+    arch = bench.summarise(rows, {"a": 90.0}, [0.8, 0.6])["archs"]["a"]
+    assert arch["advantage_pt"]["0.6"] == pytest.approx(86.0 - 82.0)  # seeds 0 and 1 only
+    assert arch["matched"]["0.6"]["depth"]["seeds"] == [0, 1, 2]  # the like-for-like mean keeps it
