@@ -295,14 +295,13 @@ def advantage_at(rows, base_top1, targets):
 
     A method's curve per seed counts only for the seeds with a row at every target the method has rows at (a seed
     run at one target only, as a third seed to test one point, has no curve; it counts in ``matched``)."""
-    by_method = {}
+    by_method, targets_of = {}, {}
     for r in rows:
         by_method.setdefault(r["method"], {}).setdefault(r["seed"], []).append((r["latency_rel"], r["top1"]))
-    for method, seeds in by_method.items():
-        covered = {r["target"] for r in rows if r["method"] == method}
-        for seed in list(seeds):
-            if {r["target"] for r in rows if r["method"] == method and r["seed"] == seed} != covered:
-                del seeds[seed]
+        targets_of.setdefault(r["method"], {}).setdefault(r["seed"], set()).add(r["target"])
+    for method, seeds in targets_of.items():
+        covered = set().union(*seeds.values())
+        by_method[method] = {seed: by_method[method][seed] for seed, ts in seeds.items() if ts == covered}
     advantage, notes = {}, {}
     for t in targets:
         def best(methods):
@@ -323,6 +322,11 @@ def advantage_at(rows, base_top1, targets):
     return advantage, notes
 
 
+def point(r):
+    """A row as the summary's point."""
+    return {k: r[k] for k in ("method", "seed", "latency_rel", "top1", "flops_rel")}
+
+
 def summarise(records, baselines, targets, retimed=None):
     """Per arch: every point, advantage_pt and its notes, matched, the paper's claim; with ``retimed`` ({key:
     latency_rel} from one interleaved run) also ``retimed``: the same verdict over the methods whose every row was
@@ -330,8 +334,7 @@ def summarise(records, baselines, targets, retimed=None):
     summary = {"archs": {}}
     for arch, base_top1 in baselines.items():
         rows = [r for r in records if r["arch"] == arch]
-        points = [{"method": r["method"], "seed": r["seed"], "latency_rel": r["latency_rel"], "top1": r["top1"],
-                   "flops_rel": r["flops_rel"]} for r in rows]
+        points = [point(r) for r in rows]
         advantage, notes = advantage_at(rows, base_top1, targets)
         summary["archs"][arch] = {"baseline_top1": base_top1, "points": points, "advantage_pt": advantage,
                                   "notes": notes,
@@ -345,8 +348,7 @@ def summarise(records, baselines, targets, retimed=None):
                 advantage, notes = advantage_at(same, base_top1, targets)
                 summary["archs"][arch]["retimed"] = {
                     "methods": methods, "advantage_pt": advantage, "notes": notes, "matched": matched(same),
-                    "points": [{"method": r["method"], "seed": r["seed"], "latency_rel": r["latency_rel"],
-                                "top1": r["top1"], "flops_rel": r["flops_rel"]} for r in same]}
+                    "points": [point(r) for r in same]}
     return summary
 
 

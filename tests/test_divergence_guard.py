@@ -103,7 +103,8 @@ def test_resumed_stage_keeps_the_lowered_rate():
     assert saved["progress"]["lr"] == pytest.approx(whole_progress.lr)
     resumed = linear_model()
     resumed.load_state_dict(saved["weights"])
-    _, progress = run(0.2, model=resumed, batch_size=16, resume=saved["progress"])  # asked at 0.2 again: runs at the saved rate
+    # asked at 0.2 again: runs at the saved rate
+    _, progress = run(0.2, model=resumed, batch_size=16, resume=saved["progress"])
     assert progress.restarts == whole_progress.restarts and progress.lr == whole_progress.lr
     for a, b in zip(resumed.state_dict().values(), whole.state_dict().values()):
         torch.testing.assert_close(a, b)

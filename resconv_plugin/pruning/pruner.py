@@ -502,8 +502,8 @@ class LayerPruner:
         meets the budget is timed twice and counts by the lower of the two (on a busy machine one timing of five
         cifar_resnet20 layers once read 0.685 of the latency saved, the final model then measured 0.221). When the
         table's whole saving is chosen and still measures short (entries noise left at 0), every gate removed is
-        measured last (``latency_fit["every"]``). It keeps the smallest measured saving that met the budget (else the set that
-        came closest; its index is ``latency_fit["best"]``). The goal's scale is kept in
+        measured last (``latency_fit["every"]``). It keeps the smallest measured saving that met the budget (else the
+        set that came closest; its index is ``latency_fit["best"]``). The goal's scale is kept in
         :attr:`latency_fit` (and :meth:`state_dict`) and reused by later rankings of the same budget, so
         re-ranking during sparsity training costs no timing and every process of a distributed run follows rank 0.
         """

@@ -26,5 +26,5 @@ from resconv_plugin.workflow.training import (StageProgress, StageSettings, Trai
                                               train_stage)
 
 __all__ = ["CompressionConfig", "DEFAULT_IMPORTANCE", "compress", "Pipeline", "STAGES", "environment",
-           "sparsity_steps", "remove_pruned", "Pruned", "finetune", "StageSettings", "StageProgress", "TrainingDiverged",
-           "train_stage", "evaluate", "model_device", "Dist", "init_distributed", "resolve_device"]
+           "sparsity_steps", "remove_pruned", "Pruned", "finetune", "StageSettings", "StageProgress",
+           "TrainingDiverged", "train_stage", "evaluate", "model_device", "Dist", "init_distributed", "resolve_device"]

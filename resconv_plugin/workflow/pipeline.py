@@ -213,8 +213,7 @@ class Pipeline:
     def _log_training(self, result) -> None:
         self.run_state.state["epochs_log"].extend(result.epochs_log)
         self.run_state.state["gamma_trace"].extend(result.gamma_trace)
-        stage = result.epochs_log[-1]["stage"] if result.epochs_log else None
-        self.run_state.state.setdefault("restarts", []).extend({"stage": stage, **r} for r in result.restarts)
+        self.run_state.state.setdefault("restarts", []).extend(result.restarts)
 
     def _train(self, name: str, epochs: int, lr: float, pruner=None, **overrides: Any) -> None:
         resume, checkpoint = self._progress(name)

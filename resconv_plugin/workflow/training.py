@@ -81,9 +81,9 @@ StageSettings.__doc__ += """
     Divergence guard: when the mean training loss of the last 10 updates in the stage's first epoch exceeds
     ``divergence_factor`` times the larger of the stage's first loss and ln(number of classes) (the loss of a uniform
     guess), or any loss is not finite, the stage restarts from where this call began (the model, the pruner's and
-    the optimiser's state) at half the rate, up to ``max_restarts`` times, then raises :class:`TrainingDiverged`. Each restart is logged and
-    kept in :attr:`StageProgress.restarts`; the rate in effect is saved with the progress, so a resumed stage keeps
-    it. ``divergence_factor=None`` turns the check off.
+    the optimiser's state) at half the rate, up to ``max_restarts`` times, then raises :class:`TrainingDiverged`.
+    Each restart is logged and kept in :attr:`StageProgress.restarts`; the rate in effect is saved with the progress,
+    so a resumed stage keeps it. ``divergence_factor=None`` turns the check off.
 
     Example:
         >>> StageSettings(name="finetune", epochs=3, lr=0.02, divergence_factor=None).lr
@@ -94,8 +94,8 @@ StageSettings.__doc__ += """
 @dataclass
 class StageProgress:
     """The resumable state of a stage: saved after every epoch. ``lr``: the stage's peak rate after the divergence
-    guard's restarts (None: the settings' rate); ``restarts``: one entry per restart (update, mean loss, threshold,
-    the rate given up and the new one)."""
+    guard's restarts (None: the settings' rate); ``restarts``: one entry per restart (stage name, update, mean loss,
+    threshold, the rate given up and the new one)."""
 
     epoch: int = 0
     updates: int = 0
@@ -193,8 +193,8 @@ def train_stage(model: nn.Module, data: ImageData, settings: StageSettings, dist
                     f"over the last {DIVERGENCE_WINDOW} updates > {blow_up.threshold:.4g}, update {blow_up.update}) "
                     f"after {settings.max_restarts} restarts at half the rate: train with a lower rate") from None
             lr = settings.lr / 2
-            restarts.append({"update": blow_up.update, "loss": blow_up.loss, "threshold": blow_up.threshold,
-                             "lr": settings.lr, "new_lr": lr})
+            restarts.append({"stage": settings.name, "update": blow_up.update, "loss": blow_up.loss,
+                             "threshold": blow_up.threshold, "lr": settings.lr, "new_lr": lr})
             log.warning("%s: the training loss blew up at update %d (mean %.4g over the last %d updates > %.4g) at lr "
                         "%.4g: restarting where the stage began at lr %.4g", settings.name, blow_up.update,
                         blow_up.loss, DIVERGENCE_WINDOW, blow_up.threshold, settings.lr, lr)
@@ -325,8 +325,9 @@ class _Stage:
                    leave=False, dynamic_ncols=True, mininterval=1.0)
         for x, y in bar:
             loss, out = self.step(x, y, progress)
-            self.check_divergence(loss.item(), progress, first_epoch=epoch == 0)
-            loss_sum += loss.item() * len(y)
+            value = loss.item()
+            self.check_divergence(value, progress, first_epoch=epoch == 0)
+            loss_sum += value * len(y)
             correct += (out.argmax(1) == y).sum().item()
             seen += len(y)
             postfix = {"loss": f"{loss_sum / seen:.3f}", "acc": f"{100 * correct / seen:.1f}"}
