@@ -65,7 +65,7 @@ import torch
 import resconv_plugin
 from resconv_plugin.data import build_datasets, calibration_batch
 from resconv_plugin.integrations.torch_pruning import channel_pruner
-from resconv_plugin.workflow import CompressionConfig, StageSettings, compress, evaluate, train_stage
+from resconv_plugin.workflow import CompressionConfig, ConfigError, StageSettings, compress, evaluate, train_stage
 from common import RESULTS, environment, write_json, write_results
 
 BASELINES = Path(__file__).resolve().parent / "baselines"
@@ -327,17 +327,29 @@ def point(r):
     return {k: r[k] for k in ("method", "seed", "latency_rel", "top1", "flops_rel")}
 
 
-def summarise(records, baselines, targets, retimed=None):
+def with_refusals(notes, refused):
+    """Each refused row's reason added to its target's note ({target: note}, in place)."""
+    for key, why in refused.items():
+        _, method, target, seed = parse_key(key)
+        t = str(target)
+        notes[t] = f"{notes[t]}; " if t in notes else ""
+        notes[t] += f"{method} seed {seed} not run: {why}"
+
+
+def summarise(records, baselines, targets, retimed=None, not_run=None):
     """Per arch: every point, advantage_pt and its notes, matched, the paper's claim; with ``retimed`` ({key:
     latency_rel} from one interleaved run) also ``retimed``: the same verdict over the methods whose every row was
-    retimed, at the retimed latencies."""
+    retimed, at the retimed latencies; with ``not_run`` ({key: why}: rows the pipeline refused before training, e.g.
+    a latency budget depth alone cannot reach) also ``not_run``, its reasons added to that target's notes."""
     summary = {"archs": {}}
     for arch, base_top1 in baselines.items():
         rows = [r for r in records if r["arch"] == arch]
         points = [point(r) for r in rows]
+        refused = {k: why for k, why in (not_run or {}).items() if parse_key(k)[0] == arch}
         advantage, notes = advantage_at(rows, base_top1, targets)
+        with_refusals(notes, refused)
         summary["archs"][arch] = {"baseline_top1": base_top1, "points": points, "advantage_pt": advantage,
-                                  "notes": notes,
+                                  "notes": notes, **({"not_run": refused} if refused else {}),
                                   "matched": matched(rows),
                                   "flops_reduction_within_0.3pt": paper_claim(rows, base_top1)}
         if retimed:
@@ -346,6 +358,7 @@ def summarise(records, baselines, targets, retimed=None):
             same = [dict(r, latency_rel=retimed[r["key"]]) for r in rows if r["method"] in methods]
             if same:
                 advantage, notes = advantage_at(same, base_top1, targets)
+                with_refusals(notes, refused)
                 summary["archs"][arch]["retimed"] = {
                     "methods": methods, "advantage_pt": advantage, "notes": notes, "matched": matched(same),
                     "points": [point(r) for r in same]}
@@ -491,6 +504,8 @@ def main() -> None:
     keys = [k for k in row_keys(list(bases), args.targets, args.seeds, args.methods)
             if any(fnmatch.fnmatch(k, p) for p in args.rows)]
     print(f"{len(keys)} rows ({sum((rows_dir / f'{k}.json').exists() for k in keys)} done)", flush=True)
+    not_run_path = RESULTS / f"{name}_not_run.json"  # rows the pipeline refused (tried again on every run)
+    not_run = json.loads(not_run_path.read_text()) if not_run_path.exists() else {}
     for key in keys:
         path = rows_dir / f"{key}.json"
         if path.exists():
@@ -500,7 +515,13 @@ def main() -> None:
         base, start = bases[arch], time.time()
         base_plain = resconv_plugin.deployed(base)
         if method in DEPTH_METHODS:
-            model, info = depth_row(method, arch, target, seed, base, data, args)
+            try:
+                model, info = depth_row(method, arch, target, seed, base, data, args)
+            except ConfigError as exc:  # raised before any training, e.g. a budget depth alone cannot reach
+                print(f"note: {key} not run: {exc}", flush=True)
+                write_json(not_run_path, {**not_run, key: str(exc)})
+                not_run = json.loads(not_run_path.read_text())
+                continue
         else:
             calib = calibration_batch(data, 256, seed=seed)
             model, info = channel_row(method, arch, target, seed, base, data, calib, base_plain, rows_dir, args)
@@ -512,6 +533,8 @@ def main() -> None:
                   / resconv_plugin.count_flops(base_plain, EXAMPLE).total,
                   **info, **schedule, "minutes": (time.time() - start) / 60, "environment": environment()}
         write_json(path, record)
+        if not_run.pop(key, None) is not None:
+            write_json(not_run_path, not_run)
         brief = {k: v for k, v in record.items() if k not in ("environment", "removed", "latency_fit", "bisection")}
         print(json.dumps(brief), flush=True)
     report(name, rows_dir, baselines, args.targets)
@@ -536,7 +559,9 @@ def report(name, rows_dir, baselines, targets):
         if stale:
             print(f"note: {len(stale)} rows changed since {retimed_path.name} was written (not retimed: "
                   f"{', '.join(stale)}); run --retime again", flush=True)
-    summary = summarise(records, baselines, targets, retimed)
+    not_run_path = RESULTS / f"{name}_not_run.json"
+    not_run = json.loads(not_run_path.read_text()) if not_run_path.exists() else {}
+    summary = summarise(records, baselines, targets, retimed, not_run)
     header = ["arch", "target", "method", "seed", "top-1 %", "change", "latency vs base", "retimed", "FLOPs vs base",
               "channel ratio"]
     rows = [[r["arch"], r["target"], r["method"], r["seed"], f"{r['top1']:.2f}",

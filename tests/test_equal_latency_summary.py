@@ -159,3 +159,15 @@ def test_a_seed_run_at_one_target_only_has_no_curve(bench):
     arch = bench.summarise(rows, {"a": 90.0}, [0.8, 0.6])["archs"]["a"]
     assert arch["advantage_pt"]["0.6"] == pytest.approx(86.0 - 82.0)  # seeds 0 and 1 only
     assert arch["matched"]["0.6"]["depth"]["seeds"] == [0, 1, 2]  # the like-for-like mean keeps it
+
+
+def test_a_row_the_pipeline_refused_says_why_in_its_targets_note(bench):
+    rows = [row("depth", 0, 0.6, 0.6, 89.0), row("slim", 0, 0.6, 0.6, 88.0), row("slim", 0, 0.35, 0.35, 70.0)]
+    why = "cifar_x: latency_reduction=0.65 is unreachable: removing every prunable gate (52) removes at most 0.584"
+    not_run = {"a-depth-t0.35-s0": why, "b-depth-t0.35-s0": "another arch's"}
+    arch = bench.summarise(rows, {"a": 90.0}, [0.6, 0.35], not_run=not_run)["archs"]["a"]
+    assert arch["advantage_pt"] == {"0.6": pytest.approx(1.0), "0.35": None}
+    assert arch["not_run"] == {"a-depth-t0.35-s0": why}  # only this arch's
+    assert arch["notes"] == {"0.35": "null: no depth-based method has a point at or below 0.35 of the latency on "
+                                     f"every seed; depth seed 0 not run: {why}"}
+    assert "not_run" not in bench.summarise(rows, {"a": 90.0}, [0.6, 0.35])["archs"]["a"]
