@@ -504,8 +504,7 @@ def main() -> None:
     keys = [k for k in row_keys(list(bases), args.targets, args.seeds, args.methods)
             if any(fnmatch.fnmatch(k, p) for p in args.rows)]
     print(f"{len(keys)} rows ({sum((rows_dir / f'{k}.json').exists() for k in keys)} done)", flush=True)
-    not_run_path = RESULTS / f"{name}_not_run.json"  # rows the pipeline refused (tried again on every run)
-    not_run = json.loads(not_run_path.read_text()) if not_run_path.exists() else {}
+    not_run_path, not_run = load_not_run(name)
     for key in keys:
         path = rows_dir / f"{key}.json"
         if path.exists():
@@ -519,8 +518,8 @@ def main() -> None:
                 model, info = depth_row(method, arch, target, seed, base, data, args)
             except ConfigError as exc:  # raised before any training, e.g. a budget depth alone cannot reach
                 print(f"note: {key} not run: {exc}", flush=True)
-                write_json(not_run_path, {**not_run, key: str(exc)})
-                not_run = json.loads(not_run_path.read_text())
+                not_run[key] = str(exc)
+                write_json(not_run_path, not_run)
                 continue
         else:
             calib = calibration_batch(data, 256, seed=seed)
@@ -549,6 +548,13 @@ def current_retimes(saved, records):
     return current, sorted(set(saved["latency_rel"]) & set(rows_flops) - set(current))
 
 
+def load_not_run(name):
+    """(path, {key: why}) of the rows the pipeline refused before training (tried again on every run; a row that
+    later finishes leaves the file)."""
+    path = RESULTS / f"{name}_not_run.json"
+    return path, json.loads(path.read_text()) if path.exists() else {}
+
+
 def report(name, rows_dir, baselines, targets):
     records = [json.loads(p.read_text()) for p in sorted(rows_dir.glob("*.json"))]
     records = [r for r in records if r["arch"] in baselines]
@@ -559,9 +565,7 @@ def report(name, rows_dir, baselines, targets):
         if stale:
             print(f"note: {len(stale)} rows changed since {retimed_path.name} was written (not retimed: "
                   f"{', '.join(stale)}); run --retime again", flush=True)
-    not_run_path = RESULTS / f"{name}_not_run.json"
-    not_run = json.loads(not_run_path.read_text()) if not_run_path.exists() else {}
-    summary = summarise(records, baselines, targets, retimed, not_run)
+    summary = summarise(records, baselines, targets, retimed, load_not_run(name)[1])
     header = ["arch", "target", "method", "seed", "top-1 %", "change", "latency vs base", "retimed", "FLOPs vs base",
               "channel ratio"]
     rows = [[r["arch"], r["target"], r["method"], r["seed"], f"{r['top1']:.2f}",
