@@ -42,8 +42,10 @@ and the paper's claim per method,
 over several sessions and next to different training jobs, and drifts (the same structure measured 0.05-0.12 apart
 at batch 1); it rebuilds every row whose structure does not depend on its training (depth: its removed gates;
 meta_*: its ratio and calibration batch; checked by FLOPs) and times them all with the baseline in one interleaved
-run per arch (``NAME_retimed.json``); the summary's ``retimed`` holds the same verdict over those methods at those
-latencies.
+run per arch. Every retime is kept (``NAME_retimes/<UTC time>.json``): between retimes on the same day, each alone
+on the machine, channel rows moved by up to 0.065 while each retime's own passes agree within 0.04, so one retime is
+not the figure; the summary's ``retimed`` holds the same verdict over those methods at each row's median latency_rel
+over every retime that measured it as it is now (``retimes``: each retime's value per row).
 
 Usage: python benchmarks/equal_latency.py [--quick] [--archs ...] [--targets ...] [--seeds 0 1] [--methods ...]
 Ends with one JSON line (the summary).
@@ -336,10 +338,11 @@ def with_refusals(notes, refused):
         notes[t] += f"{method} seed {seed} not run: {why}"
 
 
-def summarise(records, baselines, targets, retimed=None, not_run=None):
+def summarise(records, baselines, targets, retimed=None, not_run=None, retimes=None):
     """Per arch: every point, advantage_pt and its notes, matched, the paper's claim; with ``retimed`` ({key:
-    latency_rel} from one interleaved run) also ``retimed``: the same verdict over the methods whose every row was
-    retimed, at the retimed latencies; with ``not_run`` ({key: why}: rows the pipeline refused before training, e.g.
+    latency_rel}: each row's median over the retimes) also ``retimed``: the same verdict over the methods whose every
+    row was retimed, at the retimed latencies (``retimes``, {key: [each retime's latency_rel]}, kept with it); with
+    ``not_run`` ({key: why}: rows the pipeline refused before training, e.g.
     a latency budget depth alone cannot reach) also ``not_run``, its reasons added to that target's notes."""
     summary = {"archs": {}}
     for arch, base_top1 in baselines.items():
@@ -361,7 +364,8 @@ def summarise(records, baselines, targets, retimed=None, not_run=None):
                 with_refusals(notes, refused)
                 summary["archs"][arch]["retimed"] = {
                     "methods": methods, "advantage_pt": advantage, "notes": notes, "matched": matched(same),
-                    "points": [point(r) for r in same]}
+                    "points": [point(r) for r in same],
+                    **({"retimes": {r["key"]: retimes[r["key"]] for r in same}} if retimes else {})}
     return summary
 
 
@@ -453,7 +457,7 @@ def main() -> None:
                                                                           "pilot kept apart from the grid")
     parser.add_argument("--retime", action="store_true",
                         help="time every finished row that can be rebuilt (depth, meta_*) with its baseline in one "
-                             "interleaved run per arch (run it alone on the machine), write NAME_retimed.json and "
+                             "interleaved run per arch (run it alone on the machine), add it to NAME_retimes/ and "
                              "the summary's 'retimed' verdict; trains nothing")
     parser.add_argument("--retime-repeats", type=int, default=200)
     parser.add_argument("--retime-passes", type=int, default=3)
@@ -491,14 +495,15 @@ def main() -> None:
         records = [json.loads(p.read_text()) for p in sorted(rows_dir.glob("*.json"))]
         retimed, runs, skipped = retime([r for r in records if r["arch"] in bases], bases, data,
                                         args.retime_repeats, args.retime_passes)
-        write_json(RESULTS / f"{name}_retimed.json", {
+        finished = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        write_json(RESULTS / f"{name}_retimes" / f"{finished}.json", {
             "definition": "latency_rel of each row's deployed structure (rebuilt from the baseline) and the baseline, "
                           "all timed in turns in one run per arch (median of repeats rounds, batch 1), passes runs; "
                           "latency_rel: the median over the passes, passes_latency_rel: each",
             "repeats": args.retime_repeats, "passes": args.retime_passes, "threads": torch.get_num_threads(),
             "latency_rel": retimed, "passes_latency_rel": runs, "not_rebuilt": skipped,
             "flops_rel": {r["key"]: r["flops_rel"] for r in records if r["key"] in retimed},
-            "environment": environment()})
+            "finished": finished, "environment": environment()})
         report(name, rows_dir, baselines, args.targets)
         return
     keys = [k for k in row_keys(list(bases), args.targets, args.seeds, args.methods)
@@ -548,6 +553,19 @@ def current_retimes(saved, records):
     return current, sorted(set(saved["latency_rel"]) & set(rows_flops) - set(current))
 
 
+def combined_retimes(retimes, records):
+    """Every retime file's values for the rows it measured as they are now (:func:`current_retimes`): ({key: median
+    latency_rel over those retimes}, {key: each retime's latency_rel, oldest first}, the keys no retime measured as
+    they are now although one measured them before)."""
+    each, stale = {}, set()
+    for saved in sorted(retimes, key=lambda saved: saved.get("finished", "")):
+        current, old = current_retimes(saved, records)
+        for key, value in current.items():
+            each.setdefault(key, []).append(value)
+        stale.update(old)
+    return {k: statistics.median(v) for k, v in each.items()}, each, sorted(stale - set(each))
+
+
 def load_not_run(name):
     """(path, {key: why}) of the rows the pipeline refused before training (tried again on every run; a row that
     later finishes leaves the file)."""
@@ -558,19 +576,17 @@ def load_not_run(name):
 def report(name, rows_dir, baselines, targets):
     records = [json.loads(p.read_text()) for p in sorted(rows_dir.glob("*.json"))]
     records = [r for r in records if r["arch"] in baselines]
-    retimed_path = RESULTS / f"{name}_retimed.json"
-    retimed = {}
-    if retimed_path.exists():
-        retimed, stale = current_retimes(json.loads(retimed_path.read_text()), records)
-        if stale:
-            print(f"note: {len(stale)} rows changed since {retimed_path.name} was written (not retimed: "
-                  f"{', '.join(stale)}); run --retime again", flush=True)
-    summary = summarise(records, baselines, targets, retimed, load_not_run(name)[1])
-    header = ["arch", "target", "method", "seed", "top-1 %", "change", "latency vs base", "retimed", "FLOPs vs base",
-              "channel ratio"]
+    retimes = [json.loads(p.read_text()) for p in sorted((RESULTS / f"{name}_retimes").glob("*.json"))]
+    retimed, each, stale = combined_retimes(retimes, records)
+    if stale:
+        print(f"note: {len(stale)} rows changed since the last retime (not retimed: {', '.join(stale)}); run "
+              f"--retime again", flush=True)
+    summary = summarise(records, baselines, targets, retimed, load_not_run(name)[1], each)
+    header = ["arch", "target", "method", "seed", "top-1 %", "change", "latency vs base", "retimed (median, retimes)",
+              "FLOPs vs base", "channel ratio"]
     rows = [[r["arch"], r["target"], r["method"], r["seed"], f"{r['top1']:.2f}",
              f"{r['top1'] - r['baseline_top1']:+.2f}",
-             f"{r['latency_rel']:.3f}", f"{retimed[r['key']]:.3f}" if r["key"] in retimed else "-",
+             f"{r['latency_rel']:.3f}", f"{retimed[r['key']]:.3f} ({len(each[r['key']])})" if r["key"] in retimed else "-",
              f"{r['flops_rel']:.3f}",
              "-" if r.get("channel_ratio") is None else f"{r['channel_ratio']:.3f}"]
             for r in sorted(records, key=lambda r: (r["arch"], -r["target"], r["method"], r["seed"]))]

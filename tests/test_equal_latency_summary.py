@@ -152,6 +152,23 @@ def test_a_retimed_value_counts_only_for_the_row_it_measured(bench):
     assert bench.current_retimes({"latency_rel": {"a": 0.5}}, records) == ({}, ["a"])  # a file without FLOPs
 
 
+def test_retimes_combine_to_each_rows_median_over_the_retimes_that_measured_it(bench):
+    records = [{"key": "a", "flops_rel": 0.25}, {"key": "b", "flops_rel": 0.3}, {"key": "c", "flops_rel": 0.4}]
+    retimes = [  # given out of order: combined oldest first
+        {"finished": "20261130T120000Z", "latency_rel": {"a": 0.52, "b": 0.6}, "flops_rel": {"a": 0.25, "b": 0.3}},
+        {"finished": "20261130T070000Z", "latency_rel": {"a": 0.40, "b": 0.7, "c": 0.5},
+         "flops_rel": {"a": 0.25, "b": 0.3, "c": 0.41}},  # c measured before it was rerun with another structure
+        {"finished": "20261130T100000Z", "latency_rel": {"a": 0.45}, "flops_rel": {"a": 0.25}}]
+    retimed, each, stale = bench.combined_retimes(retimes, records)
+    assert each == {"a": [0.40, 0.45, 0.52], "b": [0.7, 0.6]}
+    assert retimed == {"a": pytest.approx(0.45), "b": pytest.approx(0.65)} and stale == ["c"]
+    assert bench.combined_retimes([], records) == ({}, {}, [])
+    rows = [dict(row("depth", 0, 0.6, 0.6, 89.0), key="a"), dict(row("meta_taylor", 0, 0.6, 0.6, 88.0), key="b")]
+    arch = bench.summarise(rows, {"a": 90.0}, [0.6], retimed, retimes=each)["archs"]["a"]
+    assert arch["retimed"]["retimes"] == each
+    assert [p["latency_rel"] for p in arch["retimed"]["points"]] == [pytest.approx(0.45), pytest.approx(0.65)]
+
+
 def test_a_seed_run_at_one_target_only_has_no_curve(bench):
     rows = [row("depth", s, t, t, 90.0 - 10 * (1 - t)) for s in (0, 1) for t in (0.8, 0.6)] + \
            [row("slim", s, t, t, 90.0 - 20 * (1 - t)) for s in (0, 1) for t in (0.8, 0.6)] + \
