@@ -29,15 +29,16 @@ without it were trained at 0.02); calibration: 256 training images.
 Figures: top-1 on the full Fashion-MNIST test set; FLOPs of the deployed model (fvcore, resconv_plugin handles,
 batch 1); latency_rel = median batch-1 CPU latency of the deployed row model / the deployed baseline, timed in turns
 (--repeats rounds, --threads threads) right after the row finished; channel rows keep every try of the bisection
-(``bisection``: [ratio, latency_rel]), depth rows the pruner's measured check of its latency budget (``latency_fit``).
+(``bisection``: [ratio, latency_rel]), depth rows the pruner's measured check of its latency budget (``latency_fit``),
+every row the divergence guard's restarts (``restarts``; rows written before the guard's warm-up restart lack it).
 Rows are kept one JSON file each under benchmarks/results/equal_latency_rows/ (commit them): the same command resumes at
-the next row, in a later session too. The summary (``equal_latency_summary.json``): per arch, every point, and advantage_pt per target = best
-depth-based method's mean top-1 over seeds minus the best channel-only method's, each read off its method's
-top-1-vs-latency curve (points sorted by latency, linear in between, the baseline at latency 1.0); null where a
-channel-only method has no point at or below that latency; ``matched``: per target and method the rows' mean top-1
-(min, max) and latency over seeds (the like-for-like pairs: channel rows are bisected to their depth row's latency);
-and the paper's claim per method,
-``flops_reduction_within_0.3pt``: the point (mean over seeds) with the most FLOPs removed for at most 0.3 pt lost.
+the next row, in a later session too. The summary (``equal_latency_summary.json``): per arch, every point, and
+advantage_pt per target = best depth-based method's mean top-1 over seeds minus the best channel-only method's, each
+read off its method's top-1-vs-latency curve (points sorted by latency, linear in between, the baseline at latency
+1.0); null where a channel-only method has no point at or below that latency; ``matched``: per target and method the
+rows' mean top-1 (min, max) and latency over seeds (the like-for-like pairs: channel rows are bisected to their depth
+row's latency); and the paper's claim per method, ``flops_reduction_within_0.3pt``: the point (mean over seeds) with
+the most FLOPs removed for at most 0.3 pt lost.
 ``--retime`` (run alone on the machine; trains nothing): each row's latency_rel was measured when the row finished,
 over several sessions and next to different training jobs, and drifts (the same structure measured 0.05-0.12 apart
 at batch 1); it rebuilds every row whose structure does not depend on its training (depth: its removed gates;
@@ -173,7 +174,7 @@ def depth_row(method, arch, target, seed, base, data, args):
     stages = {r["stage"]: r for r in report["stages"]}
     model = resconv_plugin.load(out / "model.safetensors")
     return model, {"removed": report["removed"], "channel_ratio": stages.get("channel_pruned", {}).get("channel_ratio"),
-                   "latency_fit": report.get("latency_fit")}
+                   "latency_fit": report.get("latency_fit"), "restarts": report.get("restarts", [])}
 
 
 def prune_channels(model, method, ratio, calib):
@@ -229,15 +230,16 @@ def channel_row(method, arch, target, seed, base, data, calib, base_plain, rows_
         cls, importance, round_to = channel_spec(method)
         regulariser = channel_pruner(model, EXAMPLE, cls, importance=importance, reg=REGULARISED[name],
                                      global_pruning=True, **({"round_to": round_to} if round_to else {}))
-        train_stage(model, data, settings(f"{method} sparsity", args.sparsity_epochs, seed + 1, SPARSITY_LR),
-                    regularizers=[regulariser], teacher=base)
+        sparsity = settings(f"{method} sparsity", args.sparsity_epochs, seed + 1, SPARSITY_LR)
+        restarts = train_stage(model, data, sparsity, regularizers=[regulariser], teacher=base).restarts
         model, ratio, _, tries = match_latency(model.eval(), method, goal, base_plain, calib, args, reference=reference)
         epochs = args.finetune_epochs
     else:  # prune first, then train for the same total epochs
         model, ratio, _, tries = match_latency(model, method, goal, base_plain, calib, args, reference=reference)
-        epochs = args.sparsity_epochs + args.finetune_epochs
-    train_stage(model, data, settings(f"{method} finetune", epochs, seed + 2, args.finetune_lr), teacher=base)
-    info = {"channel_ratio": ratio, "latency_goal": goal, "bisection": tries}
+        epochs, restarts = args.sparsity_epochs + args.finetune_epochs, []
+    restarts += train_stage(model, data, settings(f"{method} finetune", epochs, seed + 2, args.finetune_lr),
+                            teacher=base).restarts
+    info = {"channel_ratio": ratio, "latency_goal": goal, "bisection": tries, "restarts": restarts}
     if reference is not None:  # the like-for-like figure: this row / its depth row, timed in turns now
         info["latency_vs_depth"] = latency_rel(model.eval(), reference, args.repeats)
     return model.eval(), info
@@ -586,7 +588,8 @@ def report(name, rows_dir, baselines, targets):
               "FLOPs vs base", "channel ratio"]
     rows = [[r["arch"], r["target"], r["method"], r["seed"], f"{r['top1']:.2f}",
              f"{r['top1'] - r['baseline_top1']:+.2f}",
-             f"{r['latency_rel']:.3f}", f"{retimed[r['key']]:.3f} ({len(each[r['key']])})" if r["key"] in retimed else "-",
+             f"{r['latency_rel']:.3f}",
+             f"{retimed[r['key']]:.3f} ({len(each[r['key']])})" if r["key"] in retimed else "-",
              f"{r['flops_rel']:.3f}",
              "-" if r.get("channel_ratio") is None else f"{r['channel_ratio']:.3f}"]
             for r in sorted(records, key=lambda r: (r["arch"], -r["target"], r["method"], r["seed"]))]

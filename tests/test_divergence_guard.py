@@ -1,4 +1,5 @@
-"""train_stage's divergence guard: a blown-up loss restarts the stage from where it began at half the rate."""
+"""train_stage's divergence guard: a blown-up loss restarts the stage from where it began, first with a warm-up at the
+same rate, then at half the rate."""
 
 import copy
 import math
@@ -28,21 +29,44 @@ def run(lr: float, epochs: int = 2, model: nn.Module = None, batch_size: int = 3
     return model, progress
 
 
-def test_blow_up_restarts_at_half_the_rate_and_matches_a_fresh_run_at_that_rate():
+def assert_same_weights(a: nn.Module, b: nn.Module) -> None:
+    for x, y in zip(a.state_dict().values(), b.state_dict().values()):
+        torch.testing.assert_close(x, y)
+
+
+def test_blow_up_restarts_with_a_warm_up_then_at_half_the_rate_and_matches_a_fresh_run_at_the_end_settings():
     model, progress = run(0.2, batch_size=16)  # 32 updates an epoch: the check of the loss's level is on
-    assert [r["lr"] for r in progress.restarts] == [0.2, 0.1, 0.05]
-    final_lr = 0.2 / 2 ** len(progress.restarts)
-    assert progress.lr == pytest.approx(final_lr)
+    # first the same rate with a one-epoch warm-up; it still blew up (in the warm-up or the epoch after): halved
+    assert [(r["lr"], r["new_lr"], r["warmup_epochs"], r["new_warmup_epochs"]) for r in progress.restarts] == [
+        (0.2, 0.2, 0, 1), (0.2, 0.1, 1, 1), (0.1, 0.05, 1, 1), (0.05, 0.025, 1, 1)]
+    assert any(r["update"] >= 32 for r in progress.restarts)  # caught in epoch 2, the first one at the peak rate
+    assert progress.lr == pytest.approx(0.025) and progress.warmup_epochs == 1
     for r in progress.restarts:
-        assert r["new_lr"] == pytest.approx(r["lr"] / 2) and r["loss"] > r["threshold"]
+        assert r["loss"] > r["threshold"]
         assert r["threshold"] == pytest.approx(3.0 * max(progress.first_loss, math.log(10)))
     assert all(e["train_loss"] < 3.0 * math.log(10) for e in progress.epochs_log)
     assert len(progress.epochs_log) == 2  # only the finished run's epochs are logged
-    # restarting restored the starting weights: identical to a run started at the final rate
-    fresh, fresh_progress = run(final_lr, batch_size=16)
+    # restarting restored the starting weights: identical to a run started at the final rate and warm-up
+    fresh, fresh_progress = run(0.025, batch_size=16, warmup_epochs=1)
     assert fresh_progress.restarts == []
-    for a, b in zip(model.state_dict().values(), fresh.state_dict().values()):
-        torch.testing.assert_close(a, b)
+    assert_same_weights(model, fresh)
+
+
+def test_a_warm_up_alone_cures_a_blow_up_at_the_same_rate():
+    model, progress = run(0.12)  # 16 updates an epoch: blows up at 0.12 from the start, trains when warmed up
+    assert [(r["lr"], r["new_lr"], r["new_warmup_epochs"]) for r in progress.restarts] == [(0.12, 0.12, 1)]
+    assert progress.lr == 0.12 and progress.warmup_epochs == 1
+    fresh, fresh_progress = run(0.12, warmup_epochs=1)
+    assert fresh_progress.restarts == []
+    assert_same_weights(model, fresh)
+
+
+def test_a_one_epoch_stage_or_one_with_a_warm_up_restarts_at_half_the_rate():
+    for kwargs in ({"epochs": 1}, {"warmup_epochs": 1}):
+        _, progress = run(0.2, batch_size=16, **kwargs)
+        warmup = kwargs.get("warmup_epochs", 0)
+        assert progress.restarts and all(r["new_lr"] == pytest.approx(r["lr"] / 2) and r["new_warmup_epochs"] ==
+                                         warmup for r in progress.restarts)
 
 
 def test_without_the_guard_the_same_stage_blows_up():
@@ -52,7 +76,8 @@ def test_without_the_guard_the_same_stage_blows_up():
 
 
 def test_out_of_restarts_raises_with_the_rate():
-    with pytest.raises(TrainingDiverged, match=r"blew up at lr 0.4.*after 1 restarts.*lower rate"):
+    with pytest.raises(TrainingDiverged, match=r"blew up at lr 0.8.*after 1 restarts \(a warm-up, then half the "
+                                               r"rate\).*lower rate"):
         run(0.8, max_restarts=1)
 
 
@@ -88,9 +113,10 @@ def test_after_the_first_epoch_only_a_non_finite_loss_restarts():
         train_stage(linear_model(), synthetic(512), settings, regularizers=[Sabotage(20, "nan")])
 
 
-def test_resumed_stage_keeps_the_lowered_rate():
-    whole, whole_progress = run(0.2, batch_size=16)  # 32 updates an epoch: every restart happens in epoch 1
-    assert whole_progress.restarts and all(r["update"] < 32 for r in whole_progress.restarts)
+def test_resumed_stage_keeps_the_lowered_rate_and_the_warm_up():
+    whole, whole_progress = run(0.15, batch_size=8)  # 64 updates an epoch: every restart happens in epoch 1
+    assert [r["new_warmup_epochs"] for r in whole_progress.restarts] == [1, 1, 1, 1]
+    assert whole_progress.lr == pytest.approx(0.15 / 8) and all(r["update"] < 64 for r in whole_progress.restarts)
     saved = {}
 
     def interrupt(progress):  # the pipeline checkpoints here; the process then dies
@@ -99,15 +125,15 @@ def test_resumed_stage_keeps_the_lowered_rate():
 
     model = linear_model()
     with pytest.raises(Interrupted):
-        run(0.2, model=model, batch_size=16, on_epoch_end=interrupt)
-    assert saved["progress"]["lr"] == pytest.approx(whole_progress.lr)
+        run(0.15, model=model, batch_size=8, on_epoch_end=interrupt)
+    assert saved["progress"]["lr"] == pytest.approx(whole_progress.lr) and saved["progress"]["warmup_epochs"] == 1
     resumed = linear_model()
     resumed.load_state_dict(saved["weights"])
-    # asked at 0.2 again: runs at the saved rate
-    _, progress = run(0.2, model=resumed, batch_size=16, resume=saved["progress"])
+    # asked at 0.15 with no warm-up again: runs at the saved rate and warm-up
+    _, progress = run(0.15, model=resumed, batch_size=8, resume=saved["progress"])
     assert progress.restarts == whole_progress.restarts and progress.lr == whole_progress.lr
-    for a, b in zip(resumed.state_dict().values(), whole.state_dict().values()):
-        torch.testing.assert_close(a, b)
+    assert progress.warmup_epochs == 1
+    assert_same_weights(resumed, whole)
 
 
 @pytest.mark.parametrize("kwargs, match", [({"divergence_factor": 1.0}, "divergence_factor must be > 1"),
@@ -118,7 +144,12 @@ def test_bad_guard_settings(kwargs, match):
 
 
 def test_report_lists_restarts(tmp_path):
-    restart = {"stage": "finetune", "update": 7, "loss": 26.8, "threshold": 8.7, "lr": 0.02, "new_lr": 0.01}
-    write_report({"settings": {}, "stages": [], "restarts": [restart]}, tmp_path, plots=False)
-    assert "Restarted: finetune at update 7, mean loss 26.8 > 8.7 (divergence guard), lr 0.02 -> 0.01" in (
-        tmp_path / "report.md").read_text()
+    restarts = [{"stage": "finetune", "update": 7, "loss": 26.8, "threshold": 8.7, "lr": 0.02, "new_lr": 0.02,
+                 "warmup_epochs": 0, "new_warmup_epochs": 1},
+                {"stage": "finetune", "update": 9, "loss": 9.1, "threshold": 8.7, "lr": 0.02, "new_lr": 0.01,
+                 "warmup_epochs": 1, "new_warmup_epochs": 1}]
+    write_report({"settings": {}, "stages": [], "restarts": restarts}, tmp_path, plots=False)
+    md = (tmp_path / "report.md").read_text()
+    assert ("Restarted: finetune at update 7, mean loss 26.8 > 8.7 (divergence guard), lr 0.02 -> 0.02, warm-up "
+            "epochs 0 -> 1\n") in md
+    assert "Restarted: finetune at update 9, mean loss 9.1 > 8.7 (divergence guard), lr 0.02 -> 0.01\n" in md

@@ -35,8 +35,8 @@ DIVERGENCE_WINDOW = 10
 
 
 class TrainingDiverged(RuntimeError):
-    """A stage's training loss still blew up after every allowed restart at a lower rate (``StageSettings.
-    divergence_factor`` / ``max_restarts``): train it with a lower rate."""
+    """A stage's training loss still blew up after every allowed restart (with a warm-up, then at lower rates:
+    ``StageSettings.divergence_factor`` / ``max_restarts``): train it with a lower rate."""
 
 
 @dataclass
@@ -81,9 +81,14 @@ StageSettings.__doc__ += """
     Divergence guard: when the mean training loss of the last 10 updates in the stage's first epoch exceeds
     ``divergence_factor`` times the larger of the stage's first loss and ln(number of classes) (the loss of a uniform
     guess), or any loss is not finite, the stage restarts from where this call began (the model, the pruner's and
-    the optimiser's state) at half the rate, up to ``max_restarts`` times, then raises :class:`TrainingDiverged`.
-    Each restart is logged and kept in :attr:`StageProgress.restarts`; the rate in effect is saved with the progress,
-    so a resumed stage keeps it. ``divergence_factor=None`` turns the check off.
+    the optimiser's state): the first time, when the stage has no warm-up and more than one epoch, at the same rate
+    with a one-epoch linear warm-up (the usual cure for a loss that blows up in the first updates: a freshly pruned
+    network is at a sharp point of its loss; measured on cifar_resnet56 with 36 of 52 layers removed, 3 epochs: 91.75%
+    with the warm-up at 0.02 against 91.04% at the 0.005 that halving came down to); otherwise, and on every later
+    restart, at half the rate; up to ``max_restarts`` times, then it raises :class:`TrainingDiverged`. The level
+    check covers the stage's first epoch at its peak rate (with a warm-up, the warm-up epochs and the one after).
+    Each restart is logged and kept in :attr:`StageProgress.restarts`; the rate and warm-up in effect are saved with
+    the progress, so a resumed stage keeps them. ``divergence_factor=None`` turns the check off.
 
     Example:
         >>> StageSettings(name="finetune", epochs=3, lr=0.02, divergence_factor=None).lr
@@ -93,9 +98,9 @@ StageSettings.__doc__ += """
 
 @dataclass
 class StageProgress:
-    """The resumable state of a stage: saved after every epoch. ``lr``: the stage's peak rate after the divergence
-    guard's restarts (None: the settings' rate); ``restarts``: one entry per restart (stage name, update, mean loss,
-    threshold, the rate given up and the new one)."""
+    """The resumable state of a stage: saved after every epoch. ``lr`` / ``warmup_epochs``: the stage's peak rate
+    and warm-up after the divergence guard's restarts (None: the settings'); ``restarts``: one entry per restart
+    (stage name, update, mean loss, threshold, the rate and warm-up given up and the new ones)."""
 
     epoch: int = 0
     updates: int = 0
@@ -107,6 +112,7 @@ class StageProgress:
     gamma_trace: List[dict] = field(default_factory=list)
     first_loss: Optional[float] = None
     lr: Optional[float] = None
+    warmup_epochs: Optional[int] = None
     restarts: List[dict] = field(default_factory=list)
 
     def to_dict(self) -> Dict[str, Any]:
@@ -155,8 +161,8 @@ def train_stage(model: nn.Module, data: ImageData, settings: StageSettings, dist
         regularizers: more torch-pruning style regularisers (``regularize(model)`` after ``backward()``), e.g. a
             ``BNScalePruner`` trained alongside the LayerPruner.
 
-    A training loss that blows up restarts the stage from where this call began at half the rate (the divergence
-    guard of :class:`StageSettings`; the restarts are in the returned progress's ``restarts``).
+    A training loss that blows up restarts the stage from where this call began with a warm-up or at half the rate
+    (the divergence guard of :class:`StageSettings`; the restarts are in the returned progress's ``restarts``).
 
     Raises:
         TrainingDiverged: the loss still blew up after ``settings.max_restarts`` restarts.
@@ -167,13 +173,16 @@ def train_stage(model: nn.Module, data: ImageData, settings: StageSettings, dist
     start_pruner = pruner.state_dict() if guarded and pruner is not None else None
     restarts: List[dict] = list((resume or {}).get("restarts") or [])
     allowed = len(restarts) + settings.max_restarts  # this call's restarts come on top of a resumed run's
-    lr = (resume or {}).get("lr")  # the rate a resumed stage had come down to
+    lr = (resume or {}).get("lr")  # the rate and warm-up a resumed stage had come to
+    warmup = (resume or {}).get("warmup_epochs")
     while True:
         if lr is not None:
             settings = replace(settings, lr=lr)
+        if warmup is not None:
+            settings = replace(settings, warmup_epochs=warmup)
         stage = _Stage(model, data, settings, dist, pruner, teacher, regularizers)
         progress = stage.restore(copy.deepcopy(resume) if guarded else resume)  # a restart needs it untouched
-        progress.lr, progress.restarts = lr, restarts
+        progress.lr, progress.warmup_epochs, progress.restarts = lr, warmup, restarts
         try:
             with synchronized_batchnorm(model, dist):
                 stage.net = nn.parallel.DistributedDataParallel(
@@ -191,13 +200,18 @@ def train_stage(model: nn.Module, data: ImageData, settings: StageSettings, dist
                 raise TrainingDiverged(
                     f"{settings.name}: the training loss blew up at lr {settings.lr:.4g} (mean {blow_up.loss:.4g} "
                     f"over the last {DIVERGENCE_WINDOW} updates > {blow_up.threshold:.4g}, update {blow_up.update}) "
-                    f"after {settings.max_restarts} restarts at half the rate: train with a lower rate") from None
-            lr = settings.lr / 2
+                    f"after {settings.max_restarts} restarts (a warm-up, then half the rate): train with a lower "
+                    f"rate") from None
+            if not restarts and settings.warmup_epochs == 0 and settings.epochs > 1:
+                lr, warmup = settings.lr, 1  # first: the same rate, reached by a warm-up
+            else:
+                lr, warmup = settings.lr / 2, settings.warmup_epochs
             restarts.append({"stage": settings.name, "update": blow_up.update, "loss": blow_up.loss,
-                             "threshold": blow_up.threshold, "lr": settings.lr, "new_lr": lr})
+                             "threshold": blow_up.threshold, "lr": settings.lr, "new_lr": lr,
+                             "warmup_epochs": settings.warmup_epochs, "new_warmup_epochs": warmup})
             log.warning("%s: the training loss blew up at update %d (mean %.4g over the last %d updates > %.4g) at lr "
-                        "%.4g: restarting where the stage began at lr %.4g", settings.name, blow_up.update,
-                        blow_up.loss, DIVERGENCE_WINDOW, blow_up.threshold, settings.lr, lr)
+                        "%.4g: restarting where the stage began at lr %.4g with %d warm-up epochs", settings.name,
+                        blow_up.update, blow_up.loss, DIVERGENCE_WINDOW, blow_up.threshold, settings.lr, lr, warmup)
             with torch.no_grad():
                 model.load_state_dict(start_model)
             if start_pruner is not None:
@@ -209,7 +223,8 @@ def train_stage(model: nn.Module, data: ImageData, settings: StageSettings, dist
 
 
 class _Diverged(Exception):
-    """Raised inside the loop by the divergence check; train_stage restarts the stage at half the rate."""
+    """Raised inside the loop by the divergence check; train_stage restarts the stage (with a warm-up, or at half
+    the rate)."""
 
     def __init__(self, update: int, loss: float, threshold: float) -> None:
         super().__init__(update, loss, threshold)
@@ -326,7 +341,7 @@ class _Stage:
         for x, y in bar:
             loss, out = self.step(x, y, progress)
             value = loss.item()
-            self.check_divergence(value, progress, first_epoch=epoch == 0)
+            self.check_divergence(value, progress, first_epoch=epoch <= s.warmup_epochs)
             loss_sum += value * len(y)
             correct += (out.argmax(1) == y).sum().item()
             seen += len(y)
@@ -361,7 +376,8 @@ class _Stage:
         progress.scaler = self.scaler.state_dict() if self.scaler is not None else None
 
     def check_divergence(self, loss: float, progress: StageProgress, first_epoch: bool) -> None:
-        """Raise _Diverged when the loss is not finite or, in the stage's first epoch, the mean of the last
+        """Raise _Diverged when the loss is not finite or, up to the stage's first epoch at its peak rate (the
+        first epoch, or the warm-up epochs and the one after), the mean of the last
         DIVERGENCE_WINDOW updates exceeds the threshold (every rank decides together under torchrun). Later epochs
         check finiteness only: a rate too high blows up within its first updates, while a loss that rises later may
         be the budget's doing (sparsity training anneals the chosen layers to 0), which a lower rate would not cure."""
