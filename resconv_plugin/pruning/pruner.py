@@ -520,7 +520,8 @@ class LayerPruner:
         0.521 of 0.55 asked and all 52 at 0.832, and kept all 52 before this step existed). It keeps the smallest
         measured saving that met the budget (else the set that came closest; its index is ``latency_fit["best"]``).
         The goal's scale and the extra gates' number are kept in :attr:`latency_fit` (and :meth:`state_dict`) and
-        reused by later rankings of the same budget, so re-ranking during sparsity training costs no timing and every process of a distributed run follows rank 0.
+        reused by later rankings of the same budget, so re-ranking during sparsity training costs no timing and
+        every process of a distributed run follows rank 0.
         """
         saved, total, target = self._target()
         fraction = self.latency_reduction
