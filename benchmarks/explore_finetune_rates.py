@@ -55,7 +55,7 @@ if not os.path.exists(pre):
     os.replace(pre + ".tmp", pre)
     print("removed", len(state["removed"]), "fit", [(r["measured"], len(r["removed"])) for r in
                                                    (state.get("latency_fit") or {}).get("rounds", [])], flush=True)
-guard = StageSettings(name="default", epochs=1, lr=0.1).divergence_factor if args.guard else None
+guard = CompressionConfig().divergence_factor if args.guard else None
 for lr, warmup in variants:
     model = torch.load(pre, weights_only=False)
     before, t = evaluate(model, data), time.time()

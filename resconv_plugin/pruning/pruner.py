@@ -479,21 +479,28 @@ class LayerPruner:
             def choose(goal: float) -> List[str]:
                 return select_within_budget(scores, saved, goal, order=self._order, method=self.selection)
         if kind == "latency":
+            ranked_rest: Dict[tuple, List[str]] = {}  # the fit extends the same set several times: scored once
+
             def extended(goal: float, extra: int) -> List[str]:
-                return self._with_least_important(choose(goal), extra, scored)
+                """``choose(goal)`` and the ``extra`` least important of the other gates (scored with that set
+                removed; ties in module order): the latency fit's last resort when the table's whole saving
+                measures short."""
+                chosen = choose(goal)
+                if extra <= 0:
+                    return chosen
+                taken = set(chosen)
+                rest = [n for n in self._gate_order() if n not in taken]
+                if extra >= len(rest):  # all of them: no order needed
+                    return chosen + rest
+                key = tuple(chosen)
+                if key not in ranked_rest:
+                    scores = scored(chosen)
+                    ranked_rest[key] = sorted(rest, key=lambda n: scores.get(n, 0.0))
+                return chosen + ranked_rest[key][:extra]
 
             target, extra = self._fit_latency_goal(extended)
             return extended(target, extra)
         return choose(target)
-
-    def _with_least_important(self, chosen: List[str], extra: int, scored) -> List[str]:
-        """``chosen`` and the ``extra`` least important of the other gates (scored with ``chosen`` removed; ties in
-        module order): the latency fit's last resort when the table's whole saving measures short."""
-        if extra <= 0:
-            return chosen
-        rest = [n for n in self._gate_order() if n not in set(chosen)]
-        scores = scored(chosen) if extra < len(rest) else {}
-        return chosen + sorted(rest, key=lambda n: scores.get(n, 0.0))[:extra]
 
     def _gate_order(self) -> List[str]:
         """The prunable gates in module order."""
@@ -533,7 +540,7 @@ class LayerPruner:
             return min(target * fit["scale"], reachable), extra
         aim = fraction + _FIT_TOLERANCE / 2
         rounds: List[Dict[str, Any]] = []
-        goal, extra, adding = min(target, reachable), 0, False  # adding: the gates the table did not need
+        goal, extra, adding_from = min(target, reachable), 0, None  # the round whose set the extra gates extend
         for _ in range(_FIT_ROUNDS):
             chosen = extended(goal, extra)
             if not chosen or any(r["removed"] == sorted(chosen) for r in rounds):
@@ -546,9 +553,9 @@ class LayerPruner:
                            "measured": measured, "measurements": measurements, "every": len(chosen) == gates})
             if fraction <= measured <= fraction + _FIT_TOLERANCE:
                 break
-            if adding:  # the gates the table did not need, added least important first: interpolate their number
-                below = [r for r in rounds if r["scale"] == goal / target and r["measured"] < fraction]
-                above = [r for r in rounds if r["scale"] == goal / target and r["measured"] >= fraction]
+            if adding_from is not None:  # the gates the table did not need, least important first: their number
+                below = [r for r in rounds[adding_from:] if r["measured"] < fraction]
+                above = [r for r in rounds[adding_from:] if r["measured"] >= fraction]
                 if not above:
                     break  # all of them measured short too: the closest set counts
                 lo = max(below, key=lambda r: r["extra"])
@@ -562,7 +569,7 @@ class LayerPruner:
             if predicted * total >= reachable * (1 - 1e-9) and measured < fraction:
                 # the table's whole saving chosen and still short: gates whose entries noise left at 0 were not
                 # needed by the table; add them (all first, then as many as the budget needs)
-                adding, extra = True, gates - len(chosen)
+                adding_from, extra = len(rounds) - 1, gates - len(chosen)
                 continue
             goal = min(self._next_goal(rounds, aim) * total, reachable)
         if not rounds:

@@ -166,7 +166,7 @@ def write_report(report: Dict[str, Any], out: Path, plots: bool = True) -> List[
         md += [f"Restarted: {r['stage']} at update {r['update']}, mean loss {r['loss']:.4g} > {r['threshold']:.4g} "
                f"(divergence guard), lr {r['lr']:.4g} -> {r['new_lr']:.4g}"
                + (f", warm-up epochs {r['warmup_epochs']} -> {r['new_warmup_epochs']}"
-                  if r.get("new_warmup_epochs", r.get("warmup_epochs")) != r.get("warmup_epochs") else ""), ""]
+                  if r.get("new_warmup_epochs") != r.get("warmup_epochs") else ""), ""]
     md += [f"![{p}]({p})" for p in pngs]
     md += ["", f"Command: `{report.get('command', '')}`", "", f"Environment: {report.get('environment', {})}", ""]
     write_text_atomic(out / "report.md", "\n".join(md))
