@@ -10,6 +10,10 @@ a note), latency target t (fraction of the deployed baseline's batch-1 CPU laten
   --finetune-epochs, fusion.
 * ``joint``: the same with ``channel_pruning="auto"`` (JointPruner splits the latency budget between layers and
   channels by measurement, the channels meet it exactly after removal).
+* ``depth_block``: the same as ``depth`` with ``level="block"`` (one gate per residual block with an identity
+  shortcut instead of one per conv) and ``importance="magnitude"``, the block setting the depth ablation
+  (``ablation_depth.md``) found best: at its 0.5 FLOPs budget it kept -1.95 pt (two seeds) at 0.48 of the latency,
+  where layer gates with removal-iterative kept -2.06 at 0.60.
 * ``slim`` / ``groupnorm``: torch-pruning's ``BNScalePruner`` (``BNScaleImportance``) / ``GroupNormPruner``
   (``GroupMagnitudeImportance``) regularising for --sparsity-epochs, then channels pruned (global) with the
   pruning ratio bisected until the deployed model's measured latency lies within 0.02 below the depth row's measured
@@ -73,7 +77,10 @@ from common import RESULTS, environment, write_json, write_results
 
 BASELINES = Path(__file__).resolve().parent / "baselines"
 EXAMPLE = torch.zeros(1, 1, 28, 28)
-DEPTH_METHODS = ("depth", "joint")
+DEPTH_METHODS = ("depth", "joint", "depth_block")
+#: CompressionConfig settings of each depth-based method that differ from the command's defaults.
+DEPTH_SETTINGS = {"depth": {}, "joint": {"channel_pruning": "auto"},
+                  "depth_block": {"level": "block", "importance": "magnitude"}}
 CHANNEL_METHODS = ("slim", "groupnorm", "meta_taylor", "meta_magnitude")
 REGULARISED = {"slim": 1e-4, "groupnorm": 1e-4}  # torch-pruning's default reg strengths
 
@@ -105,12 +112,12 @@ def rebuild(record, base, data):
     """The deployed structure of a finished row, rebuilt from the baseline (weights: the baseline's, pruned as the row
     was; timing does not depend on them), or None where the structure depends on the row's training (slim,
     groupnorm: regularised weights; joint: channels pruned after training) or is not reproduced (its FLOPs differ
-    from the row's). depth: the row's ``removed`` gates set to 0 and removed (``LayerPruner(threshold=0)``);
-    meta_*: the row's channel ratio on its calibration batch (seed)."""
+    from the row's). depth / depth_block: the row's ``removed`` gates (converted at the method's level) set to 0 and
+    removed (``LayerPruner(threshold=0)``); meta_*: the row's channel ratio on its calibration batch (seed)."""
     method = record["method"]
-    if method == "depth":
+    if method in ("depth", "depth_block"):
         model = copy.deepcopy(base).eval()
-        resconv_plugin.convert(model, EXAMPLE)
+        resconv_plugin.convert(model, EXAMPLE, level=DEPTH_SETTINGS[method].get("level", "auto"))
         gates = resconv_plugin.gated_modules(model)
         with torch.no_grad():
             for name in record["removed"]:
@@ -163,10 +170,9 @@ def settings(name, epochs, seed, lr):
 
 
 def depth_row(method, arch, target, seed, base, data, args):
-    """depth / joint through the public pipeline (the same code as ``resconv compress``)."""
+    """depth / joint / depth_block through the public pipeline (the same code as ``resconv compress``)."""
     out = Path(args.runs) / f"{arch}-{method}-t{target}-s{seed}"
-    config = CompressionConfig(model=arch, epochs=0, latency_reduction=round(1 - target, 6),
-                               channel_pruning="auto" if method == "joint" else 0.0,
+    config = CompressionConfig(model=arch, epochs=0, latency_reduction=round(1 - target, 6), **DEPTH_SETTINGS[method],
                                sparsity_epochs=args.sparsity_epochs, finetune_epochs=args.finetune_epochs,
                                finetune_lr=args.finetune_lr, train_subset=args.train_subset, seed=seed, output=out,
                                latency_repeats=args.repeats, plots=False, progress=False)
@@ -440,8 +446,8 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     parser.add_argument("--methods", nargs="+", default=["depth", "joint", "slim", "groupnorm", "meta_taylor"],
                         help="the grid's default: the pilot (equal_latency_pilot.md) found round_to=8 no help at equal "
-                             "latency and Taylor / magnitude level; any of depth, joint, slim, groupnorm, meta_taylor, "
-                             "meta_magnitude, channel methods optionally with _r8")
+                             "latency and Taylor / magnitude level; any of depth, joint, depth_block, slim, groupnorm, "
+                             "meta_taylor, meta_magnitude, channel methods optionally with _r8")
     parser.add_argument("--train-subset", type=int, default=20000)
     parser.add_argument("--sparsity-epochs", type=int, default=3)
     parser.add_argument("--finetune-epochs", type=int, default=3)

@@ -131,6 +131,16 @@ def test_rebuild_reproduces_depth_and_meta_structures_and_refuses_the_rest(bench
     plain = bench.rebuild(depth, base, data)
     assert flops(plain) == flops(pruned) and sum(p.numel() for p in plain.parameters()) < sum(
         p.numel() for p in base.parameters())
+    # depth_block: block gates (the same names would not exist at the layer level)
+    blocks = copy.deepcopy(base)
+    resconv_plugin.convert(blocks, bench.EXAMPLE, level="block")
+    with torch.no_grad():
+        for name in ("layer1.1", "layer3.2"):
+            resconv_plugin.gated_modules(blocks)[name].gamma.zero_()
+    assert resconv_plugin.LayerPruner(blocks, bench.EXAMPLE, threshold=0.0).step() == ["layer1.1", "layer3.2"]
+    block_row = {"method": "depth_block", "removed": ["layer1.1", "layer3.2"], "seed": 0,
+                 "flops_rel": flops(blocks) / flops(base)}
+    assert flops(bench.rebuild(block_row, base, data)) == flops(blocks) < flops(plain)
     meta = bench.prune_channels(base, "meta_taylor", 0.3, calibration_batch(data, 256, seed=1))
     record = {"method": "meta_taylor", "channel_ratio": 0.3, "seed": 1, "flops_rel": flops(meta) / flops(base)}
     assert flops(bench.rebuild(record, base, data)) == flops(meta)
