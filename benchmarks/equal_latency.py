@@ -1,5 +1,5 @@
-"""The equal-latency verdict: depth pruning (the library's defaults), the joint depth + width pruner, and
-torch-pruning's channel pruners, each pruned to the same measured CPU latency, from the same converged baseline, with
+"""The equal-latency verdict: depth pruning (the library's defaults, and with block gates), the joint depth + width
+pruner, and torch-pruning's channel pruners, each pruned to the same measured CPU latency, from the same converged baseline, with
 the same epochs, two seeds.
 
 Per architecture (``cifar_resnet20``, ``cifar_resnet56``; baselines from ``benchmarks/baselines/``, trained with
@@ -444,7 +444,8 @@ def main() -> None:
     parser.add_argument("--archs", nargs="+", default=["cifar_resnet20", "cifar_resnet56"])
     parser.add_argument("--targets", nargs="+", type=float, default=[0.8, 0.6, 0.45, 0.35])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
-    parser.add_argument("--methods", nargs="+", default=["depth", "joint", "slim", "groupnorm", "meta_taylor"],
+    parser.add_argument("--methods", nargs="+",
+                        default=["depth", "joint", "depth_block", "slim", "groupnorm", "meta_taylor"],
                         help="the grid's default: the pilot (equal_latency_pilot.md) found round_to=8 no help at equal "
                              "latency and Taylor / magnitude level; any of depth, joint, depth_block, slim, groupnorm, "
                              "meta_taylor, meta_magnitude, channel methods optionally with _r8")
