@@ -1,6 +1,6 @@
 """The equal-latency verdict: depth pruning (the library's defaults, and with block gates), the joint depth + width
-pruner, and torch-pruning's channel pruners, each pruned to the same measured CPU latency, from the same converged baseline, with
-the same epochs, two seeds.
+pruner, and torch-pruning's channel pruners, each pruned to the same measured CPU latency, from the same converged
+baseline, with the same epochs, two seeds.
 
 Per architecture (``cifar_resnet20``, ``cifar_resnet56``; baselines from ``benchmarks/baselines/``, trained with
 ``python benchmarks/baselines/train.py --arch ARCH``; an architecture whose baseline file is missing is skipped with
