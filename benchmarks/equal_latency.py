@@ -77,10 +77,10 @@ from common import RESULTS, environment, write_json, write_results
 
 BASELINES = Path(__file__).resolve().parent / "baselines"
 EXAMPLE = torch.zeros(1, 1, 28, 28)
-DEPTH_METHODS = ("depth", "joint", "depth_block")
 #: CompressionConfig settings of each depth-based method that differ from the command's defaults.
 DEPTH_SETTINGS = {"depth": {}, "joint": {"channel_pruning": "auto"},
                   "depth_block": {"level": "block", "importance": "magnitude"}}
+DEPTH_METHODS = tuple(DEPTH_SETTINGS)
 CHANNEL_METHODS = ("slim", "groupnorm", "meta_taylor", "meta_magnitude")
 REGULARISED = {"slim": 1e-4, "groupnorm": 1e-4}  # torch-pruning's default reg strengths
 
@@ -115,9 +115,9 @@ def rebuild(record, base, data):
     from the row's). depth / depth_block: the row's ``removed`` gates (converted at the method's level) set to 0 and
     removed (``LayerPruner(threshold=0)``); meta_*: the row's channel ratio on its calibration batch (seed)."""
     method = record["method"]
-    if method in ("depth", "depth_block"):
+    if method in DEPTH_SETTINGS and "channel_pruning" not in DEPTH_SETTINGS[method]:  # gates removed, nothing else
         model = copy.deepcopy(base).eval()
-        resconv_plugin.convert(model, EXAMPLE, level=DEPTH_SETTINGS[method].get("level", "auto"))
+        resconv_plugin.convert(model, EXAMPLE, level=DEPTH_SETTINGS[method].get("level", CompressionConfig.level))
         gates = resconv_plugin.gated_modules(model)
         with torch.no_grad():
             for name in record["removed"]:
