@@ -330,9 +330,9 @@ def test_latency_budget_is_met_as_measured(table_vs_clock, truth):
     assert fit["rounds"][0]["scale"] == 1.0 and fit["rounds"][0]["predicted"] >= 0.3
     assert fit["rounds"][0]["measured"] == pytest.approx(truth * fit["rounds"][0]["predicted"])
     assert (fit["rounds"][0]["measured"] < 0.3) == (truth < 1)  # the table's own set misses only if it overestimates
-    assert len(fit["rounds"]) >= 2  # every timing is in the rounds: twice for a set that met the budget
+    assert len(fit["rounds"]) >= 2  # every timing is in the rounds: three for a set near the budget or above
     assert state["timed"] == sum(len(r["measurements"]) for r in fit["rounds"])
-    assert all(len(r["measurements"]) == (2 if r["measurements"][0] >= 0.3 else 1) for r in fit["rounds"])
+    assert all(len(r["measurements"]) == (3 if r["measurements"][0] >= 0.3 - 0.02 else 1) for r in fit["rounds"])
     # a table-only selection would have missed (0.6) or removed more than needed (1.5)
     table_only = resconv_plugin.pruning.select_within_budget(
         pruner.scores(), pruner.savings("latency")[0], 0.3 * pruner.savings("latency")[1], order=list(pruner.gates))
@@ -372,7 +372,7 @@ def test_latency_budget_is_met_when_the_table_errs_most_on_the_gates_chosen_firs
 
 def test_one_disturbed_timing_does_not_decide_the_latency_fit(table_vs_clock, monkeypatch):
     """The first timing of the first set reads three times its saving (a busy machine; seen on cifar_resnet20:
-    0.685 read for five layers whose model then measured 0.221): the set is timed again, counts by the lower
+    0.685 read for five layers whose model then measured 0.221): the set is timed twice more, counts by the median
     reading, and the fit goes on to a set that meets the budget on the true clock."""
     from resconv_plugin.pruning import pruner as pruner_module
 
@@ -388,8 +388,43 @@ def test_one_disturbed_timing_does_not_decide_the_latency_fit(table_vs_clock, mo
     pruner = LayerPruner(model, x, latency_reduction=0.3)
     chosen = pruner.select()
     first = pruner.latency_fit["rounds"][0]
-    assert first["measurements"][0] >= 0.3 > first["measured"] == first["measurements"][1]
+    assert first["measurements"][0] >= 0.3 > first["measured"] == first["measurements"][1] == first["measurements"][2]
     assert 0.6 * true_saving(model, x, chosen) >= 0.3
+
+
+def test_one_disturbed_timing_short_of_the_budget_does_not_decide_either(table_vs_clock, monkeypatch):
+    """The table is exact and its set meets the budget, but the set's first timing reads 0.005 short (seen on
+    cifar_resnet20: four blocks read 0.397 of 0.40 asked, the fit took a fifth, ~0.1 of the latency more): a timing
+    within the tolerance below the budget is timed twice more and the set kept by the median reading. A set that is
+    truly 0.005 short reads short three times and is not kept."""
+    from resconv_plugin.pruning import pruner as pruner_module
+
+    model, x, state = table_vs_clock
+    honest = pruner_module.measured_saving
+    exact = LayerPruner(model, x, latency_reduction=0.3)
+    table_set = exact.select()
+    saving = true_saving(model, x, table_set)
+    assert saving >= 0.3 and exact.latency_fit["best"] == 0
+
+    def glitch(model, names, example_inputs, **kwargs):
+        seconds, total = honest(model, names, example_inputs, **kwargs)
+        return ((0.3 - 0.005) * total if state["timed"] == 1 else seconds), total
+
+    monkeypatch.setattr(pruner_module, "measured_saving", glitch)
+    state["timed"] = 0
+    pruner = LayerPruner(model, x, latency_reduction=0.3)
+    assert pruner.select() == table_set  # kept: not a larger set
+    first = pruner.latency_fit["rounds"][0]
+    assert first["measurements"] == pytest.approx([0.295, saving, saving]) and first["measured"] == pytest.approx(saving)
+    assert pruner.latency_fit["best"] == 0
+
+    monkeypatch.setattr(pruner_module, "measured_saving", honest)
+    state["truth"] = 0.295 / saving  # really 0.005 short, on every timing
+    pruner = LayerPruner(model, x, latency_reduction=0.3)
+    chosen = pruner.select()
+    first = pruner.latency_fit["rounds"][0]
+    assert first["removed"] == sorted(table_set) and first["measurements"] == pytest.approx([0.295] * 3)
+    assert state["truth"] * true_saving(model, x, chosen) >= 0.3 and len(chosen) > len(table_set)
 
 
 @pytest.mark.parametrize("zeroed_blocks, fraction_at", [(3, 0.5), (9, 0.1)])
