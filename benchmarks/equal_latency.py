@@ -50,7 +50,8 @@ meta_*: its ratio and calibration batch; checked by FLOPs) and times them all wi
 run per arch. Every retime is kept (``NAME_retimes/<UTC time>.json``): between retimes on the same day, each alone
 on the machine, channel rows moved by up to 0.065 while each retime's own passes agree within 0.04, so one retime is
 not the figure; the summary's ``retimed`` holds the same verdict over those methods at each row's median latency_rel
-over every retime that measured it as it is now (``retimes``: each retime's value per row).
+over every retime that measured it as it is now (``retimes``: each retime's value per row), on the CPU of the newest
+retime (``cpu``; retimes of other machines are kept but not pooled: latency ratios are the machine's).
 
 Usage: python benchmarks/equal_latency.py [--quick] [--archs ...] [--targets ...] [--seeds 0 1] [--methods ...]
 Ends with one JSON line (the summary).
@@ -346,10 +347,11 @@ def with_refusals(notes, refused):
         notes[t] += f"{method} seed {seed} not run: {why}"
 
 
-def summarise(records, baselines, targets, retimed=None, not_run=None, retimes=None):
+def summarise(records, baselines, targets, retimed=None, not_run=None, retimes=None, cpu=None):
     """Per arch: every point, advantage_pt and its notes, matched, the paper's claim; with ``retimed`` ({key:
     latency_rel}: each row's median over the retimes) also ``retimed``: the same verdict over the methods whose every
-    row was retimed, at the retimed latencies (``retimes``, {key: [each retime's latency_rel]}, kept with it); with
+    row was retimed, at the retimed latencies (``retimes``, {key: [each retime's latency_rel]}, and ``cpu``, the
+    machine of those retimes, kept with it); with
     ``not_run`` ({key: why}: rows the pipeline refused before training, e.g.
     a latency budget depth alone cannot reach) also ``not_run``, its reasons added to that target's notes."""
     summary = {"archs": {}}
@@ -371,8 +373,8 @@ def summarise(records, baselines, targets, retimed=None, not_run=None, retimes=N
                 advantage, notes = advantage_at(same, base_top1, targets)
                 with_refusals(notes, refused)
                 summary["archs"][arch]["retimed"] = {
-                    "methods": methods, "advantage_pt": advantage, "notes": notes, "matched": matched(same),
-                    "points": [point(r) for r in same],
+                    **({"cpu": cpu} if cpu else {}), "methods": methods, "advantage_pt": advantage, "notes": notes,
+                    "matched": matched(same), "points": [point(r) for r in same],
                     **({"retimes": {r["key"]: retimes[r["key"]] for r in same}} if retimes else {})}
     return summary
 
@@ -562,11 +564,20 @@ def current_retimes(saved, records):
     return current, sorted(set(saved["latency_rel"]) & set(rows_flops) - set(current))
 
 
-def combined_retimes(retimes, records):
+def retime_cpu(retimes):
+    """The CPU of the newest retime (None without one): the machine whose verdict the summary's ``retimed`` is."""
+    newest = max(retimes, key=lambda saved: saved.get("finished", ""), default=None)
+    return None if newest is None else newest.get("environment", {}).get("cpu")
+
+
+def combined_retimes(retimes, records, cpu=None):
     """Every retime file's values for the rows it measured as they are now (:func:`current_retimes`): ({key: median
     latency_rel over those retimes}, {key: each retime's latency_rel, oldest first}, the keys no retime measured as
-    they are now although one measured them before)."""
+    they are now although one measured them before). With ``cpu``, only the retimes made on that CPU: latency ratios
+    are a property of the machine (the same structures measured 0.10 lower relative to the baseline on an AMD EPYC
+    than on an Intel Xeon), so retimes of two machines are not pooled."""
     each, stale = {}, set()
+    retimes = [saved for saved in retimes if cpu is None or saved.get("environment", {}).get("cpu") == cpu]
     for saved in sorted(retimes, key=lambda saved: saved.get("finished", "")):
         current, old = current_retimes(saved, records)
         for key, value in current.items():
@@ -586,13 +597,18 @@ def report(name, rows_dir, baselines, targets):
     records = [json.loads(p.read_text()) for p in sorted(rows_dir.glob("*.json"))]
     records = [r for r in records if r["arch"] in baselines]
     retimes = [json.loads(p.read_text()) for p in sorted((RESULTS / f"{name}_retimes").glob("*.json"))]
-    retimed, each, stale = combined_retimes(retimes, records)
+    cpu = retime_cpu(retimes)
+    retimed, each, stale = combined_retimes(retimes, records, cpu)
+    others = sum(saved.get("environment", {}).get("cpu") != cpu for saved in retimes)
+    if others:
+        print(f"note: the retimed verdict is this CPU's ({cpu}); {others} retimes made on other CPUs are kept in "
+              f"{name}_retimes/ and not pooled", flush=True)
     if stale:
         print(f"note: {len(stale)} rows changed since the last retime (not retimed: {', '.join(stale)}); run "
               f"--retime again", flush=True)
-    summary = summarise(records, baselines, targets, retimed, load_not_run(name)[1], each)
-    header = ["arch", "target", "method", "seed", "top-1 %", "change", "latency vs base", "retimed (median, retimes)",
-              "FLOPs vs base", "channel ratio"]
+    summary = summarise(records, baselines, targets, retimed, load_not_run(name)[1], each, cpu)
+    header = ["arch", "target", "method", "seed", "top-1 %", "change", "latency vs base",
+              f"retimed on {cpu} (median, retimes)", "FLOPs vs base", "channel ratio"]
     rows = [[r["arch"], r["target"], r["method"], r["seed"], f"{r['top1']:.2f}",
              f"{r['top1'] - r['baseline_top1']:+.2f}",
              f"{r['latency_rel']:.3f}",

@@ -179,6 +179,23 @@ def test_retimes_combine_to_each_rows_median_over_the_retimes_that_measured_it(b
     assert [p["latency_rel"] for p in arch["retimed"]["points"]] == [pytest.approx(0.45), pytest.approx(0.65)]
 
 
+def test_retimes_of_another_cpu_are_not_pooled(bench):
+    """Latency ratios are the machine's: the verdict uses the newest retime's CPU and only its retimes."""
+    records = [{"key": "a", "flops_rel": 0.25}]
+    intel, amd = {"cpu": "Intel(R) Xeon(R) Processor"}, {"cpu": "AMD EPYC"}
+    retimes = [{"finished": finished, "latency_rel": {"a": value}, "flops_rel": {"a": 0.25}, "environment": cpu}
+               for finished, value, cpu in [("20261130T163000Z", 0.60, intel), ("20261130T191700Z", 0.50, amd),
+                                            ("20261130T070000Z", 0.62, intel), ("20261130T191900Z", 0.52, amd)]]
+    assert bench.retime_cpu(retimes) == "AMD EPYC" and bench.retime_cpu([]) is None
+    retimed, each, _ = bench.combined_retimes(retimes, records, "AMD EPYC")
+    assert each == {"a": [0.50, 0.52]} and retimed == {"a": pytest.approx(0.51)}
+    assert bench.combined_retimes(retimes, records, intel["cpu"])[1] == {"a": [0.62, 0.60]}
+    assert bench.combined_retimes(retimes, records)[1] == {"a": [0.62, 0.60, 0.50, 0.52]}  # no cpu: every retime
+    rows = [dict(row("depth", 0, 0.6, 0.6, 89.0), key="a")]
+    arch = bench.summarise(rows, {"a": 90.0}, [0.6], retimed, retimes=each, cpu="AMD EPYC")["archs"]["a"]
+    assert arch["retimed"]["cpu"] == "AMD EPYC"
+
+
 def test_a_seed_run_at_one_target_only_has_no_curve(bench):
     rows = [row("depth", s, t, t, 90.0 - 10 * (1 - t)) for s in (0, 1) for t in (0.8, 0.6)] + \
            [row("slim", s, t, t, 90.0 - 20 * (1 - t)) for s in (0, 1) for t in (0.8, 0.6)] + \
