@@ -564,10 +564,15 @@ def current_retimes(saved, records):
     return current, sorted(set(saved["latency_rel"]) & set(rows_flops) - set(current))
 
 
+def cpu_of(saved):
+    """The CPU a retime file was made on (None for a file without its environment)."""
+    return saved.get("environment", {}).get("cpu")
+
+
 def retime_cpu(retimes):
     """The CPU of the newest retime (None without one): the machine whose verdict the summary's ``retimed`` is."""
     newest = max(retimes, key=lambda saved: saved.get("finished", ""), default=None)
-    return None if newest is None else newest.get("environment", {}).get("cpu")
+    return None if newest is None else cpu_of(newest)
 
 
 def combined_retimes(retimes, records, cpu=None):
@@ -577,7 +582,7 @@ def combined_retimes(retimes, records, cpu=None):
     are a property of the machine (the same structures measured 0.10 lower relative to the baseline on an AMD EPYC
     than on an Intel Xeon), so retimes of two machines are not pooled."""
     each, stale = {}, set()
-    retimes = [saved for saved in retimes if cpu is None or saved.get("environment", {}).get("cpu") == cpu]
+    retimes = [saved for saved in retimes if cpu is None or cpu_of(saved) == cpu]
     for saved in sorted(retimes, key=lambda saved: saved.get("finished", "")):
         current, old = current_retimes(saved, records)
         for key, value in current.items():
@@ -599,7 +604,7 @@ def report(name, rows_dir, baselines, targets):
     retimes = [json.loads(p.read_text()) for p in sorted((RESULTS / f"{name}_retimes").glob("*.json"))]
     cpu = retime_cpu(retimes)
     retimed, each, stale = combined_retimes(retimes, records, cpu)
-    others = sum(saved.get("environment", {}).get("cpu") != cpu for saved in retimes)
+    others = sum(cpu_of(saved) != cpu for saved in retimes)
     if others:
         print(f"note: the retimed verdict is this CPU's ({cpu}); {others} retimes made on other CPUs are kept in "
               f"{name}_retimes/ and not pooled", flush=True)

@@ -73,8 +73,9 @@ def _inside(name: str, block: str) -> bool:
 
 
 _FIT_ROUNDS = 6  # measured corrections of a latency budget's goal (LayerPruner._fit_latency_goal)
-_FIT_TOLERANCE = 0.02  # accepted overshoot of a latency budget, as a fraction of the latency; a shortfall within
-# it is timed again (LayerPruner._fit_latency_goal)
+#: Accepted overshoot of a latency budget, as a fraction of the latency; a first timing short of the budget by no
+#: more than this is timed again (LayerPruner._fit_latency_goal).
+_FIT_TOLERANCE = 0.02
 
 #: The ways to say what to remove; a pruner takes at most one (none: ``threshold=0.0``).
 BUDGETS = ("threshold", "pruning_ratio", "flops_reduction", "latency_reduction")
