@@ -14,6 +14,8 @@ a note), latency target t (fraction of the deployed baseline's batch-1 CPU laten
   shortcut instead of one per conv) and ``importance="magnitude"``, the block setting the depth ablation
   (``ablation_depth.md``) found best: at its 0.5 FLOPs budget it kept -1.95 pt (two seeds) at 0.48 of the latency,
   where layer gates with removal-iterative kept -2.06 at 0.60.
+* ``joint_block``: ``joint`` with depth_block's gates and importance (the joint pruner may fill the latency left
+  between two whole blocks with channels).
 * ``slim`` / ``groupnorm``: torch-pruning's ``BNScalePruner`` (``BNScaleImportance``) / ``GroupNormPruner``
   (``GroupMagnitudeImportance``) regularising for --sparsity-epochs, then channels pruned (global) with the
   pruning ratio bisected until the deployed model's measured latency lies within 0.02 below the depth row's measured
@@ -80,7 +82,8 @@ BASELINES = Path(__file__).resolve().parent / "baselines"
 EXAMPLE = torch.zeros(1, 1, 28, 28)
 #: CompressionConfig settings of each depth-based method that differ from the command's defaults.
 DEPTH_SETTINGS = {"depth": {}, "joint": {"channel_pruning": "auto"},
-                  "depth_block": {"level": "block", "importance": "magnitude"}}
+                  "depth_block": {"level": "block", "importance": "magnitude"},
+                  "joint_block": {"channel_pruning": "auto", "level": "block", "importance": "magnitude"}}
 DEPTH_METHODS = tuple(DEPTH_SETTINGS)
 CHANNEL_METHODS = ("slim", "groupnorm", "meta_taylor", "meta_magnitude")
 REGULARISED = {"slim": 1e-4, "groupnorm": 1e-4}  # torch-pruning's default reg strengths
@@ -171,7 +174,7 @@ def settings(name, epochs, seed, lr):
 
 
 def depth_row(method, arch, target, seed, base, data, args):
-    """depth / joint / depth_block through the public pipeline (the same code as ``resconv compress``)."""
+    """depth / joint / depth_block / joint_block through the public pipeline (the same code as ``resconv compress``)."""
     out = Path(args.runs) / f"{arch}-{method}-t{target}-s{seed}"
     config = CompressionConfig(model=arch, epochs=0, latency_reduction=round(1 - target, 6), **DEPTH_SETTINGS[method],
                                sparsity_epochs=args.sparsity_epochs, finetune_epochs=args.finetune_epochs,
@@ -449,8 +452,8 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+",
                         default=["depth", "joint", "depth_block", "slim", "groupnorm", "meta_taylor"],
                         help="the grid's default: the pilot (equal_latency_pilot.md) found round_to=8 no help at equal "
-                             "latency and Taylor / magnitude level; any of depth, joint, depth_block, slim, groupnorm, "
-                             "meta_taylor, meta_magnitude, channel methods optionally with _r8")
+                             "latency and Taylor / magnitude level; any of depth, joint, depth_block, joint_block, "
+                             "slim, groupnorm, meta_taylor, meta_magnitude, channel methods optionally with _r8")
     parser.add_argument("--train-subset", type=int, default=20000)
     parser.add_argument("--sparsity-epochs", type=int, default=3)
     parser.add_argument("--finetune-epochs", type=int, default=3)
