@@ -16,6 +16,8 @@ a note), latency target t (fraction of the deployed baseline's batch-1 CPU laten
   where layer gates with removal-iterative kept -2.06 at 0.60.
 * ``joint_block``: ``joint`` with depth_block's gates and importance (the joint pruner may fill the latency left
   between two whole blocks with channels).
+* ``depth_block_short``: ``depth_block`` with one epoch of sparsity training and the rest of the same total epochs
+  fine-tuning (--sparsity-epochs 3 --finetune-epochs 3: 1 + 5; meta_* train all their epochs after pruning).
 * ``slim`` / ``groupnorm``: torch-pruning's ``BNScalePruner`` (``BNScaleImportance``) / ``GroupNormPruner``
   (``GroupMagnitudeImportance``) regularising for --sparsity-epochs, then channels pruned (global) with the
   pruning ratio bisected until the deployed model's measured latency lies within 0.02 below the depth row's measured
@@ -83,8 +85,11 @@ EXAMPLE = torch.zeros(1, 1, 28, 28)
 #: CompressionConfig settings of each depth-based method that differ from the command's defaults.
 DEPTH_SETTINGS = {"depth": {}, "joint": {"channel_pruning": "auto"},
                   "depth_block": {"level": "block", "importance": "magnitude"},
-                  "joint_block": {"channel_pruning": "auto", "level": "block", "importance": "magnitude"}}
+                  "joint_block": {"channel_pruning": "auto", "level": "block", "importance": "magnitude"},
+                  "depth_block_short": {"level": "block", "importance": "magnitude"}}
 DEPTH_METHODS = tuple(DEPTH_SETTINGS)
+#: Methods that spend the run's total epochs with this many in sparsity training and the rest fine-tuning.
+SPARSITY_EPOCHS = {"depth_block_short": 1}
 CHANNEL_METHODS = ("slim", "groupnorm", "meta_taylor", "meta_magnitude")
 REGULARISED = {"slim": 1e-4, "groupnorm": 1e-4}  # torch-pruning's default reg strengths
 
@@ -173,11 +178,23 @@ def settings(name, epochs, seed, lr):
     return StageSettings(name=name, epochs=epochs, lr=lr, seed=seed, progress=False, distill_alpha=0.5)
 
 
-def depth_row(method, arch, target, seed, base, data, args):
-    """depth / joint / depth_block / joint_block through the public pipeline (the same code as ``resconv compress``)."""
+def method_schedule(method, schedule):
+    """The schedule ``method``'s rows train with: the run's ``schedule``, except for the methods of
+    ``SPARSITY_EPOCHS``, which spend the same total epochs with that many in sparsity training (all of them
+    when the total is smaller)."""
+    if method not in SPARSITY_EPOCHS:
+        return schedule
+    total = schedule["sparsity_epochs"] + schedule["finetune_epochs"]
+    sparsity = min(SPARSITY_EPOCHS[method], total)
+    return dict(schedule, sparsity_epochs=sparsity, finetune_epochs=total - sparsity)
+
+
+def depth_row(method, arch, target, seed, base, data, args, schedule):
+    """depth / joint / depth_block / joint_block / depth_block_short through the public pipeline (the same code as
+    ``resconv compress``), trained with ``schedule`` (:func:`method_schedule`)."""
     out = Path(args.runs) / f"{arch}-{method}-t{target}-s{seed}"
     config = CompressionConfig(model=arch, epochs=0, latency_reduction=round(1 - target, 6), **DEPTH_SETTINGS[method],
-                               sparsity_epochs=args.sparsity_epochs, finetune_epochs=args.finetune_epochs,
+                               sparsity_epochs=schedule["sparsity_epochs"], finetune_epochs=schedule["finetune_epochs"],
                                finetune_lr=args.finetune_lr, train_subset=args.train_subset, seed=seed, output=out,
                                latency_repeats=args.repeats, plots=False, progress=False)
     report = compress(config, data=data, model=base)
@@ -453,7 +470,8 @@ def main() -> None:
                         default=["depth", "joint", "depth_block", "slim", "groupnorm", "meta_taylor"],
                         help="the grid's default: the pilot (equal_latency_pilot.md) found round_to=8 no help at equal "
                              "latency and Taylor / magnitude level; any of depth, joint, depth_block, joint_block, "
-                             "slim, groupnorm, meta_taylor, meta_magnitude, channel methods optionally with _r8")
+                             "depth_block_short, slim, groupnorm, meta_taylor, meta_magnitude, channel methods "
+                             "optionally with _r8")
     parser.add_argument("--train-subset", type=int, default=20000)
     parser.add_argument("--sparsity-epochs", type=int, default=3)
     parser.add_argument("--finetune-epochs", type=int, default=3)
@@ -527,14 +545,14 @@ def main() -> None:
     for key in keys:
         path = rows_dir / f"{key}.json"
         if path.exists():
-            check_schedule(json.loads(path.read_text()), schedule)
+            check_schedule(json.loads(path.read_text()), method_schedule(parse_key(key)[1], schedule))
             continue
         arch, method, target, seed = parse_key(key)
         base, start = bases[arch], time.time()
         base_plain = resconv_plugin.deployed(base)
         if method in DEPTH_METHODS:
             try:
-                model, info = depth_row(method, arch, target, seed, base, data, args)
+                model, info = depth_row(method, arch, target, seed, base, data, args, method_schedule(method, schedule))
             except ConfigError as exc:  # raised before any training, e.g. a budget depth alone cannot reach
                 print(f"note: {key} not run: {exc}", flush=True)
                 not_run[key] = str(exc)
@@ -549,7 +567,8 @@ def main() -> None:
                   "latency_rel": latency_rel(model, base_plain, args.repeats),
                   "flops_rel": resconv_plugin.count_flops(plain, EXAMPLE).total
                   / resconv_plugin.count_flops(base_plain, EXAMPLE).total,
-                  **info, **schedule, "minutes": (time.time() - start) / 60, "environment": environment()}
+                  **info, **method_schedule(method, schedule), "minutes": (time.time() - start) / 60,
+                  "environment": environment()}
         write_json(path, record)
         if not_run.pop(key, None) is not None:
             write_json(not_run_path, not_run)

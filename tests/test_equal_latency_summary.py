@@ -79,6 +79,20 @@ def test_rows_of_another_schedule_are_refused(bench):
         bench.check_schedule({"key": "k"}, schedule)
 
 
+def test_depth_block_short_spends_the_same_total_epochs_with_one_in_sparsity_training(bench):
+    schedule = {"train_subset": 20000, "sparsity_epochs": 3, "finetune_epochs": 3, "finetune_lr": 0.02}
+    short = bench.method_schedule("depth_block_short", schedule)
+    assert short == {"train_subset": 20000, "sparsity_epochs": 1, "finetune_epochs": 5, "finetune_lr": 0.02}
+    assert bench.method_schedule("depth_block", schedule) == schedule
+    assert bench.method_schedule("meta_taylor", schedule) == schedule
+    tiny = bench.method_schedule("depth_block_short", dict(schedule, sparsity_epochs=0, finetune_epochs=0))
+    assert (tiny["sparsity_epochs"], tiny["finetune_epochs"]) == (0, 0)
+    # its rows are checked against its own schedule: a depth_block row of the run's schedule is not one of them
+    bench.check_schedule({"key": "k", **short}, short)
+    with pytest.raises(ValueError, match="row k was trained with"):
+        bench.check_schedule({"key": "k", **schedule}, short)
+
+
 def test_matched_pairs_are_the_rows_means_per_target(bench):
     rows = [row("depth", 0, 0.45, 0.44, 88.0, 0.2), row("depth", 1, 0.45, 0.45, 86.0, 0.3),
             row("meta_taylor", 0, 0.45, 0.47, 84.0), row("meta_taylor", 1, 0.45, 0.48, 83.0)]
