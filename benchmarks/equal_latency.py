@@ -82,11 +82,11 @@ from common import RESULTS, environment, write_json, write_results
 
 BASELINES = Path(__file__).resolve().parent / "baselines"
 EXAMPLE = torch.zeros(1, 1, 28, 28)
+#: The block setting (benchmark 6's best): one gate per residual block, magnitude selection.
+BLOCK = {"level": "block", "importance": "magnitude"}
 #: CompressionConfig settings of each depth-based method that differ from the command's defaults.
-DEPTH_SETTINGS = {"depth": {}, "joint": {"channel_pruning": "auto"},
-                  "depth_block": {"level": "block", "importance": "magnitude"},
-                  "joint_block": {"channel_pruning": "auto", "level": "block", "importance": "magnitude"},
-                  "depth_block_short": {"level": "block", "importance": "magnitude"}}
+DEPTH_SETTINGS = {"depth": {}, "joint": {"channel_pruning": "auto"}, "depth_block": BLOCK,
+                  "joint_block": {"channel_pruning": "auto", **BLOCK}, "depth_block_short": BLOCK}
 DEPTH_METHODS = tuple(DEPTH_SETTINGS)
 #: Methods that spend the run's total epochs with this many in sparsity training and the rest fine-tuning.
 SPARSITY_EPOCHS = {"depth_block_short": 1}
@@ -544,15 +544,16 @@ def main() -> None:
     not_run_path, not_run = load_not_run(name)
     for key in keys:
         path = rows_dir / f"{key}.json"
-        if path.exists():
-            check_schedule(json.loads(path.read_text()), method_schedule(parse_key(key)[1], schedule))
-            continue
         arch, method, target, seed = parse_key(key)
+        trained_with = method_schedule(method, schedule)
+        if path.exists():
+            check_schedule(json.loads(path.read_text()), trained_with)
+            continue
         base, start = bases[arch], time.time()
         base_plain = resconv_plugin.deployed(base)
         if method in DEPTH_METHODS:
             try:
-                model, info = depth_row(method, arch, target, seed, base, data, args, method_schedule(method, schedule))
+                model, info = depth_row(method, arch, target, seed, base, data, args, trained_with)
             except ConfigError as exc:  # raised before any training, e.g. a budget depth alone cannot reach
                 print(f"note: {key} not run: {exc}", flush=True)
                 not_run[key] = str(exc)
@@ -567,7 +568,7 @@ def main() -> None:
                   "latency_rel": latency_rel(model, base_plain, args.repeats),
                   "flops_rel": resconv_plugin.count_flops(plain, EXAMPLE).total
                   / resconv_plugin.count_flops(base_plain, EXAMPLE).total,
-                  **info, **method_schedule(method, schedule), "minutes": (time.time() - start) / 60,
+                  **info, **trained_with, "minutes": (time.time() - start) / 60,
                   "environment": environment()}
         write_json(path, record)
         if not_run.pop(key, None) is not None:
