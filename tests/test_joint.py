@@ -114,6 +114,31 @@ def test_splits_that_cannot_reach_the_budget_are_listed_not_fatal():
     assert rel == 1.0 and 0 < ratio <= 0.95
 
 
+def test_the_depth_side_is_measured_once_for_every_share(monkeypatch):
+    """One LayerPruner ranks the layers of every share: its cost table (the latency table: every gate's removal
+    timed) and the gates' importance are measured once, and each share's set is the one a LayerPruner of that
+    share's budget alone chooses."""
+    from resconv_plugin.pruning import pruner as pruner_module
+
+    from resconv_plugin.pruning.importance import RemovalImportance
+
+    calls, scored = [], []
+    measured, importance = pruner_module.flops_savings, RemovalImportance.__call__
+    monkeypatch.setattr(pruner_module, "flops_savings", lambda *a, **k: calls.append(1) or measured(*a, **k))
+    monkeypatch.setattr(RemovalImportance, "__call__", lambda *a, **k: scored.append(1) or importance(*a, **k))
+    net, x = make(identity_layers=(1, 3, 5))
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    pruner = JointPruner(net, x[:1], 0.4, calibration_inputs=x, cost="flops", depth_shares=(0.25, 0.5, 1.0))
+    plan = pruner.plan()
+    assert len(calls) == 1 and len(scored) == 1
+    assert [len(c.depth_names) for c in plan.candidates] == [1, 2, 3]
+    for c in plan.candidates:
+        alone = LayerPruner(net, x[:1], importance="removal", flops_reduction=c.depth_share * 0.4,
+                            calibration_inputs=x)
+        assert sorted(alone.rank()) == sorted(c.depth_names)
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in before.items())  # the model itself is untouched
+
+
 def test_fixed_set_importance_trains_a_chosen_set():
     net, x = make()
     names = ["layers.0.0", "layers.4.0"]
