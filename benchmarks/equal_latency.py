@@ -49,9 +49,10 @@ row's latency); and the paper's claim per method, ``flops_reduction_within_0.3pt
 the most FLOPs removed for at most 0.3 pt lost.
 ``--retime`` (run alone on the machine; trains nothing): each row's latency_rel was measured when the row finished,
 over several sessions and next to different training jobs, and drifts (the same structure measured 0.05-0.12 apart
-at batch 1); it rebuilds every row whose structure does not depend on its training (depth: its removed gates;
-meta_*: its ratio and calibration batch; checked by FLOPs) and times them all with the baseline in one interleaved
-run per arch. Every retime is kept (``NAME_retimes/<UTC time>.json``): between retimes on the same day, each alone
+at batch 1); it rebuilds every row's deployed structure (depth: its removed gates; meta_*: its ratio and
+calibration batch; slim, groupnorm, joint, joint_block, whose structure depends on their training: the ``structure``
+their rows record; rows written before rows recorded it cannot be rebuilt; checked by FLOPs) and times them all with the baseline in one
+interleaved run per arch. Every retime is kept (``NAME_retimes/<UTC time>.json``): between retimes on the same day, each alone
 on the machine, channel rows moved by up to 0.065 while each retime's own passes agree within 0.04, so one retime is
 not the figure; the summary's ``retimed`` holds the same verdict over those methods at each row's median latency_rel
 over every retime that measured it as it is now (``retimes``: each retime's value per row), on the CPU of the newest
@@ -76,6 +77,7 @@ import torch
 
 import resconv_plugin
 from resconv_plugin.data import build_datasets, calibration_batch
+from resconv_plugin.deploy.structure import apply_structure, describe
 from resconv_plugin.integrations.torch_pruning import channel_pruner
 from resconv_plugin.workflow import CompressionConfig, ConfigError, StageSettings, compress, evaluate, train_stage
 from common import RESULTS, environment, write_json, write_results
@@ -92,6 +94,9 @@ DEPTH_METHODS = tuple(DEPTH_SETTINGS)
 SPARSITY_EPOCHS = {"depth_block_short": 1}
 CHANNEL_METHODS = ("slim", "groupnorm", "meta_taylor", "meta_magnitude")
 REGULARISED = {"slim": 1e-4, "groupnorm": 1e-4}  # torch-pruning's default reg strengths
+#: Methods whose deployed structure depends on the training (regularised weights, channels pruned after training):
+#: their rows record it (``structure``) so that ``--retime`` can time them.
+TRAINED_STRUCTURE = ("slim", "groupnorm", "joint", "joint_block")
 
 
 def channel_spec(method):
@@ -119,12 +124,25 @@ def latency_rel(model, base_plain, repeats):
 
 def rebuild(record, base, data):
     """The deployed structure of a finished row, rebuilt from the baseline (weights: the baseline's, pruned as the row
-    was; timing does not depend on them), or None where the structure depends on the row's training (slim,
-    groupnorm: regularised weights; joint: channels pruned after training) or is not reproduced (its FLOPs differ
-    from the row's). depth / depth_block: the row's ``removed`` gates (converted at the method's level) set to 0 and
-    removed (``LayerPruner(threshold=0)``); meta_*: the row's channel ratio on its calibration batch (seed)."""
+    was, or placeholders; timing does not depend on them), or None where it cannot be (a row whose structure depends
+    on its training and was written before rows recorded it) or is not reproduced (its FLOPs differ from the row's).
+    Rows with ``structure`` (slim, groupnorm, joint, joint_block: regularised weights or channels pruned after
+    training decide it; ``resconv_plugin.deploy.structure.describe`` of the deployed model): the deployed baseline
+    reshaped to it (``apply_structure``), with random weights; depth / depth_block: the row's ``removed`` gates
+    (converted at the method's level) set to 0 and removed (``LayerPruner(threshold=0)``); meta_*: the row's channel
+    ratio on its calibration batch (seed)."""
     method = record["method"]
-    if method in DEPTH_SETTINGS and "channel_pruning" not in DEPTH_SETTINGS[method]:  # gates removed, nothing else
+    if "structure" in record:  # the deployed structure, recorded: the same shapes, placeholder weights
+        plain = apply_structure(copy.deepcopy(resconv_plugin.deployed(base)), record["structure"])
+        generator = torch.Generator().manual_seed(0)
+        with torch.no_grad():  # apply_structure leaves re-created tensors uninitialised (NaN, denormals: slow)
+            for p in plain.parameters():
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.05)
+            for name, b in plain.named_buffers():
+                if b.is_floating_point():
+                    b.fill_(1.0 if name.endswith("running_var") else 0.0)
+        model = plain
+    elif method in DEPTH_SETTINGS and "channel_pruning" not in DEPTH_SETTINGS[method]:  # gates removed, nothing else
         model = copy.deepcopy(base).eval()
         resconv_plugin.convert(model, EXAMPLE, level=DEPTH_SETTINGS[method].get("level", CompressionConfig.level))
         gates = resconv_plugin.gated_modules(model)
@@ -563,6 +581,8 @@ def main() -> None:
             calib = calibration_batch(data, 256, seed=seed)
             model, info = channel_row(method, arch, target, seed, base, data, calib, base_plain, rows_dir, args)
         plain = resconv_plugin.deployed(model)
+        if method.partition("_r")[0] in TRAINED_STRUCTURE:  # what --retime rebuilds and times
+            info["structure"] = describe(plain)
         record = {"key": key, "arch": arch, "method": method, "target": target, "seed": seed,
                   "top1": evaluate(model, data), "baseline_top1": baselines[arch],
                   "latency_rel": latency_rel(model, base_plain, args.repeats),

@@ -159,8 +159,18 @@ def test_rebuild_reproduces_depth_and_meta_structures_and_refuses_the_rest(bench
     record = {"method": "meta_taylor", "channel_ratio": 0.3, "seed": 1, "flops_rel": flops(meta) / flops(base)}
     assert flops(bench.rebuild(record, base, data)) == flops(meta)
     assert bench.rebuild(dict(record, flops_rel=record["flops_rel"] + 0.01), base, data) is None  # not reproduced
-    for method in ("slim", "groupnorm", "joint"):
+    for method in ("slim", "groupnorm", "joint"):  # rows written before rows recorded their structure
         assert bench.rebuild({"method": method, "seed": 0, "flops_rel": 0.5}, base, data) is None
+    # a structure the training decided (joint: layers removed, then channels): recorded, rebuilt to its shapes
+    joint = bench.prune_channels(pruned.eval(), "meta_magnitude", 0.3, calibration_batch(data, 256, seed=0))
+    deployed_joint = resconv_plugin.deployed(joint)
+    row = {"method": "joint", "seed": 0, "flops_rel": flops(joint) / flops(base),
+           "structure": bench.describe(deployed_joint)}
+    rebuilt = bench.rebuild(row, base, data)
+    assert [p.shape for p in rebuilt.parameters()] == [p.shape for p in deployed_joint.parameters()]
+    assert flops(rebuilt) == flops(joint) < flops(pruned)
+    assert all(torch.isfinite(p).all() for p in rebuilt.parameters())  # placeholders, not uninitialised memory
+    assert torch.isfinite(rebuilt(bench.EXAMPLE)).all()
     # retime: every rebuildable row timed with the baseline, once per pass; the others listed
     rows = [dict(depth, arch="a", key="d"), dict(record, arch="a", key="m"),
             {"arch": "a", "key": "s", "method": "slim", "seed": 0, "flops_rel": 0.5}]
