@@ -139,6 +139,22 @@ def test_the_depth_side_is_measured_once_for_every_share(monkeypatch):
     assert all(torch.equal(v, net.state_dict()[k]) for k, v in before.items())  # the model itself is untouched
 
 
+def test_a_candidate_whose_recovery_diverged_never_wins():
+    """A NaN score (recovery steps that blew up) ranks last wherever it stands in the list; ties go to depth."""
+    from resconv_plugin.pruning import JointPlan, SplitCandidate
+
+    def cand(share, score):
+        return SplitCandidate(depth_share=share, depth_names=[], channel_ratio=0.0, cost_rel=0.6, score=score)
+
+    for scores in ([float("nan"), 0.9, 0.4], [0.4, float("nan"), 0.9], [0.9, 0.4, float("inf")]):
+        plan = JointPlan(target_rel=0.6, candidates=[cand(i / 2, x) for i, x in enumerate(scores)])
+        assert plan.best.score == 0.4
+    plan = JointPlan(target_rel=0.6, candidates=[cand(0.0, 0.5), cand(1.0, 0.5), cand(0.5, float("nan"))])
+    assert plan.best.depth_share == 1.0
+    only = JointPlan(target_rel=0.6, candidates=[cand(0.0, float("nan"))])
+    assert only.best.depth_share == 0.0  # nothing better to choose
+
+
 def test_fixed_set_importance_trains_a_chosen_set():
     net, x = make()
     names = ["layers.0.0", "layers.4.0"]
