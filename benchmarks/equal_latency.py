@@ -219,7 +219,8 @@ def depth_row(method, arch, target, seed, base, data, args, schedule):
     stages = {r["stage"]: r for r in report["stages"]}
     model = resconv_plugin.load(out / "model.safetensors")
     return model, {"removed": report["removed"], "channel_ratio": stages.get("channel_pruned", {}).get("channel_ratio"),
-                   "latency_fit": report.get("latency_fit"), "restarts": report.get("restarts", [])}
+                   "latency_fit": report.get("latency_fit"), "restarts": report.get("restarts", []),
+                   **({"joint_plan": report["joint_plan"]} if report.get("joint_plan") else {})}
 
 
 def prune_channels(model, method, ratio, calib):
@@ -593,7 +594,8 @@ def main() -> None:
         write_json(path, record)
         if not_run.pop(key, None) is not None:
             write_json(not_run_path, not_run)
-        brief = {k: v for k, v in record.items() if k not in ("environment", "removed", "latency_fit", "bisection")}
+        brief = {k: v for k, v in record.items()
+                 if k not in ("environment", "removed", "latency_fit", "bisection", "structure", "joint_plan")}
         print(json.dumps(brief), flush=True)
     report(name, rows_dir, baselines, args.targets)
 

@@ -344,3 +344,7 @@ def test_compress_channel_pruning_auto_meets_the_budget(tmp_path):
     chosen = float(re.search(r"joint plan: depth share ([\d.]+) chosen", log).group(1))
     ratio = float(re.search(r"channel pruning: ratio ([\d.]+) meets the budget", stdout).group(1))
     assert (ratio > 0) == (plan[chosen][0] > 0)  # FLOPs are deterministic: channels are needed as planned
+    recorded = report["joint_plan"]  # the same plan in report.json
+    assert recorded["best"]["depth_share"] == chosen
+    assert sorted(c["depth_share"] for c in recorded["candidates"]) == sorted(plan)
+    assert all(c["channel_ratio"] == pytest.approx(plan[c["depth_share"]][0], abs=5e-4) for c in recorded["candidates"])

@@ -433,7 +433,8 @@ class Pipeline:
                   "removal": run.state["removal"], "epochs": run.state["epochs_log"],
                   "gamma_trace": run.state["gamma_trace"], "resumed": run.state["resumed"],
                   "restarts": run.state.get("restarts", []),
-                  "latency_fit": run.state.get("latency_fit"), "model_file": str(run.out / "model.safetensors")}
+                  "latency_fit": run.state.get("latency_fit"), "joint_plan": run.state.get("joint_plan"),
+                  "model_file": str(run.out / "model.safetensors")}
         if self.dist.main:
             write_report(report, run.out, plots=c.plots)
             print("\n" + stage_table(records))
