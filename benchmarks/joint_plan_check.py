@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import tempfile
 import time
 from pathlib import Path
 
@@ -46,6 +45,7 @@ def main(argv=None):
     parser.add_argument("--train-subset", type=int, default=20000)
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--results-name", default="joint_plan_check")
+    parser.add_argument("--runs", default="runs/joint_plan_check", help="the runs' folders (resumable)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     path = RESULTS / f"{args.results_name}_rows" / f"{args.arch}-t{args.target}-s{args.seed}.json"
@@ -55,12 +55,13 @@ def main(argv=None):
     data = build_datasets("fashion-mnist", train_subset=args.train_subset)
     base = resconv_plugin.load(BASELINES / f"{args.arch}_fmnist.safetensors")
     start = time.time()
-    with tempfile.TemporaryDirectory() as out:
-        config = CompressionConfig(model=args.arch, epochs=0, latency_reduction=round(1 - args.target, 6),
-                                   channel_pruning="auto", sparsity_epochs=0, finetune_epochs=0,
-                                   train_subset=args.train_subset, seed=args.seed, output=Path(out),
-                                   latency_repeats=args.repeats, plots=False, progress=False)
-        plan = compress(config, data=data, model=base)["joint_plan"]
+    out = Path(args.runs) / f"{args.arch}-t{args.target}-s{args.seed}"  # the run resumes from here: a plan that
+    # finished is not measured again
+    config = CompressionConfig(model=args.arch, epochs=0, latency_reduction=round(1 - args.target, 6),
+                               channel_pruning="auto", sparsity_epochs=0, finetune_epochs=0,
+                               train_subset=args.train_subset, seed=args.seed, output=out,
+                               latency_repeats=args.repeats, plots=False, progress=False)
+    plan = compress(config, data=data, model=base)["joint_plan"]
     record = {"arch": args.arch, "target": args.target, "seed": args.seed,
               "chosen": plan["best"]["depth_share"],
               "candidates": [{"depth_share": c["depth_share"], "layers": len(c["depth_names"]),
