@@ -50,9 +50,10 @@ the most FLOPs removed for at most 0.3 pt lost.
 ``--retime`` (run alone on the machine; trains nothing): each row's latency_rel was measured when the row finished,
 over several sessions and next to different training jobs, and drifts (the same structure measured 0.05-0.12 apart
 at batch 1); it rebuilds every row's deployed structure (depth: its removed gates; meta_*: its ratio and
-calibration batch; slim, groupnorm, joint, joint_block, whose structure depends on their training: the ``structure``
-their rows record; rows written before rows recorded it cannot be rebuilt; checked by FLOPs) and times them all with the baseline in one
-interleaved run per arch. Every retime is kept (``NAME_retimes/<UTC time>.json``): between retimes on the same day, each alone
+calibration batch; slim, groupnorm, joint, joint_block, whose structure depends on their training: the
+``structure`` their rows record; rows written before rows recorded it cannot be rebuilt; checked by FLOPs) and
+times them all with the baseline in one interleaved run per arch. Every retime is kept
+(``NAME_retimes/<UTC time>.json``): between retimes on the same day, each alone
 on the machine, channel rows moved by up to 0.065 while each retime's own passes agree within 0.04, so one retime is
 not the figure; the summary's ``retimed`` holds the same verdict over those methods at each row's median latency_rel
 over every retime that measured it as it is now (``retimes``: each retime's value per row), on the CPU of the newest
@@ -132,8 +133,9 @@ def rebuild(record, base, data):
     (converted at the method's level) set to 0 and removed (``LayerPruner(threshold=0)``); meta_*: the row's channel
     ratio on its calibration batch (seed)."""
     method = record["method"]
+    base_plain = resconv_plugin.deployed(base).eval()
     if "structure" in record:  # the deployed structure, recorded: the same shapes, placeholder weights
-        plain = apply_structure(copy.deepcopy(resconv_plugin.deployed(base)), record["structure"])
+        plain = apply_structure(copy.deepcopy(base_plain), record["structure"])
         generator = torch.Generator().manual_seed(0)
         with torch.no_grad():  # apply_structure leaves re-created tensors uninitialised (NaN, denormals: slow)
             for p in plain.parameters():
@@ -141,7 +143,6 @@ def rebuild(record, base, data):
             for name, b in plain.named_buffers():
                 if b.is_floating_point():
                     b.fill_(1.0 if name.endswith("running_var") else 0.0)
-        model = plain
     elif method in DEPTH_SETTINGS and "channel_pruning" not in DEPTH_SETTINGS[method]:  # gates removed, nothing else
         model = copy.deepcopy(base).eval()
         resconv_plugin.convert(model, EXAMPLE, level=DEPTH_SETTINGS[method].get("level", CompressionConfig.level))
@@ -150,13 +151,13 @@ def rebuild(record, base, data):
             for name in record["removed"]:
                 gates[name].gamma.zero_()
         resconv_plugin.LayerPruner(model, EXAMPLE, threshold=0.0).step()
+        plain = resconv_plugin.deployed(model).eval()
     elif method.partition("_r")[0] in ("meta_taylor", "meta_magnitude"):
         model = prune_channels(base, method, record["channel_ratio"], calibration_batch(data, 256, seed=record["seed"]))
+        plain = resconv_plugin.deployed(model).eval()
     else:
         return None
-    plain = resconv_plugin.deployed(model).eval()
-    flops_rel = resconv_plugin.count_flops(plain, EXAMPLE).total / resconv_plugin.count_flops(
-        resconv_plugin.deployed(base), EXAMPLE).total
+    flops_rel = resconv_plugin.count_flops(plain, EXAMPLE).total / resconv_plugin.count_flops(base_plain, EXAMPLE).total
     return plain if abs(flops_rel - record["flops_rel"]) < 1e-6 else None
 
 

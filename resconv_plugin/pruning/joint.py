@@ -101,8 +101,11 @@ class JointPlan:
         """The candidate with the lowest score (ties: the larger depth share). A score that is not finite (its
         recovery steps diverged) ranks last: NaN compares false with everything and would otherwise win or lose by
         its position in the list."""
-        return min(self.candidates, key=lambda c: (not math.isfinite(c.score), c.score if math.isfinite(c.score)
-                                                   else 0.0, -c.depth_share))
+        def rank(c: SplitCandidate) -> tuple:
+            finite = math.isfinite(c.score)
+            return (not finite, c.score if finite else 0.0, -c.depth_share)
+
+        return min(self.candidates, key=rank)
 
 
 class JointPruner:
@@ -176,6 +179,7 @@ class JointPruner:
         self._base = deployed(model)
         self._references = self._outputs(model)
         self._probe = None  # the LayerPruner that ranks the gates for every share (built on first use)
+        self._depth_cost = "latency" if cost == "latency" else "flops"  # its budget (a callable cost: FLOPs)
 
     # ------------------------------------------------------------------------------------------------ costs
     def cost_rel(self, candidate: nn.Module) -> float:
@@ -201,9 +205,8 @@ class JointPruner:
         from resconv_plugin.pruning.pruner import LayerPruner
 
         if self._probe is None:
-            kind = "latency_reduction" if self.cost == "latency" else "flops_reduction"
             probe = LayerPruner(copy.deepcopy(self.model), self.example_inputs, importance=self.importance,
-                                **{kind: 0.0}, calibration_inputs=self.calibration_inputs,
+                                **{f"{self._depth_cost}_reduction": 0.0}, calibration_inputs=self.calibration_inputs,
                                 calibration_targets=self.calibration_targets)
             measure, remembered = probe.scores, {}
 
@@ -222,10 +225,9 @@ class JointPruner:
         if share <= 0:
             return model, []
         probe = self._layer_probe()
-        kind = "latency_reduction" if self.cost == "latency" else "flops_reduction"
-        saved, total = probe.savings("latency" if kind == "latency_reduction" else "flops")
+        saved, total = probe.savings(self._depth_cost)
         fraction = min(share * self.reduction, set_saving(saved, probe.gates) / total * 0.999)
-        setattr(probe, kind, fraction)
+        setattr(probe, f"{self._depth_cost}_reduction", fraction)
         chosen = probe.rank()
         with torch.no_grad():
             gates = gated_modules(model)
