@@ -44,8 +44,10 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--train-subset", type=int, default=20000)
     parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--joint-recovery-fade", type=float, default=0.0,
+                        help="CompressionConfig.joint_recovery_fade (share of the recovery steps fading the layers)")
     parser.add_argument("--results-name", default="joint_plan_check")
-    parser.add_argument("--runs", default="runs/joint_plan_check", help="the runs' folders (resumable)")
+    parser.add_argument("--runs", default=None, help="the runs' folders (resumable; default runs/RESULTS_NAME)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     path = RESULTS / f"{args.results_name}_rows" / f"{args.arch}-t{args.target}-s{args.seed}.json"
@@ -55,12 +57,13 @@ def main(argv=None):
     data = build_datasets("fashion-mnist", train_subset=args.train_subset)
     base = resconv_plugin.load(BASELINES / f"{args.arch}_fmnist.safetensors")
     start = time.time()
-    out = Path(args.runs) / f"{args.arch}-t{args.target}-s{args.seed}"  # the run resumes from here: a plan that
+    out = Path(args.runs or f"runs/{args.results_name}") / f"{args.arch}-t{args.target}-s{args.seed}"  # the run resumes from here: a plan that
     # finished is not measured again
     config = CompressionConfig(model=args.arch, epochs=0, latency_reduction=round(1 - args.target, 6),
                                channel_pruning="auto", sparsity_epochs=0, finetune_epochs=0,
                                train_subset=args.train_subset, seed=args.seed, output=out,
-                               latency_repeats=args.repeats, plots=False, progress=False)
+                               latency_repeats=args.repeats, plots=False, progress=False,
+                               joint_recovery_fade=args.joint_recovery_fade)
     plan = compress(config, data=data, model=base)["joint_plan"]
     record = {"arch": args.arch, "target": args.target, "seed": args.seed,
               "chosen": plan["best"]["depth_share"],
@@ -69,9 +72,12 @@ def main(argv=None):
                               "score": finite(c["score"]), "oneshot_score": finite(c["oneshot_score"]),
                               "recovery_steps": c["recovery_steps"], "depth_names": c["depth_names"]}
                              for c in plan["candidates"]],
-              "unreachable": plan["unreachable"], "minutes": (time.time() - start) / 60,
+              "unreachable": plan["unreachable"], "joint_recovery_fade": args.joint_recovery_fade,
+              "minutes": (time.time() - start) / 60,
               "command": f"python benchmarks/joint_plan_check.py --arch {args.arch} --target {args.target} "
-                         f"--seed {args.seed} --threads {args.threads}",
+                         f"--seed {args.seed} --threads {args.threads}"
+                         + (f" --joint-recovery-fade {args.joint_recovery_fade}" if args.joint_recovery_fade else "")
+                         + (f" --results-name {args.results_name}" if args.results_name != "joint_plan_check" else ""),
               "environment": environment()}
     write_json(path, record)
     for c in record["candidates"]:

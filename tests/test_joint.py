@@ -204,7 +204,59 @@ def test_recovery_trains_each_candidate_on_the_same_batches_before_scoring():
     assert all(c.recovery_steps == 0 and c.score == c.oneshot_score for c in one_shot.candidates)
 
 
+def test_faded_recovery_caps_the_layers_to_zero_then_removes_them_and_prunes_the_channels():
+    """recovery_fade=0.5 of 4 steps: 2 steps with the candidate's gates under a cap 1 - n/2 (n steps done), then the
+    layers removed, the channels pruned and 2 more steps; pure width (no layers to fade) trains all 4 after pruning."""
+    net, x = make()
+    seen = []
+    batches, y = _labelled_batches(net, x, seen)
+    names = ["layers.1.0", "layers.4.0"]
+
+    class Spy(JointPruner):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            self.calls = []
+
+        def _train(self, model, steps, after_step=None):
+            caps = []
+
+            def record(n):
+                after_step(n)
+                gates = resconv_plugin.gated_modules(model)
+                caps.append([gates[name].gamma.item() for name in names])
+
+            super()._train(model, steps, record if after_step else None)
+            self.calls.append((steps, caps, sum(p.numel() for p in model.parameters())))
+
+    pruner = Spy(net, x[:1], 0.3, calibration_inputs=x, calibration_targets=y, cost="flops",
+                 recovery_batches=batches, recovery_steps=4, recovery_lr=0.05, recovery_fade=0.5)
+    model = pruner.recover_faded(names, 0.25)
+    (fade, caps, _), (rest, after, size) = pruner.calls
+    assert (fade, rest) == (2, 2) and after == []
+    assert caps[0] == pytest.approx([0.5, 0.5]) and caps[1] == [0.0, 0.0]  # trained up to the cap, clamped under it
+    assert seen == [0, 1, 0, 1]  # the batches from their start in each phase
+    # the result is the one-shot candidate's structure (layers gone, channels pruned at the ratio)
+    oneshot = pruner.apply(resconv_plugin.pruning.SplitCandidate(0.5, names, 0.25, 0.0, 0.0))
+    assert [p.shape for p in model.parameters()] == [p.shape for p in oneshot.parameters()]
+    assert size == sum(p.numel() for p in oneshot.parameters())
+    assert not any(name in resconv_plugin.gated_modules(model) for name in names)
+    pruner.calls.clear()
+    pruner.recover_faded([], 0.25)
+    assert [c[0] for c in pruner.calls] == [4]
+    # the plan scores a candidate with layers by its faded recovery (and pure width by plain recovery)
+    plan = pruner.plan()
+    depth = [c for c in plan.candidates if c.depth_names]
+    assert depth and all(c.recovery_steps == 4 for c in plan.candidates)
+    for c in depth:
+        model = pruner.recover_faded(c.depth_names, c.channel_ratio)
+        with torch.no_grad():
+            expected = torch.nn.functional.cross_entropy(model.eval()(x), y).item()
+        assert c.score == pytest.approx(expected, rel=1e-5)
+
+
 @pytest.mark.parametrize("kwargs,error,match", [
+    (dict(recovery_fade=1.0), ValueError, r"recovery_fade must be a fraction in \[0, 1\), got 1.0"),
+    (dict(recovery_fade=True), ValueError, r"recovery_fade must be a fraction in \[0, 1\), got True"),
     (dict(recovery_steps=-1), ValueError, "recovery_steps must be a non-negative int, got -1"),
     (dict(recovery_steps=5), ValueError, r"recovery_steps=5 needs recovery_batches"),
     (dict(recovery_steps=5, recovery_batches=iter([])), TypeError, "recovery_batches must be re-iterable"),

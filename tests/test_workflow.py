@@ -51,6 +51,9 @@ def test_config_defaults_and_checks(tmp_path):
     with pytest.raises(ConfigError, match="joint_recovery_steps \\(--joint-recovery-steps\\) must be an int >= 0, "
                                           "got -1"):
         CompressionConfig(model="cifar_resnet20", joint_recovery_steps=-1).validated()
+    with pytest.raises(ConfigError, match="joint_recovery_fade \\(--joint-recovery-fade\\) must be a fraction in "
+                                          "\\[0, 1\\), got 1"):
+        CompressionConfig(model="cifar_resnet20", joint_recovery_fade=1).validated()
     with pytest.raises(ConfigError, match="divergence_factor \\(--divergence-factor\\) must be 0 \\(no check\\) or > 1, "
                                           "got 0.5"):
         CompressionConfig(model="cifar_resnet20", divergence_factor=0.5).validated()

@@ -154,6 +154,10 @@ def _add_compress_options(p: argparse.ArgumentParser, demo: bool = False) -> Non
     g.add_argument("--joint-recovery-steps", type=int, default=200,
                    help="with --channel-pruning auto: distilled training steps (batches of --batch-size) on each "
                         "candidate split before it is scored (0: one-shot scores; default 200)")
+    g.add_argument("--joint-recovery-fade", type=float, default=0.0,
+                   help="with --channel-pruning auto: the share of those steps that fades each candidate's layers out "
+                        "(gates capped, the cap falling to 0) before they are removed and its channels pruned, as "
+                        "sparsity training does (default 0: removed at once)")
 
     g = p.add_argument_group("device")
     g.add_argument("--device", default="auto", help="where to train: cuda, cuda:N, cpu (default: cuda when "

@@ -131,6 +131,9 @@ class JointPruner:
             linear warm-up over the first tenth of the steps, then decayed to 0 on a cosine), distilled from the
             unpruned model (``DistillationLoss``, alpha 0.5, T 4); 0: one-shot scores.
         recovery_lr: the initial learning rate of those steps.
+        recovery_fade: the share of ``recovery_steps`` over which a candidate's layers are faded out (their gates
+            clamped under a cap falling linearly to 0, as budget-driven sparsity training does) before they are
+            removed and its channels pruned; 0: removed at once, all the steps after (:meth:`recover_faded`).
 
     Example:
         >>> import torch, resconv_plugin
@@ -146,7 +149,7 @@ class JointPruner:
                  importance: Union[str, GateImportance] = "removal", channel_importance=None,
                  round_to: Optional[int] = None, latency_repeats: int = 20, tolerance: float = 0.02,
                  recovery_batches: Optional[Iterable[Tuple[torch.Tensor, torch.Tensor]]] = None,
-                 recovery_steps: int = 0, recovery_lr: float = 0.02) -> None:
+                 recovery_steps: int = 0, recovery_lr: float = 0.02, recovery_fade: float = 0.0) -> None:
         self.model = check_module(model)
         self.example_inputs = as_input_tuple(example_inputs)
         self.calibration_inputs = as_input_tuple(calibration_inputs)
@@ -172,7 +175,11 @@ class JointPruner:
                             f"{type(recovery_batches).__name__}: every candidate is trained on the same batches")
         if isinstance(recovery_lr, bool) or not isinstance(recovery_lr, (int, float)) or recovery_lr <= 0:
             raise ValueError(f"recovery_lr must be a positive number, got {recovery_lr!r}")
+        if (isinstance(recovery_fade, bool) or not isinstance(recovery_fade, (int, float))
+                or not 0.0 <= recovery_fade < 1.0):
+            raise ValueError(f"recovery_fade must be a fraction in [0, 1), got {recovery_fade!r}")
         self.recovery_batches, self.recovery_steps, self.recovery_lr = recovery_batches, recovery_steps, recovery_lr
+        self.recovery_fade = float(recovery_fade)
         self.reduction, self.cost, self.depth_shares = float(reduction), cost, shares
         self.importance, self.channel_importance, self.round_to = importance, channel_importance, round_to
         self.latency_repeats, self.tolerance = latency_repeats, tolerance
@@ -315,44 +322,79 @@ class JointPruner:
     def recover(self, candidate: nn.Module) -> nn.Module:
         """Train ``candidate`` in place for ``recovery_steps`` distilled SGD steps on ``recovery_batches`` (the
         same batches in the same order for every candidate); its modules' training flags are restored after."""
-        if not self.recovery_steps:
-            return candidate
+        self._train(candidate, self.recovery_steps)
+        return candidate
+
+    def recover_faded(self, depth_names: Sequence[str], channel_ratio: float) -> nn.Module:
+        """The candidate ``(depth_names, channel_ratio)`` trained as the pipeline trains a plan, in
+        ``recovery_steps`` steps: a copy of the unpruned model is trained while the gates of ``depth_names`` are
+        clamped to ``[0, cap]``, ``cap`` falling linearly from 1 to 0 over the first ``recovery_fade`` of the steps
+        (the budget cap of sparsity training); then those layers are removed, the channels pruned at
+        ``channel_ratio``, and the rest of the steps recover it. Without layers to fade, :meth:`recover` on the
+        channel-pruned model (all the steps after pruning)."""
+        fade = int(round(self.recovery_fade * self.recovery_steps)) if depth_names else 0
+        model = copy.deepcopy(self.model)
+        if fade:
+            gates = [gated_modules(model)[name] for name in depth_names]
+
+            def clamp(step: int) -> None:
+                cap = max(0.0, 1.0 - step / fade)
+                with torch.no_grad():
+                    for gate in gates:
+                        gate.gamma.clamp_(0.0, cap)
+
+            self._train(model, fade, after_step=clamp)
+        with torch.no_grad():
+            gates = gated_modules(model)
+            for name in depth_names:
+                gates[name].gamma.zero_()
+        remove(model, list(depth_names))
+        model = self._channels(model, channel_ratio)
+        self._train(model, self.recovery_steps - fade)
+        return model
+
+    def _train(self, model: nn.Module, steps: int, after_step: Optional[Callable[[int], None]] = None) -> None:
+        """``steps`` distilled SGD steps on ``recovery_batches`` from their start (warm-up, cosine to 0), in place;
+        ``after_step(n)`` after the n-th optimiser step. Training flags are restored after."""
+        if not steps:
+            return
         loss_fn = DistillationLoss(self._base)
-        params = [p for p in candidate.parameters() if p.requires_grad]
+        params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.SGD(params, lr=self.recovery_lr, momentum=0.9, weight_decay=5e-4)
         # warmed up: a freshly pruned deep net blows up at the full rate in its first updates (cifar_resnet56 with
         # 25 of 52 layers removed: NaN within 200 steps at 0.02 without it); decayed to 0: the score reads a
         # settled model, not the noise of the last steps at a high rate
-        warmup = max(1, self.recovery_steps // 10)
+        warmup = max(1, steps // 10)
 
         def rate(step: int) -> float:
             if step < warmup:
                 return (step + 1) / warmup
-            return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, self.recovery_steps - warmup)))
+            return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, rate)
-        steps = 0
-        with eval_mode(candidate):
-            candidate.train()
-            while steps < self.recovery_steps:
-                before = steps
+        done = 0
+        with eval_mode(model), torch.enable_grad():  # training, also when called under no_grad
+            model.train()
+            while done < steps:
+                before = done
                 for batch in self.recovery_batches:
                     if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
                         raise TypeError(f"recovery_batches must yield (inputs, targets) pairs, got "
                                         f"{type(batch).__name__}")
                     x, y = batch
-                    loss = loss_fn(candidate(x), y, x)
+                    loss = loss_fn(model(x), y, x)
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
                     sched.step()
-                    steps += 1
-                    if steps == self.recovery_steps:
+                    done += 1
+                    if after_step is not None:
+                        after_step(done)
+                    if done == steps:
                         break
-                if steps == before:
+                if done == before:
                     raise ValueError("recovery_batches yielded no batch")
         opt.zero_grad(set_to_none=True)
-        return candidate
 
     # ------------------------------------------------------------------------------------------------ plan
     def plan(self) -> JointPlan:
@@ -373,7 +415,12 @@ class JointPruner:
                 plan.unreachable.append(share)
                 continue
             oneshot = self.score(model)
-            score = self.score(self.recover(model), recovered=True) if self.recovery_steps else oneshot
+            if not self.recovery_steps:
+                score = oneshot
+            elif self.recovery_fade and names:
+                score = self.score(self.recover_faded(names, ratio), recovered=True)
+            else:
+                score = self.score(self.recover(model), recovered=True)
             plan.candidates.append(SplitCandidate(depth_share=share, depth_names=names, channel_ratio=ratio,
                                                   cost_rel=rel, score=score, oneshot_score=oneshot,
                                                   recovery_steps=self.recovery_steps))

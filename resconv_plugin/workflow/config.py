@@ -104,6 +104,8 @@ class CompressionConfig:
     channel_pruning: Union[float, str] = 0.0
     # with channel_pruning="auto": distilled training steps on each candidate split before it is scored
     joint_recovery_steps: int = 200
+    # ... of which this share fades the candidate's layers out before they are removed (JointPruner.recovery_fade)
+    joint_recovery_fade: float = 0.0
     # device
     device: str = "auto"
     amp: str = "none"
@@ -183,6 +185,10 @@ class CompressionConfig:
                 or c.joint_recovery_steps < 0):
             raise ConfigError(f"joint_recovery_steps (--joint-recovery-steps) must be an int >= 0, got "
                              f"{c.joint_recovery_steps!r}")
+        if (isinstance(c.joint_recovery_fade, bool) or not isinstance(c.joint_recovery_fade, (int, float))
+                or not 0.0 <= c.joint_recovery_fade < 1.0):
+            raise ConfigError(f"joint_recovery_fade (--joint-recovery-fade) must be a fraction in [0, 1), got "
+                             f"{c.joint_recovery_fade!r}")
         if c.channel_pruning == "auto" and c.flops_reduction is None and c.latency_reduction is None:
             raise ConfigError("--channel-pruning auto splits a --latency-reduction or --flops-reduction budget between "
                              "layers and channels: give one of them")

@@ -239,7 +239,7 @@ class Pipeline:
                            calibration_targets=self.calib[1],
                            cost="latency" if c.latency_reduction is not None else "flops",
                            importance=c.importance, latency_repeats=20, recovery_batches=batches,
-                           recovery_steps=steps, recovery_lr=c.finetune_lr)
+                           recovery_steps=steps, recovery_lr=c.finetune_lr, recovery_fade=c.joint_recovery_fade)
 
     def _depth_set(self) -> Optional[List[str]]:
         plan = self.run_state.state.get("joint_plan")
