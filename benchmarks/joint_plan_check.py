@@ -61,8 +61,8 @@ def main(argv=None):
     data = build_datasets("fashion-mnist", train_subset=args.train_subset)
     base = resconv_plugin.load(BASELINES / f"{args.arch}_fmnist.safetensors")
     start = time.time()
-    out = Path(args.runs or f"runs/{args.results_name}") / f"{args.arch}-t{args.target}-s{args.seed}"  # the run resumes from here: a plan that
-    # finished is not measured again
+    # the run resumes from here: a plan that finished is not measured again
+    out = Path(args.runs or f"runs/{args.results_name}") / f"{args.arch}-t{args.target}-s{args.seed}"
     config = CompressionConfig(model=args.arch, epochs=0, latency_reduction=round(1 - args.target, 6),
                                channel_pruning="auto", sparsity_epochs=0, finetune_epochs=0,
                                train_subset=args.train_subset, seed=args.seed, output=out,

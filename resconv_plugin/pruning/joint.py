@@ -212,8 +212,9 @@ class JointPruner:
         from resconv_plugin.pruning.pruner import LayerPruner
 
         if self._probe is None:
-            probe = LayerPruner(copy.deepcopy(self.model), self.example_inputs, importance=self.importance,
-                                **{f"{self._depth_cost}_reduction": 0.0}, calibration_inputs=self.calibration_inputs,
+            budget = {f"{self._depth_cost}_reduction": 0.0}
+            probe = LayerPruner(copy.deepcopy(self.model), self.example_inputs, importance=self.importance, **budget,
+                                calibration_inputs=self.calibration_inputs,
                                 calibration_targets=self.calibration_targets)
             measure, remembered = probe.scores, {}
 
@@ -236,11 +237,7 @@ class JointPruner:
         fraction = min(share * self.reduction, set_saving(saved, probe.gates) / total * 0.999)
         setattr(probe, f"{self._depth_cost}_reduction", fraction)
         chosen = probe.rank()
-        with torch.no_grad():
-            gates = gated_modules(model)
-            for name in chosen:
-                gates[name].gamma.zero_()
-        remove(model, chosen)
+        _remove_layers(model, chosen)
         return model, chosen
 
     def _channels(self, model: nn.Module, ratio: float) -> nn.Module:
@@ -344,11 +341,7 @@ class JointPruner:
                         gate.gamma.clamp_(0.0, cap)
 
             self._train(model, fade, after_step=clamp)
-        with torch.no_grad():
-            gates = gated_modules(model)
-            for name in depth_names:
-                gates[name].gamma.zero_()
-        remove(model, list(depth_names))
+        _remove_layers(model, depth_names)
         model = self._channels(model, channel_ratio)
         self._train(model, self.recovery_steps - fade)
         return model
@@ -432,10 +425,15 @@ class JointPruner:
     def apply(self, split: SplitCandidate) -> nn.Module:
         """The one-shot pruned model of ``split`` (unfused: fine-tune it, then ``fuse``)."""
         model = copy.deepcopy(self.model)
-        with torch.no_grad():
-            gates = gated_modules(model)
-            for name in split.depth_names:
-                gates[name].gamma.zero_()
-        remove(model, split.depth_names)
+        _remove_layers(model, split.depth_names)
         return self._channels(model, split.channel_ratio)
+
+
+def _remove_layers(model: nn.Module, names: Sequence[str]) -> None:
+    """Set the gates ``names`` of ``model`` to 0 and remove them (exact: a gate at 0 is the identity), in place."""
+    with torch.no_grad():
+        gates = gated_modules(model)
+        for name in names:
+            gates[name].gamma.zero_()
+    remove(model, list(names))
 
