@@ -239,6 +239,39 @@ def test_compress_reports_the_measured_check_of_a_latency_budget(tmp_path):
     assert chosen["scale"] == fit["scale"] and sorted(report["removed"]) == chosen["removed"]
 
 
+def test_one_shot_compress_times_the_latency_table_once_and_removes_the_set_of_its_fit(tmp_path, monkeypatch):
+    """--sparsity-epochs 0 with a latency budget: one table, one fit; the removed set is the fit's chosen round
+    (the sparsity stage used to build a pruner of its own, timed the table and fitted, and prune() ranked again
+    with a second table: report.json described a set that was not the one removed)."""
+    import timm
+
+    from resconv_plugin.pruning import pruner as pruner_module
+
+    tables = []
+
+    def table(model, names, example_inputs, **kwargs):  # deterministic: each gate's FLOPs saving
+        tables.append(list(names))
+        return resconv_plugin.pruning.flops_savings(model, names, example_inputs)
+
+    def clock(model, names, example_inputs, **kwargs):  # the set's FLOPs saving, 0.9 of the table's sum
+        saved, total = resconv_plugin.pruning.flops_savings(model, list(names), example_inputs)
+        return 0.9 * resconv_plugin.pruning.set_saving(saved, list(names)), total
+
+    monkeypatch.setattr(pruner_module, "latency_table", table)
+    monkeypatch.setattr(pruner_module, "measured_saving", clock)
+    torch.manual_seed(3)
+    mine = timm.create_model("cifar_resnet20", num_classes=2, in_chans=1).eval()
+    config = CompressionConfig(model="cifar_resnet20", epochs=0, sparsity_epochs=0, finetune_epochs=0, batch_size=32,
+                               latency_reduction=0.3, importance="removal", level="block", output=tmp_path / "run",
+                               latency_repeats=2, plots=False, progress=False)
+    report = compress(config, data=tiny_data(), model=mine)
+    assert len(tables) == 2  # the preflight's reachability check, then the one pruner that ranks and removes
+    fit = report["latency_fit"]
+    chosen = fit["rounds"][fit["best"]]
+    assert fit["fraction"] == 0.3 and chosen["measured"] >= 0.3
+    assert sorted(report["removed"]) == chosen["removed"] and report["removed"]
+
+
 def test_compress_warns_when_a_latency_budget_is_not_met_as_measured(tmp_path, monkeypatch, caplog):
     """A clock on which every set saves a tenth of what the table predicts and the largest is capped (cifar_resnet56:
     the 14 gates chosen saved 0.22 of the latency, 0.4 asked): the run goes on with the closest set, and says so."""

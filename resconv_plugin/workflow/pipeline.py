@@ -314,8 +314,8 @@ class Pipeline:
     def sparsity(self) -> None:
         """Sparsity training with the LayerPruner (budget cap, importance), distilled with ``--distill``."""
         c = self.config
-        pruner = self.make_pruner(sparsity_steps(self.data, c.sparsity_epochs, c.batch_size))
-        if c.sparsity_epochs:
+        if c.sparsity_epochs:  # without: one-shot, prune() ranks the model as given (the latency table timed once)
+            pruner = self.make_pruner(sparsity_steps(self.data, c.sparsity_epochs, c.batch_size))
             self._load_teacher()
             self._train("sparsity", c.sparsity_epochs, c.sparsity_lr, pruner=pruner, **self._distill_settings())
             self.teacher = None
@@ -326,7 +326,9 @@ class Pipeline:
         c = self.config
         annealed = c.sparsity_epochs > 0 and c.threshold is None  # the budget cap drove its set to exactly 0:
         # remove exactly that set, no re-ranking of a changed model
-        pruner = None if annealed else self.make_pruner()
+        # one-shot with a budget: the pruner chooses its set as it is built (one step of a budget cap), so that the
+        # latency fit make_pruner() records is the one of the set removed
+        pruner = None if annealed else self.make_pruner(1 if c.threshold is None else None)
         pruned = remove_pruned(self.model, self.example, pruner, calibration_inputs=self.calib[0],
                                ignored_layers=c.ignored_layers or None)
         self.run_state.state["removed"] = pruned.removed
