@@ -18,6 +18,10 @@ a note), latency target t (fraction of the deployed baseline's batch-1 CPU laten
   between two whole blocks with channels).
 * ``depth_block_short``: ``depth_block`` with one epoch of sparsity training and the rest of the same total epochs
   fine-tuning (--sparsity-epochs 3 --finetune-epochs 3: 1 + 5; meta_* train all their epochs after pruning).
+* ``depth_block_oneshot``: block gates removed one-shot from the baseline, no sparsity training (the command's
+  default importance, removal-iterative: the block whose removal costs least on the calibration batch, re-measured
+  after each removal, until the latency budget is met), then all of the run's epochs fine-tuning (0 + 6, as
+  meta_* prune first and train all their epochs).
 * ``slim`` / ``groupnorm``: torch-pruning's ``BNScalePruner`` (``BNScaleImportance``) / ``GroupNormPruner``
   (``GroupMagnitudeImportance``) regularising for --sparsity-epochs, then channels pruned (global) with the
   pruning ratio bisected until the deployed model's measured latency lies within 0.02 below the depth row's measured
@@ -89,10 +93,11 @@ EXAMPLE = torch.zeros(1, 1, 28, 28)
 BLOCK = {"level": "block", "importance": "magnitude"}
 #: CompressionConfig settings of each depth-based method that differ from the command's defaults.
 DEPTH_SETTINGS = {"depth": {}, "joint": {"channel_pruning": "auto"}, "depth_block": BLOCK,
-                  "joint_block": {"channel_pruning": "auto", **BLOCK}, "depth_block_short": BLOCK}
+                  "joint_block": {"channel_pruning": "auto", **BLOCK}, "depth_block_short": BLOCK,
+                  "depth_block_oneshot": {"level": "block", "importance": CompressionConfig.importance}}
 DEPTH_METHODS = tuple(DEPTH_SETTINGS)
 #: Methods that spend the run's total epochs with this many in sparsity training and the rest fine-tuning.
-SPARSITY_EPOCHS = {"depth_block_short": 1}
+SPARSITY_EPOCHS = {"depth_block_short": 1, "depth_block_oneshot": 0}
 CHANNEL_METHODS = ("slim", "groupnorm", "meta_taylor", "meta_magnitude")
 REGULARISED = {"slim": 1e-4, "groupnorm": 1e-4}  # torch-pruning's default reg strengths
 #: Methods whose deployed structure depends on the training (regularised weights, channels pruned after training):
@@ -490,7 +495,7 @@ def main() -> None:
                         default=["depth", "joint", "depth_block", "slim", "groupnorm", "meta_taylor"],
                         help="the grid's default: the pilot (equal_latency_pilot.md) found round_to=8 no help at equal "
                              "latency and Taylor / magnitude level; any of depth, joint, depth_block, joint_block, "
-                             "depth_block_short, slim, groupnorm, meta_taylor, meta_magnitude, channel methods "
+                             "depth_block_short, depth_block_oneshot, slim, groupnorm, meta_taylor, meta_magnitude, channel methods "
                              "optionally with _r8")
     parser.add_argument("--train-subset", type=int, default=20000)
     parser.add_argument("--sparsity-epochs", type=int, default=3)

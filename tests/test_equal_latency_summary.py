@@ -93,6 +93,14 @@ def test_depth_block_short_spends_the_same_total_epochs_with_one_in_sparsity_tra
         bench.check_schedule({"key": "k", **schedule}, short)
 
 
+def test_depth_block_oneshot_removes_blocks_before_training_and_fine_tunes_every_epoch(bench):
+    schedule = {"train_subset": 20000, "sparsity_epochs": 3, "finetune_epochs": 3, "finetune_lr": 0.02}
+    oneshot = bench.method_schedule("depth_block_oneshot", schedule)
+    assert oneshot == {"train_subset": 20000, "sparsity_epochs": 0, "finetune_epochs": 6, "finetune_lr": 0.02}
+    assert bench.DEPTH_SETTINGS["depth_block_oneshot"] == {"level": "block", "importance": "removal-iterative"}
+    assert "depth_block_oneshot" in bench.DEPTH_METHODS
+
+
 def test_matched_pairs_are_the_rows_means_per_target(bench):
     rows = [row("depth", 0, 0.45, 0.44, 88.0, 0.2), row("depth", 1, 0.45, 0.45, 86.0, 0.3),
             row("meta_taylor", 0, 0.45, 0.47, 84.0), row("meta_taylor", 1, 0.45, 0.48, 83.0)]
