@@ -239,26 +239,33 @@ def test_compress_reports_the_measured_check_of_a_latency_budget(tmp_path):
     assert chosen["scale"] == fit["scale"] and sorted(report["removed"]) == chosen["removed"]
 
 
+def flops_clock(monkeypatch, share: float) -> list:
+    """A deterministic latency: the per-gate table is each gate's FLOPs saving, and a set's measured saving is
+    ``share`` of its FLOPs saving. Returns the list that records the gates of every table timed."""
+    from resconv_plugin.pruning import pruner as pruner_module
+
+    tables = []
+
+    def table(model, names, example_inputs, **kwargs):
+        tables.append(list(names))
+        return resconv_plugin.pruning.flops_savings(model, names, example_inputs)
+
+    def clock(model, names, example_inputs, **kwargs):
+        saved, total = resconv_plugin.pruning.flops_savings(model, list(names), example_inputs)
+        return share * resconv_plugin.pruning.set_saving(saved, list(names)), total
+
+    monkeypatch.setattr(pruner_module, "latency_table", table)
+    monkeypatch.setattr(pruner_module, "measured_saving", clock)
+    return tables
+
+
 def test_one_shot_compress_times_the_latency_table_once_and_removes_the_set_of_its_fit(tmp_path, monkeypatch):
     """--sparsity-epochs 0 with a latency budget: one table, one fit; the removed set is the fit's chosen round
     (the sparsity stage used to build a pruner of its own, timed the table and fitted, and prune() ranked again
     with a second table: report.json described a set that was not the one removed)."""
     import timm
 
-    from resconv_plugin.pruning import pruner as pruner_module
-
-    tables = []
-
-    def table(model, names, example_inputs, **kwargs):  # deterministic: each gate's FLOPs saving
-        tables.append(list(names))
-        return resconv_plugin.pruning.flops_savings(model, names, example_inputs)
-
-    def clock(model, names, example_inputs, **kwargs):  # the set's FLOPs saving, 0.9 of the table's sum
-        saved, total = resconv_plugin.pruning.flops_savings(model, list(names), example_inputs)
-        return 0.9 * resconv_plugin.pruning.set_saving(saved, list(names)), total
-
-    monkeypatch.setattr(pruner_module, "latency_table", table)
-    monkeypatch.setattr(pruner_module, "measured_saving", clock)
+    tables = flops_clock(monkeypatch, 0.9)
     torch.manual_seed(3)
     mine = timm.create_model("cifar_resnet20", num_classes=2, in_chans=1).eval()
     config = CompressionConfig(model="cifar_resnet20", epochs=0, sparsity_epochs=0, finetune_epochs=0, batch_size=32,
@@ -279,17 +286,7 @@ def test_compress_warns_when_a_latency_budget_is_not_met_as_measured(tmp_path, m
 
     import timm
 
-    from resconv_plugin.pruning import pruner as pruner_module
-
-    def table(model, names, example_inputs, **kwargs):  # deterministic: each gate's FLOPs saving
-        return resconv_plugin.pruning.flops_savings(model, names, example_inputs)
-
-    def clock(model, names, example_inputs, **kwargs):
-        saved, total = resconv_plugin.pruning.flops_savings(model, list(names), example_inputs)
-        return 0.1 * resconv_plugin.pruning.set_saving(saved, list(names)), total
-
-    monkeypatch.setattr(pruner_module, "latency_table", table)
-    monkeypatch.setattr(pruner_module, "measured_saving", clock)
+    flops_clock(monkeypatch, 0.1)
     torch.manual_seed(3)
     mine = timm.create_model("cifar_resnet20", num_classes=2, in_chans=1).eval()
     config = CompressionConfig(model="cifar_resnet20", epochs=0, sparsity_epochs=1, finetune_epochs=0, batch_size=32,
