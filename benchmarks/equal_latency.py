@@ -495,8 +495,8 @@ def main() -> None:
                         default=["depth", "joint", "depth_block", "slim", "groupnorm", "meta_taylor"],
                         help="the grid's default: the pilot (equal_latency_pilot.md) found round_to=8 no help at equal "
                              "latency and Taylor / magnitude level; any of depth, joint, depth_block, joint_block, "
-                             "depth_block_short, depth_block_oneshot, slim, groupnorm, meta_taylor, meta_magnitude, channel methods "
-                             "optionally with _r8")
+                             "depth_block_short, depth_block_oneshot, slim, groupnorm, meta_taylor, meta_magnitude, "
+                             "channel methods optionally with _r8")
     parser.add_argument("--train-subset", type=int, default=20000)
     parser.add_argument("--sparsity-epochs", type=int, default=3)
     parser.add_argument("--finetune-epochs", type=int, default=3)

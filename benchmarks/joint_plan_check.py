@@ -48,8 +48,8 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--joint-recovery-fade", type=float, default=0.0,
                         help="CompressionConfig.joint_recovery_fade (share of the recovery steps fading the layers)")
-    parser.add_argument("--recovery-lr", type=float, default=None,
-                        help="the recovery steps' learning rate (the pipeline's --finetune-lr; default its 0.02)")
+    parser.add_argument("--recovery-lr", type=float, default=CompressionConfig.finetune_lr,
+                        help="the recovery steps' learning rate (the pipeline's --finetune-lr, and its default)")
     parser.add_argument("--results-name", default="joint_plan_check")
     parser.add_argument("--runs", default=None, help="the runs' folders (resumable; default runs/RESULTS_NAME)")
     args = parser.parse_args(argv)
@@ -67,8 +67,7 @@ def main(argv=None):
                                channel_pruning="auto", sparsity_epochs=0, finetune_epochs=0,
                                train_subset=args.train_subset, seed=args.seed, output=out,
                                latency_repeats=args.repeats, plots=False, progress=False,
-                               joint_recovery_fade=args.joint_recovery_fade,
-                               **({"finetune_lr": args.recovery_lr} if args.recovery_lr else {}))
+                               joint_recovery_fade=args.joint_recovery_fade, finetune_lr=args.recovery_lr)
     plan = compress(config, data=data, model=base)["joint_plan"]
     record = {"arch": args.arch, "target": args.target, "seed": args.seed,
               "chosen": plan["best"]["depth_share"],
@@ -78,12 +77,13 @@ def main(argv=None):
                               "recovery_steps": c["recovery_steps"], "depth_names": c["depth_names"]}
                              for c in plan["candidates"]],
               "unreachable": plan["unreachable"], "joint_recovery_fade": args.joint_recovery_fade,
-              "recovery_lr": args.recovery_lr or CompressionConfig.finetune_lr,
+              "recovery_lr": args.recovery_lr,
               "minutes": (time.time() - start) / 60,
               "command": f"python benchmarks/joint_plan_check.py --arch {args.arch} --target {args.target} "
                          f"--seed {args.seed} --threads {args.threads}"
                          + (f" --joint-recovery-fade {args.joint_recovery_fade}" if args.joint_recovery_fade else "")
-                         + (f" --recovery-lr {args.recovery_lr}" if args.recovery_lr else "")
+                         + (f" --recovery-lr {args.recovery_lr}" if args.recovery_lr != CompressionConfig.finetune_lr
+                            else "")
                          + (f" --results-name {args.results_name}" if args.results_name != "joint_plan_check" else ""),
               "environment": environment()}
     write_json(path, record)

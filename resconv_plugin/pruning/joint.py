@@ -436,4 +436,3 @@ def _remove_layers(model: nn.Module, names: Sequence[str]) -> None:
         for name in names:
             gates[name].gamma.zero_()
     remove(model, list(names))
-
