@@ -5,9 +5,12 @@ baseline, with the same epochs, two seeds.
 Per architecture (``cifar_resnet20``, ``cifar_resnet56``; baselines from ``benchmarks/baselines/``, trained with
 ``python benchmarks/baselines/train.py --arch ARCH``; an architecture whose baseline file is missing is skipped with
 a note), latency target t (fraction of the deployed baseline's batch-1 CPU latency) and seed:
-* ``depth``: ``resconv_plugin.workflow.compress`` with ``latency_reduction = 1 - t`` and the command's defaults
-  (importance removal-iterative, distillation from the baseline, layer gates): --sparsity-epochs, removal,
-  --finetune-epochs, fusion.
+* ``default``: ``resconv_plugin.workflow.compress`` with ``latency_reduction = 1 - t`` and no recipe option at all:
+  the command's measured-best defaults (``resconv_plugin.workflow.defaults``; on these ResNets block gates,
+  magnitude, 1 epoch of sparsity training and 5 of fine-tuning: the same total as --sparsity-epochs +
+  --finetune-epochs in the grid, 3 + 3; rows record the split they ran).
+* ``depth``: the same with the command's defaults before the ``default`` recipe (layer gates, importance
+  removal-iterative, distillation from the baseline): --sparsity-epochs, removal, --finetune-epochs, fusion.
 * ``joint``: the same with ``channel_pruning="auto"`` (JointPruner splits the latency budget between layers and
   channels by measurement, the channels meet it exactly after removal).
 * ``depth_block``: the same as ``depth`` with ``level="block"`` (one gate per residual block with an identity
@@ -84,7 +87,9 @@ import resconv_plugin
 from resconv_plugin.data import build_datasets, calibration_batch
 from resconv_plugin.deploy.structure import apply_structure, describe
 from resconv_plugin.integrations.torch_pruning import channel_pruner
-from resconv_plugin.workflow import CompressionConfig, ConfigError, StageSettings, compress, evaluate, train_stage
+from resconv_plugin.workflow import (
+    RECIPES, CompressionConfig, ConfigError, StageSettings, compress, evaluate, train_stage,
+)
 from common import RESULTS, environment, write_json, write_results
 
 BASELINES = Path(__file__).resolve().parent / "baselines"
@@ -92,9 +97,11 @@ EXAMPLE = torch.zeros(1, 1, 28, 28)
 #: The block setting (benchmark 6's best): one gate per residual block, magnitude selection.
 BLOCK = {"level": "block", "importance": "magnitude"}
 #: CompressionConfig settings of each depth-based method that differ from the command's defaults.
-DEPTH_SETTINGS = {"depth": {}, "joint": {"channel_pruning": "auto"}, "depth_block": BLOCK,
-                  "joint_block": {"channel_pruning": "auto", **BLOCK}, "depth_block_short": BLOCK,
-                  "depth_block_oneshot": {"level": "block", "importance": CompressionConfig.importance}}
+#: The command's defaults before the measured-best recipe became the default (``default``): layer gates.
+LAYER = {"level": "layer", "importance": "removal-iterative"}
+DEPTH_SETTINGS = {"default": {}, "depth": LAYER, "joint": {"channel_pruning": "auto", **LAYER},
+                  "depth_block": BLOCK, "joint_block": {"channel_pruning": "auto", **BLOCK},
+                  "depth_block_short": BLOCK, "depth_block_oneshot": {"level": "block", "importance": "removal-iterative"}}
 DEPTH_METHODS = tuple(DEPTH_SETTINGS)
 #: Methods that spend the run's total epochs with this many in sparsity training and the rest fine-tuning.
 SPARSITY_EPOCHS = {"depth_block_short": 1, "depth_block_oneshot": 0}
@@ -202,10 +209,20 @@ def settings(name, epochs, seed, lr):
     return StageSettings(name=name, epochs=epochs, lr=lr, seed=seed, progress=False, distill_alpha=0.5)
 
 
-def method_schedule(method, schedule):
+def default_split(base):
+    """(sparsity epochs, fine-tuning epochs) of the command's default recipe for ``base``'s architecture."""
+    level = resconv_plugin.convert(copy.deepcopy(base), EXAMPLE, level="auto").level
+    return RECIPES[level].sparsity_epochs, RECIPES[level].finetune_epochs
+
+
+def method_schedule(method, schedule, base=None):
     """The schedule ``method``'s rows train with: the run's ``schedule``, except for the methods of
     ``SPARSITY_EPOCHS``, which spend the same total epochs with that many in sparsity training (all of them
-    when the total is smaller)."""
+    when the total is smaller), and ``default``, which trains the default recipe's epochs (``base``: the model it
+    prunes, whose architecture decides the recipe)."""
+    if method == "default":
+        sparsity, finetune = default_split(base)
+        return dict(schedule, sparsity_epochs=sparsity, finetune_epochs=finetune)
     if method not in SPARSITY_EPOCHS:
         return schedule
     total = schedule["sparsity_epochs"] + schedule["finetune_epochs"]
@@ -217,14 +234,17 @@ def depth_row(method, arch, target, seed, base, data, args, schedule):
     """depth / joint / depth_block / joint_block / depth_block_short through the public pipeline (the same code as
     ``resconv compress``), trained with ``schedule`` (:func:`method_schedule`)."""
     out = Path(args.runs) / f"{arch}-{method}-t{target}-s{seed}"
+    epochs = {} if method == "default" else {k: schedule[k] for k in ("sparsity_epochs", "finetune_epochs")}
     config = CompressionConfig(model=arch, epochs=0, latency_reduction=round(1 - target, 6), **DEPTH_SETTINGS[method],
-                               sparsity_epochs=schedule["sparsity_epochs"], finetune_epochs=schedule["finetune_epochs"],
-                               finetune_lr=args.finetune_lr, train_subset=args.train_subset, seed=seed, output=out,
-                               latency_repeats=args.repeats, plots=False, progress=False)
+                               **epochs, finetune_lr=args.finetune_lr, train_subset=args.train_subset, seed=seed,
+                               output=out, latency_repeats=args.repeats, plots=False, progress=False)
     report = compress(config, data=data, model=base)
+    ran = (report["recipe"]["sparsity_epochs"], report["recipe"]["finetune_epochs"])
+    if ran != (schedule["sparsity_epochs"], schedule["finetune_epochs"]):
+        raise RuntimeError(f"{out}: trained {ran[0]} + {ran[1]} epochs, the row's schedule says {schedule}")
     stages = {r["stage"]: r for r in report["stages"]}
     model = resconv_plugin.load(out / "model.safetensors")
-    return model, {"removed": report["removed"], "channel_ratio": stages.get("channel_pruned", {}).get("channel_ratio"),
+    return model, {"removed": report["removed"], "recipe": report["recipe"], "channel_ratio": stages.get("channel_pruned", {}).get("channel_ratio"),
                    "latency_fit": report.get("latency_fit"), "restarts": report.get("restarts", []),
                    **({"joint_plan": report["joint_plan"]} if report.get("joint_plan") else {})}
 
@@ -492,9 +512,9 @@ def main() -> None:
     parser.add_argument("--targets", nargs="+", type=float, default=[0.8, 0.6, 0.45, 0.35])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     parser.add_argument("--methods", nargs="+",
-                        default=["depth", "joint", "depth_block", "slim", "groupnorm", "meta_taylor"],
+                        default=["default", "depth", "joint", "depth_block", "slim", "groupnorm", "meta_taylor"],
                         help="the grid's default: the pilot (equal_latency_pilot.md) found round_to=8 no help at equal "
-                             "latency and Taylor / magnitude level; any of depth, joint, depth_block, joint_block, "
+                             "latency and Taylor / magnitude level; any of default, depth, joint, depth_block, joint_block, "
                              "depth_block_short, depth_block_oneshot, slim, groupnorm, meta_taylor, meta_magnitude, "
                              "channel methods optionally with _r8")
     parser.add_argument("--train-subset", type=int, default=20000)
@@ -570,7 +590,7 @@ def main() -> None:
     for key in keys:
         path = rows_dir / f"{key}.json"
         arch, method, target, seed = parse_key(key)
-        trained_with = method_schedule(method, schedule)
+        trained_with = method_schedule(method, schedule, bases[arch])
         if path.exists():
             check_schedule(json.loads(path.read_text()), trained_with)
             continue

@@ -347,4 +347,5 @@ def test_compress_channel_pruning_auto_meets_the_budget(tmp_path):
     recorded = report["joint_plan"]  # the same plan in report.json
     assert recorded["best"]["depth_share"] == chosen
     assert sorted(c["depth_share"] for c in recorded["candidates"]) == sorted(plan)
-    assert all(c["channel_ratio"] == pytest.approx(plan[c["depth_share"]][0], abs=5e-4) for c in recorded["candidates"])
+    # the log prints the ratio to 3 decimals (a bisection midpoint such as 0.2375 sits on a rounding edge)
+    assert all(f"{c['channel_ratio']:.3f}" == f"{plan[c['depth_share']][0]:.3f}" for c in recorded["candidates"])

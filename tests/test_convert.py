@@ -179,27 +179,61 @@ def test_conversion_report_flops_agree_with_count_flops():
 
 
 @pytest.mark.parametrize("name, channels, size, expected", [
-    ("cifar_resnet20", 1, 28, "layer"),   # reach: layer 0.93, block 0.82 of conv FLOPs
-    ("resnet18", 3, 64, "layer"),         # 0.86 / 0.65
+    ("cifar_resnet20", 1, 28, "block"),   # reach: layer 0.93, block 0.82 of conv FLOPs
+    ("resnet18", 3, 64, "block"),         # 0.86 / 0.65
     ("resnet50", 3, 64, "block"),         # 0.37 / 0.64
     ("efficientnet_b0", 3, 64, "block"),  # 0.07 / 0.56
+    ("cifar_plain20", 1, 28, "layer"),    # no residual block
+    ("cifar_vgg16_bn", 3, 32, "layer"),
 ])
-def test_auto_level_picks_the_level_that_reaches_more_flops(name, channels, size, expected):
+def test_auto_level_takes_block_gates_where_residual_blocks_exist(name, channels, size, expected):
     x = torch.randn(2, channels, size, size)
     model = timm.create_model(name, num_classes=10, in_chans=channels).eval()
     randomize_bn(model)
     reference = model(x)
-    shares = {}
-    for level in ("layer", "block"):
-        shares[level] = resconv_plugin.convert(copy.deepcopy(model), x, level=level).converted_flops_share
     report = resconv_plugin.convert(model, x, level="auto")
     assert report.level == expected
-    assert report.converted_flops_share == pytest.approx(shares[expected])
-    assert shares[expected] > shares["block" if expected == "layer" else "layer"]
+    assert report.converted_flops_share == pytest.approx(
+        resconv_plugin.convert(copy.deepcopy(timm.create_model(name, num_classes=10, in_chans=channels)), x,
+                               level=expected).converted_flops_share)
     assert rel_err(model(x), reference) < 1e-5  # init_gamma=1: the same function
     assert recipe_steps(model)[-1]["level"] == expected  # the recipe replays the chosen level, not "auto"
     again = resconv_plugin.convert(model, x, level="auto")  # stays at that level: nothing new
     assert again.converted == [] and again.level == expected
+
+
+class _MostlyPlain(nn.Module):
+    """A stem, ``plain`` width-keeping conv + BN + ReLU layers (layer gates only), and one residual block of
+    ``block_width`` channels: block gates reach that block's two convs only."""
+
+    def __init__(self, plain: int, width: int = 16, block_width: int = 16) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
+        self.plain = nn.Sequential(*[nn.Sequential(nn.Conv2d(width, width, 3, padding=1, bias=False),
+                                                   nn.BatchNorm2d(width), nn.ReLU()) for _ in range(plain)])
+        self.down = nn.Conv2d(width, block_width, 1)  # no BatchNorm after it: not a gate site
+        self.block = timm.models.resnet.BasicBlock(block_width, block_width)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(block_width, 10))
+
+    def forward(self, x):
+        return self.head(self.block(self.down(self.plain(self.stem(x)))))
+
+
+@pytest.mark.parametrize("plain, expected", [
+    (1, "block"),  # layer gates: 1 plain conv + the block's 2 = 3 convs; block gates: 2 of them (0.67 >= 0.5)
+    (2, "block"),  # 4 convs against 2: exactly the floor, 0.5
+    (3, "layer"),  # 5 against 2: block gates reach 0.4 of what layer gates reach
+    (0, "block"),  # only the block: 2 against 2
+])
+def test_auto_level_needs_block_gates_on_half_the_flops_layer_gates_reach(plain, expected):
+    """``BLOCK_REACH_FLOOR``: a residual block or two in a mostly plain network does not make it a block-gated
+    one (every conv here costs the same FLOPs)."""
+    from resconv_plugin.fx.convert import BLOCK_REACH_FLOOR
+
+    assert BLOCK_REACH_FLOOR == 0.5
+    x = torch.randn(1, 3, 8, 8)
+    model = _MostlyPlain(plain).eval()
+    assert resconv_plugin.convert(model, x, level="auto").level == expected
 
 
 def test_unknown_level_names_the_choices():

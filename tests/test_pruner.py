@@ -488,16 +488,19 @@ def test_latency_fit_is_reused_and_travels_with_the_state(table_vs_clock):
     assert state["timed"] > timed and other.latency_fit["fraction"] == 0.2
 
 
-def test_budget_driven_sparsity_zeroes_the_budget():
-    """With a budget and sparsity_steps, the layers that meet it are exactly 0 at the end; removal is exact."""
+@pytest.mark.parametrize("steps", [30, 3, 1])
+def test_budget_driven_sparsity_zeroes_the_budget(steps):
+    """With a budget and sparsity_steps, the layers that meet it are exactly 0 at the end; removal is exact. Also
+    with very few steps (the cap of each step is the one after it: with 3 steps it once stayed at 0.11)."""
     torch.manual_seed(0)
     model = timm.create_model("cifar_resnet20", num_classes=10, in_chans=1)
     x, y = torch.randn(32, 1, 28, 28), torch.randint(0, 10, (32,))
     resconv_plugin.convert(model, x[:1])
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    pruner = LayerPruner(model, x[:1], flops_reduction=0.4, optimizer=opt, sparsity_steps=30, calibration_inputs=x)
+    pruner = LayerPruner(model, x[:1], flops_reduction=0.4, optimizer=opt, sparsity_steps=steps,
+                         calibration_inputs=x)
     base = fused_flops(model, x[:1])
-    for _ in range(30):
+    for _ in range(steps):
         loss = nn.functional.cross_entropy(model(x), y)
         opt.zero_grad()
         loss.backward()

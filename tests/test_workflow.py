@@ -41,7 +41,7 @@ def test_config_defaults_and_checks(tmp_path):
         CompressionConfig().validated()
     with pytest.raises(ConfigError, match="unknown model 'cifar_resnet21'"):
         CompressionConfig(model="cifar_resnet21").validated()
-    with pytest.raises(ConfigError, match="importance \\(--importance\\) must be one of magnitude, removal, "
+    with pytest.raises(ConfigError, match="importance \\(--importance\\) must be one of auto, magnitude, removal, "
                                           "removal-iterative, taylor, got 'l1'"):
         CompressionConfig(model="cifar_resnet20", importance="l1").validated()
     with pytest.raises(ConfigError, match="flops_reduction \\(--flops-reduction\\) must be in \\[0, 1\\], got 1.5"):
@@ -310,7 +310,7 @@ def test_compress_starts_from_a_given_model_and_leaves_it_alone(tmp_path):
     mine = timm.create_model("cifar_resnet20", num_classes=2, in_chans=1).eval()
     before = {k: v.clone() for k, v in mine.state_dict().items()}
     config = CompressionConfig(model="cifar_resnet20", epochs=0, sparsity_epochs=1, finetune_epochs=0, batch_size=32,
-                               pruning_ratio=0.25, importance="magnitude", output=tmp_path / "run",
+                               pruning_ratio=0.25, importance="magnitude", level="layer", output=tmp_path / "run",
                                latency_repeats=2, plots=False, progress=False)
     report = compress(config, data=data, model=mine)
     assert report["stages"][0]["stage"] == "baseline" and report["stages"][0]["top1"] == evaluate(mine, data)
@@ -318,3 +318,66 @@ def test_compress_starts_from_a_given_model_and_leaves_it_alone(tmp_path):
     assert len(report["removed"]) == 4  # 25% of the 16 gates
     with pytest.raises(TypeError, match="model must be an nn.Module, got str"):
         compress(config, data=data, model="cifar_resnet20")
+
+
+# -- the measured-best defaults (resconv_plugin.workflow.defaults) ------------------------------------------------
+def test_resolve_recipe_fills_only_what_was_left_to_the_defaults():
+    from resconv_plugin.workflow.defaults import RECIPES, resolve_recipe
+
+    assert (RECIPES["block"].importance, RECIPES["block"].sparsity_epochs, RECIPES["block"].finetune_epochs) == (
+        "magnitude", 1, 5)
+    assert (RECIPES["layer"].importance, RECIPES["layer"].sparsity_epochs, RECIPES["layer"].finetune_epochs) == (
+        "removal-iterative", 3, 3)
+    config = CompressionConfig(model="cifar_resnet20").validated()
+    resolved, filled = resolve_recipe(config, "block")
+    assert (resolved.level, resolved.importance, resolved.sparsity_epochs, resolved.finetune_epochs) == (
+        "block", "magnitude", 1, 5)
+    assert filled == ["level", "importance", "sparsity_epochs", "finetune_epochs"]
+    resolved, filled = resolve_recipe(config, "layer")
+    assert (resolved.importance, resolved.sparsity_epochs, resolved.finetune_epochs) == ("removal-iterative", 3, 3)
+    explicit = CompressionConfig(model="cifar_resnet20", level="block", importance="taylor", sparsity_epochs=0,
+                                 finetune_epochs=7).validated()
+    resolved, filled = resolve_recipe(explicit, "block")
+    assert (resolved.importance, resolved.sparsity_epochs, resolved.finetune_epochs, filled) == ("taylor", 0, 7, [])
+    with pytest.raises(ValueError, match="level must be one of block, layer, got 'auto'"):
+        resolve_recipe(config, "auto")
+
+
+def test_config_epochs_none_means_the_default_and_bad_epochs_are_named():
+    c = CompressionConfig(model="cifar_resnet20").validated()
+    assert (c.sparsity_epochs, c.finetune_epochs, c.distill) == (None, None, True)  # every recipe trains
+    with pytest.raises(ConfigError, match=r"sparsity_epochs \(--sparsity-epochs\) must be an int >= 0, got 1.5"):
+        CompressionConfig(model="cifar_resnet20", sparsity_epochs=1.5).validated()
+    with pytest.raises(ConfigError, match="--distill needs training epochs"):
+        CompressionConfig(model="cifar_resnet20", sparsity_epochs=0, finetune_epochs=0, distill=True).validated()
+
+
+@pytest.mark.parametrize("arch, recipe", [
+    ("cifar_resnet20", {"level": "block", "importance": "magnitude", "sparsity_epochs": 1, "finetune_epochs": 0}),
+    ("cifar_plain20", {"level": "layer", "importance": "removal-iterative", "sparsity_epochs": 3,
+                       "finetune_epochs": 0}),
+])
+def test_compress_without_recipe_options_runs_the_levels_recipe(tmp_path, arch, recipe):
+    """No --level / --importance / --sparsity-epochs: the run takes the measured-best recipe of the level its
+    model converts at (block gates on a ResNet, layer gates on a plain net), trains that many epochs, and records
+    it in the report; the explicit --finetune-epochs 0 wins over the default 5 / 3."""
+    config = CompressionConfig(model=arch, epochs=0, finetune_epochs=0, batch_size=64, flops_reduction=0.2,
+                               output=tmp_path / "run", latency_repeats=2, plots=False, progress=False,
+                               calibration_size=32)
+    report = compress(config, data=tiny_data())
+    assert {k: report["recipe"][k] for k in recipe} == recipe
+    assert report["recipe"]["from_defaults"] == ["level", "importance", "sparsity_epochs"]
+    assert [e["stage"] for e in report["epochs"]] == ["sparsity"] * recipe["sparsity_epochs"]
+    assert report["summary"]["flops_reduction"] >= 0.2 - 1e-9
+    assert report["removed"] and all(
+        name.rsplit(".", 1)[-1].isdigit() == (recipe["level"] == "block")  # a block gate is named by its block
+        for name in report["removed"])
+
+
+def test_compress_default_level_says_how_to_go_past_what_blocks_reach(tmp_path):
+    """Block gates on cifar_resnet20 cannot remove 95% of the FLOPs: the default does not silently fall back to
+    layer gates (which collapsed at deep budgets); the error says what to do."""
+    config = CompressionConfig(model="cifar_resnet20", epochs=0, flops_reduction=0.95, output=tmp_path / "run",
+                               plots=False, progress=False)
+    with pytest.raises(ConfigError, match="--level auto chose block gates.*pass --level layer"):
+        compress(config, data=tiny_data())

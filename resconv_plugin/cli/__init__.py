@@ -84,9 +84,9 @@ def _add_compress_options(p: argparse.ArgumentParser, demo: bool = False) -> Non
                    help="more timm.create_model arguments, e.g. downsample=A drop_rate=0.1")
     g.add_argument("--num-classes", type=int, help="classifier outputs (default: the dataset's classes)")
     g.add_argument("--level", choices=["auto", "layer", "block"], default="auto",
-                   help="gate every eligible conv (layer) or every residual block (block); auto (default): the level "
-                        "whose gates reach more of the model's FLOPs (layer for BasicBlock and CIFAR ResNets, block "
-                        "for Bottleneck ResNets, EfficientNet, MobileNet)")
+                   help="gate every eligible conv (layer) or every residual block (block); auto (default): block "
+                        "gates where the model has residual blocks (ResNets, RegNet, EfficientNet, MobileNet: they "
+                        "kept more accuracy than layer gates at every budget measured), layer gates otherwise")
     g.add_argument("--init-gamma", type=float, default=1.0, help="initial gate value (1 keeps the function)")
 
     g = p.add_argument_group("data")
@@ -107,7 +107,8 @@ def _add_compress_options(p: argparse.ArgumentParser, demo: bool = False) -> Non
     g.add_argument("--importance", choices=IMPORTANCE_CHOICES,
                    default=DEFAULT_IMPORTANCE, help="which gates go (LayerPruner importance): |gamma|, the measured "
                    "loss increase when the gate is removed (re-measured after each choice with -iterative), or "
-                   f"|gamma dL/dgamma| (default {DEFAULT_IMPORTANCE})")
+                   "|gamma dL/dgamma|; auto (default): the level's measured best (magnitude for block gates, "
+                   "removal-iterative for layer gates)")
     g.add_argument("--reg", type=float, help="L1 strength on the gates (LayerPruner reg; default 1e-2 with "
                                              "magnitude importance, else 0)")
     g.add_argument("--cap-start", type=float, default=0.0, help="LayerPruner cap_start")
@@ -120,9 +121,13 @@ def _add_compress_options(p: argparse.ArgumentParser, demo: bool = False) -> Non
     g.add_argument("--epochs", type=int, default=10, help="baseline training / fine-tuning epochs before "
                                                            "conversion (0: use the model as it is)")
     g.add_argument("--lr", type=float, default=0.1, help="baseline learning rate")
-    g.add_argument("--sparsity-epochs", type=int, default=5)
+    g.add_argument("--sparsity-epochs", type=int, default=None,
+                   help="budget-driven sparsity training (default: the level's measured best, 1 with block gates, 3 "
+                        "with layer gates)")
     g.add_argument("--sparsity-lr", type=float, default=0.02)
-    g.add_argument("--finetune-epochs", type=int, default=5, help="after layer removal")
+    g.add_argument("--finetune-epochs", type=int, default=None,
+                   help="fine-tuning after layer removal (default: the level's measured best, 5 with block gates, 3 "
+                        "with layer gates)")
     g.add_argument("--finetune-lr", type=float, default=0.02)
     g.add_argument("--divergence-factor", type=float, default=3.0,
                    help="divergence guard: a stage whose mean loss over 10 updates of its first epoch exceeds this "

@@ -190,6 +190,8 @@ def _no_eligible_message(model: nn.Module, report: ConversionReport) -> str:
 
 
 LEVELS = ("layer", "block", "auto")
+#: ``level="auto"`` takes block gates when they reach at least this share of what layer gates reach (FLOPs).
+BLOCK_REACH_FLOOR = 0.5
 
 
 def _sites(model: nn.Module, level: str, called: Set[str]):
@@ -209,15 +211,17 @@ def _site_flops(site, level: str, flops: Dict[str, int]) -> int:
 
 def _auto_level(model: nn.Module, called: Set[str], flops: Dict[str, int], modules: Dict[str, nn.Module],
                 filter_fn: Optional[FilterFn]) -> str:
-    """``level="auto"``: the level whose eligible gates reach more of the model's conv FLOPs (``"layer"`` on a tie).
+    """``level="auto"``: block gates wherever the model has residual blocks whose eligible gates sit on at least half
+    the conv FLOPs that layer gates would (``BLOCK_REACH_FLOOR``); layer gates otherwise (plain nets, VGG).
 
-    Measured reach (share of conv + linear FLOPs that gates sit on, layer / block): cifar_resnet20 0.93 / 0.82,
-    resnet18 0.86 / 0.65, regnety_002 0.67 / 0.62 (-> layer); resnet50 0.37 / 0.64, efficientnet_b0 0.07 / 0.56,
-    mobilenetv3_large_100 0.07 / 0.54 (-> block, where layer gates reach only the width-keeping 3x3 or depthwise
-    convs). Accuracy (cifar_resnet20, the command's defaults: iterative removal + distillation, two seeds,
-    benchmarks/results/ablation_depth.md): layer gates lost less at the 50% budget (-2.06 pt against -3.09), block
-    gates at 35% (-0.55 against -0.85), so the accuracy evidence does not overrule the reach rule there. A model
-    converted before stays at the level it was converted at."""
+    The measurements behind it (Fashion-MNIST, converged baselines, two seeds; benchmarks/results/):
+    at equal CPU latency block gates kept more top-1 than layer gates at every target on cifar_resnet20 and
+    cifar_resnet56 (cifar_resnet56 at 0.45 / 0.35 of the latency: 93.61 / 91.02% against 89.21 / 13.68%, where the
+    layer-level plan removed both convs of many blocks and collapsed; equal_latency_summary.json), and at a 50%
+    FLOPs budget on cifar_resnet20 (-1.96 pt against -2.06) and resnet18 (-0.14 against -0.30; ablation_depth*.md).
+    Reach (share of conv + linear FLOPs that gates sit on, layer / block): cifar_resnet20 0.93 / 0.82, resnet18
+    0.86 / 0.65, resnet50 0.37 / 0.64, efficientnet_b0 0.07 / 0.56: block everywhere there. A model converted
+    before stays at the level it was converted at."""
     reach = {}
     for level in ("layer", "block"):
         sites, already = _sites(model, level, called)
@@ -225,7 +229,7 @@ def _auto_level(model: nn.Module, called: Set[str], flops: Dict[str, int], modul
             return level
         _apply_filter(sites, modules, filter_fn)
         reach[level] = sum(_site_flops(site, level, flops) for site in sites if site.eligible)
-    return "block" if reach["block"] > reach["layer"] else "layer"
+    return "block" if reach["block"] > 0 and reach["block"] >= BLOCK_REACH_FLOOR * reach["layer"] else "layer"
 
 
 def convert(
@@ -258,10 +262,10 @@ def convert(
     Args:
         model: any CNN, typically from ``timm.create_model``.
         example_inputs: a tensor (or tuple of tensors) the model accepts, e.g. ``torch.randn(1, 3, 224, 224)``.
-        level: ``"layer"``, ``"block"``, or ``"auto"``: the level whose eligible gates sit on more of the model's
-            conv FLOPs (layer for BasicBlock ResNets, CIFAR ResNets and RegNetY; block for Bottleneck ResNets,
-            EfficientNet and MobileNet, where layer gates reach only the width-keeping 3x3 or depthwise convs);
-            ``report.level`` says which was chosen, and the recipe records it.
+        level: ``"layer"``, ``"block"``, or ``"auto"``: block gates where the model has residual blocks with
+            identity shortcuts (ResNets, RegNet, EfficientNet, MobileNet: block gates kept more accuracy than layer
+            gates at every budget measured), layer gates otherwise (plain nets, VGG); ``report.level`` says which
+            was chosen, and the recipe records it.
         init_gamma: initial gate value in [0, 1] for every new gate.
         filter_fn: optional ``filter_fn(module, name) -> bool`` (the conv, or the block); only what it returns True
             for is converted.

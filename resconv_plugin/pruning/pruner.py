@@ -373,7 +373,7 @@ class LayerPruner:
     def _apply_budget_cap(self) -> None:
         if not self._budget_driven():
             return
-        cap = self.schedule.cap(self.steps_done)
+        cap = self.schedule.cap(self.steps_done + 1)  # the cap after this step (steps_done counts the ones before)
         if cap is None:
             return  # before cap_start: training alone
         if self._due_for_selection(cap):

@@ -19,12 +19,13 @@ Example:
 """
 
 from resconv_plugin.workflow.config import DEFAULT_IMPORTANCE, CompressionConfig, ConfigError
+from resconv_plugin.workflow.defaults import RECIPES, Recipe, resolve_recipe
 from resconv_plugin.workflow.distributed import Dist, init_distributed, resolve_device
 from resconv_plugin.workflow.pipeline import STAGES, Pipeline, compress, environment
 from resconv_plugin.workflow.rules import Pruned, finetune, remove_pruned, sparsity_steps
 from resconv_plugin.workflow.training import (StageProgress, StageSettings, TrainingDiverged, evaluate, model_device,
                                               train_stage)
 
-__all__ = ["CompressionConfig", "ConfigError", "DEFAULT_IMPORTANCE", "compress", "Pipeline", "STAGES", "environment",
+__all__ = ["CompressionConfig", "ConfigError", "DEFAULT_IMPORTANCE", "RECIPES", "Recipe", "resolve_recipe", "compress", "Pipeline", "STAGES", "environment",
            "sparsity_steps", "remove_pruned", "Pruned", "finetune", "StageSettings", "StageProgress",
            "TrainingDiverged", "train_stage", "evaluate", "model_device", "Dist", "init_distributed", "resolve_device"]

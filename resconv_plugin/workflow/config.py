@@ -6,8 +6,12 @@ runs it. Field names are the long option names with ``_`` (``--flops-reduction``
 Example:
     >>> from resconv_plugin.workflow import CompressionConfig
     >>> config = CompressionConfig(model="cifar_resnet20", flops_reduction=0.4, epochs=4).validated()
-    >>> config.output, config.importance
-    (PosixPath('runs/cifar_resnet20-fashion-mnist'), 'removal-iterative')
+    >>> config.output, config.level, config.importance, config.sparsity_epochs
+    (PosixPath('runs/cifar_resnet20-fashion-mnist'), 'auto', 'auto', None)
+
+``"auto"`` and ``None`` in the recipe fields (``level``, ``importance``, ``sparsity_epochs``, ``finetune_epochs``)
+mean the measured-best default, filled in when the run sees its model
+(:mod:`resconv_plugin.workflow.defaults`).
 """
 
 from __future__ import annotations
@@ -25,9 +29,9 @@ log = logging.getLogger("resconv")
 
 #: The budget when none is given.
 DEFAULT_BUDGET = ("flops_reduction", 0.5)
-#: The importance criterion (chosen by the ablation, benchmarks/results/ablation_depth.md).
-DEFAULT_IMPORTANCE = "removal-iterative"
-IMPORTANCE_CHOICES = ("magnitude", "removal", "removal-iterative", "taylor")
+#: The importance criterion: "auto" is the gate level's measured best (resconv_plugin.workflow.defaults.RECIPES).
+DEFAULT_IMPORTANCE = "auto"
+IMPORTANCE_CHOICES = ("auto", "magnitude", "removal", "removal-iterative", "taylor")
 DATASETS = ("fashion-mnist", "mnist", "cifar10", "imagefolder")
 #: Settings that may change between a run and its resumption.
 RESUME_IGNORED = frozenset({"output", "restart", "progress", "workers", "command", "device", "plots"})
@@ -43,11 +47,16 @@ class CompressionConfig:
     """One compression run: the model, its data, what to remove, and the training of each stage.
 
     Stages: baseline (train ``epochs`` from scratch or from ``pretrained_file``; 0 = as loaded) -> convert
-    (``level``: "auto" (default), "layer" or "block") -> sparsity training (``sparsity_epochs``; the LayerPruner with one budget and ``importance``) -> prune (every
-    gate at exactly 0 goes) -> channel pruning (``channel_pruning``) -> fine-tuning (``finetune_epochs``, gates
-    frozen, before fusion) -> fuse -> save -> report. ``distill``: sparsity training and fine-tuning learn from the
-    baseline too (None: on whenever there are such epochs, the default the ablation chose). Budgets (one of; default ``flops_reduction=0.5``): ``flops_reduction``, ``latency_reduction``,
-    ``threshold``, ``pruning_ratio``.
+    (``level``: "auto" (default), "layer" or "block") -> sparsity training (``sparsity_epochs``; the LayerPruner
+    with one budget and ``importance``) -> prune (every gate at exactly 0 goes) -> channel pruning
+    (``channel_pruning``) -> fine-tuning (``finetune_epochs``, gates frozen, before fusion) -> fuse -> save ->
+    report. ``distill``: sparsity training and fine-tuning learn from the baseline too (None: on whenever there are
+    such epochs, the default the ablation chose). Budgets (one of; default ``flops_reduction=0.5``):
+    ``flops_reduction``, ``latency_reduction``, ``threshold``, ``pruning_ratio``.
+
+    The recipe fields left at ``"auto"`` / ``None`` take the measured-best recipe of the level the model is
+    converted at (:data:`resconv_plugin.workflow.defaults.RECIPES`: block gates, magnitude, 1 + 5 epochs on networks
+    with residual blocks; layer gates, iterative removal, 3 + 3 otherwise).
     """
 
     model: Optional[str] = None
@@ -79,9 +88,9 @@ class CompressionConfig:
     # training
     epochs: int = 10
     lr: float = 0.1
-    sparsity_epochs: int = 5
+    sparsity_epochs: Optional[int] = None
     sparsity_lr: float = 0.02
-    finetune_epochs: int = 5
+    finetune_epochs: Optional[int] = None
     finetune_lr: float = 0.02
     batch_size: int = 128
     opt: str = "sgd"
@@ -172,8 +181,11 @@ class CompressionConfig:
         if budget is None:
             setattr(c, *DEFAULT_BUDGET)
         for name in ("epochs", "sparsity_epochs", "finetune_epochs", "train_subset", "val_subset"):
-            if getattr(c, name) < 0:
-                raise ConfigError(f"{name} (--{_flag(name)}) must be >= 0, got {getattr(c, name)}")
+            value = getattr(c, name)
+            if value is None and name in ("sparsity_epochs", "finetune_epochs"):
+                continue  # the recipe's default, filled in when the run sees its model
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(f"{name} (--{_flag(name)}) must be an int >= 0, got {value!r}")
         if isinstance(c.calibration_size, bool) or not isinstance(c.calibration_size, int) or c.calibration_size < 1:
             raise ConfigError(f"calibration_size (--calibration-size) must be a positive int, got "
                              f"{c.calibration_size!r}")
@@ -196,9 +208,10 @@ class CompressionConfig:
                 c.divergence_factor == 0 or c.divergence_factor > 1):
             raise ConfigError(f"divergence_factor (--divergence-factor) must be 0 (no check) or > 1, got "
                              f"{c.divergence_factor!r}")
+        trains = any(v is None or v > 0 for v in (c.finetune_epochs, c.sparsity_epochs))  # every recipe trains
         if c.distill is None:  # the default: distillation wherever there is training after the baseline
-            c.distill = bool(c.finetune_epochs or c.sparsity_epochs)
-        elif c.distill and not (c.finetune_epochs or c.sparsity_epochs):
+            c.distill = trains
+        elif c.distill and not trains:
             raise ConfigError("--distill needs training epochs (--sparsity-epochs or --finetune-epochs > 0): "
                              "distillation happens there")
         if c.pretrained_adapter:

@@ -33,6 +33,7 @@ from resconv_plugin.deploy.fuse import fuse
 from resconv_plugin.deploy.checkpoint import build_from_recipe, load, make_recipe, save
 from resconv_plugin.pruning import FixedSetImportance, JointPruner, LayerPruner, channel_pruner
 from resconv_plugin.workflow.config import RESUME_IGNORED, CompressionConfig, ConfigError
+from resconv_plugin.workflow.defaults import resolve_recipe
 from resconv_plugin.workflow.distributed import Dist
 from resconv_plugin.workflow.pretrained import create_baseline_model
 from resconv_plugin.measure.flops import count_flops
@@ -387,8 +388,10 @@ class Pipeline:
     def run(self) -> Dict[str, Any]:
         """Run (or resume) every stage not done yet; returns the report (also written to the output folder)."""
         state = self.run_state.state
-        if "convert" not in state["done"]:
-            self._preflight()
+        level = (state.get("recipe_defaults") or {}).get("level")  # a resumed run keeps the level it chose
+        if "convert" not in state["done"] or level is None:
+            level = self._preflight()
+        self._use_recipe(level)
         for name in STAGES:
             if name in state["done"]:
                 continue
@@ -397,8 +400,9 @@ class Pipeline:
             self.run_state.save()
         return self._finish()
 
-    def _preflight(self) -> None:
-        """Fail before any training when the model cannot be converted or the budget cannot be met."""
+    def _preflight(self) -> str:
+        """Fail before any training when the model cannot be converted or the budget cannot be met; returns the
+        gate level the model converts at (what ``--level auto`` decides)."""
         import timm
 
         c = self.config
@@ -406,15 +410,36 @@ class Pipeline:
         if probe is None:
             probe = timm.create_model(c.model, **c.model_factory_kwargs())
         probe = copy.deepcopy(probe).cpu()
+        level = c.level
         try:
-            convert(probe, self.cpu_example, level=c.level, init_gamma=c.init_gamma)
+            level = convert(probe, self.cpu_example, level=c.level, init_gamma=c.init_gamma).level
             # the budget's reachability does not depend on the criterion: magnitude measures nothing
             LayerPruner(probe, self.cpu_example, importance="magnitude", threshold=c.threshold,
                         pruning_ratio=c.pruning_ratio, flops_reduction=c.flops_reduction,
                         latency_reduction=c.latency_reduction, latency_repeats=5, latency_device=c.latency_device,
                         ignored_layers=c.ignored_layers or None)
         except ValueError as exc:  # this model cannot take this config (no eligible conv, unreachable budget)
-            raise ConfigError(f"{c.model}: {exc}") from exc
+            hint = ""
+            if c.level == "auto" and level == "block" and "unreachable" in str(exc):
+                hint = (" (--level auto chose block gates, the measured best where a model has residual blocks; "
+                        "layer gates reach further but collapsed at deep budgets in the benchmarks, e.g. "
+                        "cifar_resnet56 at 0.35 of the latency: 14% top-1; ask for less, or pass --level layer)")
+            raise ConfigError(f"{c.model}: {exc}{hint}") from exc
+        return level
+
+    def _use_recipe(self, level: str) -> None:
+        """Fill the recipe fields left to the defaults (``--level auto``, ``--importance auto``, no
+        ``--sparsity-epochs`` / ``--finetune-epochs``) with ``level``'s measured-best recipe; recorded in the report
+        (``recipe``)."""
+        self.config, filled = resolve_recipe(self.config, level)
+        c = self.config
+        self.run_state.state["recipe_defaults"] = {
+            "level": level, "importance": c.importance, "sparsity_epochs": c.sparsity_epochs,
+            "finetune_epochs": c.finetune_epochs, "from_defaults": filled}
+        if filled:
+            log.info("recipe: %s gates, %s importance, %d + %d epochs (sparsity + fine-tuning); defaults used for %s "
+                     "(resconv_plugin.workflow.defaults)", level, c.importance, c.sparsity_epochs,
+                     c.finetune_epochs, ", ".join(filled))
 
     def _finish(self) -> Dict[str, Any]:
         run, c = self.run_state, self.config
@@ -435,6 +460,7 @@ class Pipeline:
                   "removal": run.state["removal"], "epochs": run.state["epochs_log"],
                   "gamma_trace": run.state["gamma_trace"], "resumed": run.state["resumed"],
                   "restarts": run.state.get("restarts", []),
+                  "recipe": run.state.get("recipe_defaults"),
                   "latency_fit": run.state.get("latency_fit"), "joint_plan": run.state.get("joint_plan"),
                   "model_file": str(run.out / "model.safetensors")}
         if self.dist.main:

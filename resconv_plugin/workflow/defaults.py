@@ -1,0 +1,98 @@
+"""The measured-best recipe: what ``resconv compress`` and :func:`~resconv_plugin.workflow.compress` do when no
+recipe option is given.
+
+A recipe is the gate level, the importance criterion and the split of the post-baseline epochs between sparsity
+training and fine-tuning. ``level="auto"`` picks block gates wherever the model has residual blocks with identity
+shortcuts, layer gates otherwise (:func:`resconv_plugin.convert`); ``importance="auto"`` and unset
+``sparsity_epochs`` / ``finetune_epochs`` then take that level's entry of :data:`RECIPES`. Whatever is given
+explicitly wins.
+
+Why (Fashion-MNIST, converged baselines, mean of two seeds, top-1 at equal CPU latency;
+``benchmarks/results/equal_latency_summary.json``; the same 6 epochs after pruning for every column):
+
+=================  ========  =====================  =====================  =====================
+model, latency     baseline  layer, removal-iter.,  block, magnitude,      block, magnitude,
+                               3 + 3 (old default)    3 + 3                  1 + 5 (default)
+=================  ========  =====================  =====================  =====================
+cifar_resnet56 0.6   94.64    93.63                  93.93                  94.09
+cifar_resnet56 0.45  94.64    89.21                  93.61                  93.37
+cifar_resnet56 0.35  94.64    13.68 (collapsed)      91.02                  92.66
+cifar_resnet20 0.6   94.56    93.04                  93.26                  93.74
+cifar_resnet20 0.45  94.56    88.91                  92.14                  92.43
+cifar_resnet20 0.35  94.56    85.32                  88.55                  90.35
+=================  ========  =====================  =====================  =====================
+
+At a FLOPs budget the block level with magnitude selection also won (50% of the FLOPs, cifar_resnet20: -1.96 pt
+against -2.06 for layer gates with iterative removal; ``ablation_depth.md``). Layer gates (plain networks without
+residual blocks) keep the criterion the ablation chose for them, iterative removal, and the 3 + 3 split their rows
+were measured with. On EfficientNet / MobileNet blocks the recipe is not measured yet.
+
+Example:
+    >>> from resconv_plugin.workflow.defaults import RECIPES
+    >>> RECIPES["block"]
+    Recipe(level='block', importance='magnitude', sparsity_epochs=1, finetune_epochs=5)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Dict, List, Tuple
+
+__all__ = ["Recipe", "RECIPES", "resolve_recipe"]
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One gate level's default recipe.
+
+    Attributes:
+        level: ``"block"`` or ``"layer"``.
+        importance: the LayerPruner criterion.
+        sparsity_epochs: epochs of budget-driven sparsity training.
+        finetune_epochs: epochs of fine-tuning after removal.
+    """
+
+    level: str
+    importance: str
+    sparsity_epochs: int
+    finetune_epochs: int
+
+
+#: The default recipe of each gate level (the module docstring gives the rows behind each).
+RECIPES: Dict[str, Recipe] = {
+    "block": Recipe("block", "magnitude", 1, 5),
+    "layer": Recipe("layer", "removal-iterative", 3, 3),
+}
+
+#: The config fields a recipe fills, and the value that means "the default".
+_UNSET = {"importance": "auto", "sparsity_epochs": None, "finetune_epochs": None}
+
+
+def resolve_recipe(config, level: str) -> Tuple[object, List[str]]:
+    """``config`` with its unset recipe fields filled from ``RECIPES[level]``, and the names of the fields filled.
+
+    Args:
+        config: a validated :class:`~resconv_plugin.workflow.CompressionConfig`.
+        level: the gate level the model was (or will be) converted at, ``"block"`` or ``"layer"``.
+
+    Raises:
+        ValueError: ``level`` is not a concrete level.
+
+    Example:
+        >>> from resconv_plugin.workflow import CompressionConfig
+        >>> config = CompressionConfig(model="cifar_resnet20", finetune_epochs=8).validated()
+        >>> resolved, filled = resolve_recipe(config, "block")
+        >>> resolved.importance, resolved.sparsity_epochs, resolved.finetune_epochs, filled
+        ('magnitude', 1, 8, ['level', 'importance', 'sparsity_epochs'])
+    """
+    if level not in RECIPES:
+        raise ValueError(f"level must be one of {', '.join(RECIPES)}, got {level!r}")
+    recipe = RECIPES[level]
+    filled = ["level"] if config.level == "auto" else []
+    changes = {"level": level}
+    for name, unset in _UNSET.items():
+        if getattr(config, name) == unset:
+            changes[name] = getattr(recipe, name)
+            filled.append(name)
+    return dataclasses.replace(config, **changes), filled
