@@ -87,6 +87,7 @@ import resconv_plugin
 from resconv_plugin.data import build_datasets, calibration_batch
 from resconv_plugin.deploy.structure import apply_structure, describe
 from resconv_plugin.integrations.torch_pruning import channel_pruner
+from resconv_plugin.pruning import bisect_ratio
 from resconv_plugin.workflow import (
     RECIPES, CompressionConfig, ConfigError, StageSettings, compress, evaluate, train_stage,
 )
@@ -268,27 +269,24 @@ def prune_channels(model, method, ratio, calib):
 
 def match_latency(model, method, target, base_plain, calib, args, tolerance=0.02, iterations=12, reference=None):
     """Bisect the channel pruning ratio until the deployed model's measured latency lies in [target - tolerance,
-    target] (relative to the baseline; aiming at its middle, so that a channel row is not slower than the depth row
-    it is compared with and its curve can be read at the depth row's latency); returns (model, ratio, measured
-    latency_rel, every try as [ratio, latency_rel]) of the try closest to that middle.
+    target] (relative to the baseline; so that a channel row is not slower than the depth row it is compared with
+    and its curve can be read at the depth row's latency), with the library's search
+    (``resconv_plugin.pruning.bisect_ratio``: each try timed three times, read at the median); returns (model,
+    ratio, measured latency_rel, every try as [ratio, latency_rel]) of the try chosen (the in-band try of the
+    highest latency, else the highest at or below the target, else the fastest).
 
     ``reference``: the depth row's deployed structure (rebuilt), whose latency_rel is ``target``: each try is then
     timed in turns with it, not with the baseline, and its latency_rel read as target x (try / reference), so that
-    the match does not depend on the drift between the depth row's own measurement and this one."""
-    aim = target - tolerance / 2
-    lo, hi, best, tries = 0.0, 0.95, None, []
-    for _ in range(iterations):
-        ratio = (lo + hi) / 2
-        candidate = prune_channels(model, method, ratio, calib)
-        rel = latency_rel(candidate, base_plain, args.repeats) if reference is None else (
-            target * latency_rel(candidate, reference, args.repeats))
-        tries.append([ratio, rel])
-        if best is None or abs(rel - aim) < abs(best[2] - aim):
-            best = (candidate, ratio, rel)
-        if abs(rel - aim) <= tolerance / 2:
-            break
-        lo, hi = (ratio, hi) if rel > aim else (lo, ratio)
-    return (*best, tries)
+    the match does not depend on the drift between the depth row's own measurement and this one. Rows before the
+    library's search aimed at the band's middle with one timing per try."""
+    def cost(candidate):
+        if reference is None:
+            return latency_rel(candidate, base_plain, args.repeats)
+        return target * latency_rel(candidate, reference, args.repeats)
+
+    search = bisect_ratio(lambda ratio: prune_channels(model, method, ratio, calib), cost, target,
+                          tolerance=tolerance, iterations=iterations, confirm=3)
+    return search.model, search.ratio, search.cost_rel, [[ratio, rel] for ratio, rel, _ in search.tries]
 
 
 def channel_row(method, arch, target, seed, base, data, calib, base_plain, rows_dir, args):

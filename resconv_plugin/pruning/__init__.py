@@ -8,11 +8,13 @@
 * :mod:`~resconv_plugin.pruning.calibration`: measurements on a calibration batch, BatchNorm re-estimation.
 * :mod:`~resconv_plugin.pruning.pruner`: :class:`LayerPruner`, composing them.
 * :mod:`~resconv_plugin.pruning.channels`: torch-pruning's channel pruners set up for gated models.
+* :mod:`~resconv_plugin.pruning.bisect`: :func:`bisect_ratio`, the one search of a channel ratio that meets a cost.
 * :mod:`~resconv_plugin.pruning.joint`: :class:`JointPruner`, one budget split between depth and width.
 
 A new importance criterion is one :class:`GateImportance` subclass, passed as ``LayerPruner(importance=...)``.
 """
 
+from resconv_plugin.pruning.bisect import RatioSearch, bisect_ratio
 from resconv_plugin.pruning.calibration import calibration_loss, output_divergence, recalibrate_batchnorm
 from resconv_plugin.pruning.cost import (flops_savings, latency_table, measured_saving, predicted_saving,
                                          removal_signatures)
@@ -34,5 +36,5 @@ __all__ = [
     "removal_signatures",
     "select_within_budget", "select_iteratively", "select_count", "set_saving", "CapSchedule", "L1Regularizer", "MODES",
     "output_divergence", "calibration_loss", "recalibrate_batchnorm", "FixedSetImportance", "JointPruner", "JointPlan",
-    "SplitCandidate", "channel_pruner", "classifier_of",
+    "SplitCandidate", "channel_pruner", "classifier_of", "bisect_ratio", "RatioSearch",
 ]

@@ -49,6 +49,7 @@ from resconv_plugin.measure.latency import interleaved_latencies
 from resconv_plugin.fx.surgery import gated_modules, remove
 from resconv_plugin._utils import ExampleInputs, as_input_tuple, check_module, eval_mode
 from resconv_plugin.pruning.calibration import calibration_loss, output_divergence, recalibrate_batchnorm
+from resconv_plugin.pruning.bisect import bisect_ratio
 from resconv_plugin.pruning.importance import GateImportance
 from resconv_plugin.pruning.select import set_saving
 
@@ -186,6 +187,7 @@ class JointPruner:
         self._base = deployed(model)
         self._references = self._outputs(model)
         self._probe = None  # the LayerPruner that ranks the gates for every share (built on first use)
+        self.last_search = None  # the RatioSearch of the last meet() (every try, for the report)
         self._depth_cost = "latency" if cost == "latency" else "flops"  # its budget (a callable cost: FLOPs)
 
     # ------------------------------------------------------------------------------------------------ costs
@@ -257,8 +259,9 @@ class JointPruner:
 
     def meet(self, model: nn.Module, target: Optional[float] = None, strict: bool = True) -> tuple:
         """Channel-prune a copy of ``model`` (e.g. the depth-pruned, trained one) until its cost relative to this
-        pruner's baseline is at most ``target`` (default: ``1 - reduction``), bisecting torch-pruning's
-        ``pruning_ratio`` to within ``tolerance`` below it; returns ``(model, ratio, cost_rel)``.
+        pruner's baseline is at most ``target`` (default: ``1 - reduction``), within ``tolerance`` below it
+        (:func:`~resconv_plugin.pruning.bisect_ratio`; with ``cost="latency"`` each try is timed three times and read
+        at the median); returns ``(model, ratio, cost_rel)``.
 
         Args:
             strict: raise a ``ValueError`` when no ratio up to 0.95 reaches ``target``; ``False``: return the
@@ -266,29 +269,12 @@ class JointPruner:
                 better the closest model than none).
         """
         target = 1.0 - self.reduction if target is None else target
-        rel = self.cost_rel(model)
-        if rel <= target:
-            return model, 0.0, rel
-        lo, hi, best, cheapest = 0.0, 0.95, None, None
-        for _ in range(12):
-            ratio = (lo + hi) / 2
-            candidate = self._channels(model, ratio)
-            rel = self.cost_rel(candidate)
-            if cheapest is None or rel < cheapest[2]:
-                cheapest = (candidate, ratio, rel)
-            if rel <= target:
-                if best is None or ratio < best[1]:
-                    best = (candidate, ratio, rel)
-                hi = ratio
-                if rel >= target - self.tolerance:
-                    break
-            else:
-                lo = ratio
-        if best is None:
-            if not strict:
-                return cheapest
+        search = bisect_ratio(lambda ratio: self._channels(model, ratio), self.cost_rel, target,
+                              tolerance=self.tolerance, confirm=3 if self.cost == "latency" else 1)
+        self.last_search = search
+        if not search.met and strict:
             raise ValueError(f"channel pruning up to ratio 0.95 does not reach {target:.3f} of the cost")
-        return best
+        return search.model, search.ratio, search.cost_rel
 
     def _outputs(self, model: nn.Module) -> tuple:
         """Outputs on the calibration batch as the model is, and after re-estimating its BatchNorm statistics."""
