@@ -40,8 +40,11 @@ log = logging.getLogger("resconv")
 COMMAND_ONLY = ("command_name", "config", "quick", "log_level", "no_plots")
 QUICK = {"train_subset": 1024, "val_subset": 512, "latency_repeats": 10, "epochs": 1, "sparsity_epochs": 1,
          "finetune_epochs": 1, "calibration_size": 64, "joint_recovery_steps": 8}
-DEMO = {"model": "cifar_resnet20", "data": "fashion-mnist", "train_subset": 10000, "epochs": 3, "lr": 0.1,
-        "sparsity_epochs": 2, "finetune_epochs": 2, "flops_reduction": 0.4, "output": "runs/demo"}
+#: ``resconv demo``: the trained cifar_resnet20 shipped with the package (94.56% on Fashion-MNIST), compressed with
+#: the command's defaults (block gates, magnitude, 1 + 5 epochs) on 6,000 training images: 35% of the FLOPs.
+#: (``pretrained_file``: :func:`resconv_plugin.models.weights.bundled_file`, filled in when the demo is parsed).
+DEMO = {"model": "cifar_resnet20", "data": "fashion-mnist", "epochs": 0, "train_subset": 6000,
+        "flops_reduction": 0.35, "output": "runs/demo"}
 
 
 class _KeyValue(argparse.Action):
@@ -254,7 +257,9 @@ def _parse_namespace(argv: Sequence[str]) -> argparse.Namespace:
     args = parser.parse_args(argv)
     sub = parser._subparsers._group_actions[0].choices[args.command_name]
     if args.command_name == "demo":
-        sub.set_defaults(**{k: v for k, v in DEMO.items() if k != "output"})
+        from resconv_plugin.models.weights import bundled_file
+
+        sub.set_defaults(**{k: v for k, v in DEMO.items() if k != "output"}, pretrained_file=bundled_file())
         args = parser.parse_args(argv)
     elif args.config is not None:
         sub.set_defaults(**_config_defaults(sub, args.config))

@@ -21,7 +21,34 @@ from typing import Callable, Dict
 
 import torch
 
-__all__ = ["ADAPTERS", "ADAPTER_MODELS", "ADAPTER_FILES", "efficientnet_lite0_to_timm", "efficientnet_lite0_file"]
+__all__ = ["ADAPTERS", "ADAPTER_MODELS", "ADAPTER_FILES", "efficientnet_lite0_to_timm", "efficientnet_lite0_file",
+           "BUNDLED", "bundled_file"]
+
+#: Trained models shipped inside the package (``resconv demo`` starts from the first): name -> file name under
+#: ``resconv_plugin/models/pretrained/`` (written by ``resconv_plugin.save``; ``benchmarks/baselines/README.md`` has
+#: the command that trained each and its top-1).
+BUNDLED = {"cifar_resnet20_fmnist": "cifar_resnet20_fmnist.safetensors"}
+
+
+def bundled_file(name: str = "cifar_resnet20_fmnist") -> Path:
+    """The path of a trained model shipped with the package: ``cifar_resnet20_fmnist`` is timm's
+    ``cifar_resnet20`` (registered by resconv_plugin) trained on full Fashion-MNIST, 94.56% top-1.
+
+    Load it with ``resconv_plugin.load(path)``, or pass it as ``--pretrained-file`` to ``resconv compress``.
+
+    Raises:
+        ValueError: an unknown name (names the ones shipped).
+
+    Example:
+        >>> import resconv_plugin
+        >>> from resconv_plugin.models.weights import bundled_file
+        >>> model = resconv_plugin.load(bundled_file("cifar_resnet20_fmnist"))
+        >>> sum(p.numel() for p in model.parameters())
+        272186
+    """
+    if name not in BUNDLED:
+        raise ValueError(f"no bundled model {name!r}: one of {', '.join(BUNDLED)}")
+    return Path(__file__).resolve().parent / "pretrained" / BUNDLED[name]
 
 _LITE0_STAGES = (1, 2, 2, 3, 3, 4, 1)
 _TOP = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
