@@ -95,6 +95,49 @@ def test_channels_last_training_matches_nchw():
         torch.testing.assert_close(results[True][key], value, rtol=1e-3, atol=1e-4, msg=key)
 
 
+
+def _pretend_two_gpus(monkeypatch) -> list:
+    """torch.cuda as a machine with two GPUs reports it (nothing runs on them): returns the list that records every
+    set_device / synchronize call."""
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(("set_device", torch.device(d))))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda d=None: calls.append(("synchronize", d)))
+    return calls
+
+
+def test_a_named_gpu_becomes_the_current_device_in_one_process(monkeypatch):
+    """--device cuda:1 without torchrun: cuda:1 is made the current device (torch.cuda.synchronize() and pinned
+    copies then act on it, not on GPU 0); an index past the GPUs is a clear error."""
+    from resconv_plugin.workflow.distributed import init_distributed
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    calls = _pretend_two_gpus(monkeypatch)
+    assert init_distributed("cuda:1").device == torch.device("cuda", 1)
+    assert calls == [("set_device", torch.device("cuda", 1))]
+    calls.clear()
+    assert init_distributed("cpu").device == torch.device("cpu") and calls == []
+    with pytest.raises(ValueError, match="--device cuda:2: this machine has 2 GPUs \\(cuda:0 to cuda:1\\)"):
+        resolve_device("cuda:2")
+
+
+def test_latency_timing_waits_for_the_device_it_times(monkeypatch):
+    """The clock of a latency table on cuda:1 synchronises cuda:1 (whatever device is current); a CPU clock
+    synchronises nothing."""
+    from resconv_plugin.measure.latency import interleaved_latencies, median_latency
+
+    calls = _pretend_two_gpus(monkeypatch)
+    median_latency(lambda: None, repeats=3, warmup=0, device="cuda:1")
+    assert calls == [("synchronize", torch.device("cuda", 1))] * 6  # before and after each timed run
+    calls.clear()
+    interleaved_latencies({"a": lambda: None, "b": lambda: None}, repeats=2, warmup=0, device=torch.device("cuda", 1))
+    assert calls == [("synchronize", torch.device("cuda", 1))] * 8
+    calls.clear()
+    median_latency(lambda: None, repeats=3, warmup=0, device="cpu")
+    assert calls == []
+
+
 # ------------------------------------------------------------------------------------------------ on a GPU
 @needs_cuda
 def test_fusion_and_removal_exact_on_cuda():

@@ -93,3 +93,41 @@ def test_global_batchnorm_is_plain_batchnorm_alone():
         torch.testing.assert_close(bn(x), torch.nn.functional.batch_norm(x, None, None, bn.weight, bn.bias, True))
     assert type(bn) is torch.nn.BatchNorm2d
     assert set(bn.state_dict()) == {"weight", "bias", "running_mean", "running_var", "num_batches_tracked"}
+
+
+def test_run_on_main_measures_once_and_every_rank_raises_its_error():
+    """Dist.run_on_main: rank 0 runs the function and every rank gets its result; when it raises, every rank
+    raises the same error (no rank is left waiting in a collective); the other ranks never run it."""
+    import pytest
+
+    from helpers import RecordedDist
+    from resconv_plugin.workflow import ConfigError
+
+    main = RecordedDist(rank=0)
+    assert main.run_on_main(lambda: {"ratio": 0.25}) == {"ratio": 0.25}
+
+    def unreachable():
+        raise ConfigError("latency_reduction=0.9 is unreachable")
+
+    with pytest.raises(ConfigError, match="unreachable"):
+        main.run_on_main(unreachable)
+    other = RecordedDist(rank=1, replies=main.sent)
+
+    def never():
+        raise AssertionError("only rank 0 runs it")
+
+    assert other.run_on_main(never) == {"ratio": 0.25}
+    with pytest.raises(ConfigError, match="latency_reduction=0.9 is unreachable"):
+        other.run_on_main(never)
+
+
+def test_broadcast_refuses_tensors_and_modules():
+    """A pickled CUDA tensor unpickles onto rank 0's GPU in every process: the broadcast carries plans."""
+    import pytest
+
+    from resconv_plugin.workflow import Dist
+
+    for obj in (torch.zeros(2), torch.nn.Linear(2, 2)):
+        with pytest.raises(TypeError, match="not a (Tensor|Linear)"):
+            Dist().broadcast(obj)
+    assert Dist().broadcast({"ratio": 0.5}) == {"ratio": 0.5}
