@@ -103,21 +103,21 @@ class Dist:
             dist.destroy_process_group()
 
 
-def resolve_device(device: str = "auto") -> torch.device:
+def resolve_device(device: str = "auto", option: str = "--device") -> torch.device:
     """``"auto"``: CUDA when available (as timm's train.py), else the CPU; otherwise the named device, checked
-    (a CUDA index must name one of this machine's GPUs)."""
+    (a CUDA index must name one of this machine's GPUs). ``option``: the setting named in the error."""
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         resolved = torch.device(device)
     except RuntimeError as exc:
-        raise ConfigError(f"--device {device!r} is not a device name (cpu, cuda, cuda:1, ...)") from exc
+        raise ConfigError(f"{option} {device!r} is not a device name (cpu, cuda, cuda:1, ...)") from exc
     if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {device}: CUDA is not available on this machine (torch {torch.__version__}); "
-                         "use --device cpu")
+        raise ConfigError(f"{option} {device}: CUDA is not available on this machine (torch {torch.__version__}); "
+                         f"use {option} cpu")
     if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
         count = torch.cuda.device_count()
-        raise ConfigError(f"--device {device}: this machine has {count} GPU{'s' if count != 1 else ''} "
+        raise ConfigError(f"{option} {device}: this machine has {count} GPU{'s' if count != 1 else ''} "
                          f"(cuda:0{f' to cuda:{count - 1}' if count > 1 else ''})")
     return resolved
 
