@@ -138,6 +138,51 @@ def test_latency_timing_waits_for_the_device_it_times(monkeypatch):
     assert calls == []
 
 
+
+def test_fp16_loss_scaler_falls_back_on_torch_before_2_3(monkeypatch):
+    """pyproject allows torch >= 2.1; torch.amp.GradScaler exists from 2.3: before, fp16 on CUDA takes
+    torch.cuda.amp.GradScaler, and fp16 on the CPU is refused with the versions named."""
+    from resconv_plugin.workflow.training import check_amp, grad_scaler
+
+    assert isinstance(grad_scaler("cpu"), torch.amp.GradScaler)
+
+    class CudaScaler:
+        pass
+
+    monkeypatch.delattr(torch.amp, "GradScaler")
+    monkeypatch.setattr(torch.cuda.amp, "GradScaler", CudaScaler)
+    assert isinstance(grad_scaler(torch.device("cuda", 0)), CudaScaler)
+    check_amp("fp16", "cuda")
+    with pytest.raises(ValueError, match="amp fp16 on cpu needs torch >= 2.3 \\(torch.amp.GradScaler\\); this is "
+                                         "torch .*: use bf16, or train on a GPU"):
+        grad_scaler("cpu")
+
+
+def test_bf16_on_a_gpu_without_bfloat16_is_refused_before_training(tmp_path, monkeypatch):
+    """--amp bf16 on a GPU older than compute capability 8.0 (V100, T4): a ConfigError from the preflight, before
+    the baseline trains; on an A100 / H100 or the CPU it passes."""
+    from resconv_plugin.workflow import CompressionConfig, ConfigError, Pipeline
+    from resconv_plugin.workflow.training import check_amp
+
+    capability = [(7, 0)]
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability[0])
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla V100-SXM2-16GB")
+    monkeypatch.setattr(torch.version, "hip", None)
+    with pytest.raises(ValueError, match="amp bf16: Tesla V100-SXM2-16GB \\(cuda:0\\) has compute capability 7.0, "
+                                         "and bfloat16 needs 8.0 or newer .*: use fp16"):
+        check_amp("bf16", "cuda:0")
+    check_amp("bf16", "cpu")
+    check_amp("fp16", "cuda:0")
+    config = CompressionConfig(model="cifar_resnet20", amp="bf16", epochs=1, output=tmp_path / "run", plots=False,
+                               progress=False)
+    pipeline = Pipeline(config.validated(), data=synthetic())
+    pipeline.device = torch.device("cuda", 0)  # the preflight only: nothing runs there
+    with pytest.raises(ConfigError, match="--amp bf16: Tesla V100"):
+        pipeline._preflight()
+    capability[0] = (8, 0)
+    pipeline._preflight()
+
+
 # ------------------------------------------------------------------------------------------------ on a GPU
 @needs_cuda
 def test_fusion_and_removal_exact_on_cuda():

@@ -41,7 +41,7 @@ from resconv_plugin.deploy.fold import deployed
 from resconv_plugin.workflow.report import latency_label, stage_latencies, stage_table, write_report
 from resconv_plugin._utils import atomic_file
 from resconv_plugin.workflow.rules import finetune, remove_pruned, sparsity_steps
-from resconv_plugin.workflow.training import StageSettings, evaluate, train_stage
+from resconv_plugin.workflow.training import StageSettings, check_amp, evaluate, train_stage
 from resconv_plugin.data import BatchLoader, ImageData, build_datasets, calibration_batch
 
 __all__ = ["compress", "Pipeline", "STAGES", "RESUME_IGNORED", "environment"]
@@ -430,14 +430,19 @@ class Pipeline:
         return self._finish()
 
     def _preflight(self) -> None:
-        """Fail before any training when the model cannot be converted or the budget cannot be met (checked on rank
-        0, a latency budget on the latency device; every process raises the same error)."""
+        """Fail before any training when the model cannot be converted, the budget cannot be met or the mixed
+        precision cannot run on the device (checked on rank 0, a latency budget on the latency device; every process
+        raises the same error)."""
         self.dist.run_on_main(self._check_budget)
 
     def _check_budget(self) -> None:
         import timm
 
         c = self.config
+        try:
+            check_amp(None if c.amp == "none" else c.amp, self.device, option="--amp")
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
         probe = next((m for m in (self.model, self.initial_model) if m is not None), None)
         if probe is None:
             probe = timm.create_model(c.model, **c.model_factory_kwargs())
