@@ -216,3 +216,39 @@ def test_compress_quick_on_cuda(tmp_path, amp):
     assert run.returncode == 0, run.stderr[-3000:]
     assert (tmp_path / "model.safetensors").is_file()
 
+
+
+def _global_batchnorm_worker(rank: int, world: int, port: int, out: str) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    from resconv_plugin.workflow.syncbn import GlobalBatchNorm2d
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)  # gloo all-reduces CUDA tensors too
+    try:
+        x = torch.randn(8, 4, 5, 5, generator=torch.Generator().manual_seed(0)).cuda()
+        bn = GlobalBatchNorm2d(4).cuda().train()
+        y = bn(x[rank * 4:(rank + 1) * 4])
+        torch.save({"y": y.cpu(), "running_mean": bn.running_mean.cpu()}, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+@needs_cuda
+def test_global_batchnorm_on_cuda_tensors(tmp_path):
+    """GlobalBatchNorm2d (a public class) built its count on the CPU: torch.cat with CUDA sums failed."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_global_batchnorm_worker, args=(2, port, str(tmp_path / "bn")), nprocs=2)
+    x = torch.randn(8, 4, 5, 5, generator=torch.Generator().manual_seed(0))
+    want = torch.nn.functional.batch_norm(x, None, None, training=True)
+    got = torch.cat([torch.load(tmp_path / f"bn.{rank}")["y"] for rank in (0, 1)])
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(torch.load(tmp_path / "bn.0")["running_mean"], 0.1 * x.mean((0, 2, 3)))
