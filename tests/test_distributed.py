@@ -131,3 +131,24 @@ def test_broadcast_refuses_tensors_and_modules():
         with pytest.raises(TypeError, match="not a (Tensor|Linear)"):
             Dist().broadcast(obj)
     assert Dist().broadcast({"ratio": 0.5}) == {"ratio": 0.5}
+
+
+def test_the_process_group_outwaits_rank_0_alone(monkeypatch):
+    """Rank 0 evaluates, records and measures while the others wait in a collective: the group's timeout is
+    PROCESS_GROUP_TIMEOUT (2 hours), not NCCL's 10-minute watchdog."""
+    from resconv_plugin.workflow import distributed
+
+    joined = {}
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda **kw: joined.update(kw))
+    monkeypatch.setattr(dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    threads = torch.get_num_threads()
+    try:
+        run = distributed.init_distributed("cpu")
+    finally:
+        torch.set_num_threads(threads)
+    assert (run.rank, run.world) == (1, 2)
+    assert joined == {"backend": "gloo", "timeout": distributed.PROCESS_GROUP_TIMEOUT}
+    assert distributed.PROCESS_GROUP_TIMEOUT.total_seconds() == 2 * 3600

@@ -128,7 +128,7 @@ class Run:
         """Top-1, FLOPs and params of ``model`` as deployed; that deployed copy goes to ``stages/<stage>.safetensors``
         (reloadable with ``resconv_plugin.load``; the latencies of all stages are measured together at the end)."""
         if self.dist.main:
-            top1 = evaluate(model, data)
+            top1 = evaluate(model, data, workers=self.config.workers)
             plain = deployed(model)
             flops = count_flops(plain, example)
             self.save_model(plain, self.out / "stages" / f"{stage}.safetensors")

@@ -178,13 +178,14 @@ def model_device(model: nn.Module) -> torch.device:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: ImageData, batch_size: int = 500) -> float:
+def evaluate(model: nn.Module, data: ImageData, batch_size: int = 500, workers: int = 0) -> float:
     """Top-1 accuracy (%) of ``model`` on the validation split, on the model's device (eval mode; training flag
-    restored)."""
+    restored). ``workers``: DataLoader workers for ImageFolder (decoding a large validation set in the main process
+    is slow; in a distributed run the other processes wait for rank 0's evaluation)."""
     was_training = model.training
     model.eval()
     correct = total = 0
-    for x, y in BatchLoader(data, False, batch_size, device=model_device(model)):
+    for x, y in BatchLoader(data, False, batch_size, workers=workers, device=model_device(model)):
         correct += (model(x).argmax(1) == y).sum().item()
         total += len(y)
     model.train(was_training)
@@ -412,7 +413,8 @@ class _Stage:
                          gates_zero=sum(g == 0.0 for g in gates.values()), gates=len(gates))
             progress.pruner = pruner.state_dict()
         if self.dist.main:
-            entry["val_acc"] = evaluate(self.ema.module if self.ema is not None else self.model, self.data)
+            entry["val_acc"] = evaluate(self.ema.module if self.ema is not None else self.model, self.data,
+                                        workers=s.workers)
         progress.epochs_log.append(entry)
         log.info("%s epoch %d/%d: loss %.4f, train acc %.2f%%, val acc %s, lr %.4g, %.0fs%s", s.name, epoch + 1,
                  s.epochs, entry["train_loss"], entry["train_acc"],
