@@ -189,6 +189,20 @@ def test_bf16_on_a_gpu_without_bfloat16_is_refused_before_training(tmp_path, mon
     pipeline._preflight()
 
 
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA: the refusal is for machines without")
+def test_gpu_check_script_refuses_without_a_gpu():
+    """benchmarks/gpu_check.sh says there is no GPU (exit status 2) instead of failing its CUDA tests one by one."""
+    import os
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_check.sh"
+    run = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, PYTHON=sys.executable))
+    assert run.returncode == 2, run.stdout[-2000:] + run.stderr[-2000:]
+    assert "gpu_check: no CUDA GPU visible to" in run.stderr
+
+
 # ------------------------------------------------------------------------------------------------ on a GPU
 @pytest.fixture
 def no_tf32():
