@@ -7,6 +7,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 import resconv_plugin
+from resconv_plugin.workflow.distributed import Dist
 
 
 @torch.no_grad()
@@ -52,3 +53,41 @@ def require_fashion_mnist():
         if os.environ.get("CI", "").lower() == "true":
             raise
         pytest.skip(str(exc))
+
+
+
+class RecordedDist(Dist):
+    """Rank ``rank`` of a 2-process run without a process group (a ``Dist`` whose collectives are recorded): what
+    rank 0 broadcasts is kept in ``sent``; another rank receives ``replies`` (what rank 0 sent), in order."""
+
+    def __init__(self, rank: int = 0, replies=None, device: torch.device = torch.device("cpu")) -> None:
+        super().__init__(rank=rank, world=2, device=device)
+        self.sent, self.replies = [], list(replies or [])
+
+    def barrier(self) -> None:
+        pass
+
+    def broadcast(self, obj):
+        if self.main:
+            self.sent.append(obj)
+            return obj
+        return self.replies.pop(0)
+
+    def all_sum(self, *values: float) -> list:
+        return list(values)
+
+def holds_tensors(obj) -> bool:
+    """Whether ``obj`` (nested containers, dataclasses, objects) holds a tensor or a module anywhere."""
+    import dataclasses
+
+    if isinstance(obj, (torch.Tensor, nn.Module)):
+        return True
+    if isinstance(obj, dict):
+        return any(holds_tensors(k) or holds_tensors(v) for k, v in obj.items())
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        return any(holds_tensors(v) for v in obj)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return any(holds_tensors(getattr(obj, f.name)) for f in dataclasses.fields(obj))
+    if isinstance(obj, BaseException):
+        return holds_tensors(obj.args)
+    return hasattr(obj, "__dict__") and not isinstance(obj, type) and holds_tensors(vars(obj))

@@ -112,6 +112,8 @@ def test_imagefolder_quick(tmp_path):
     assert report["settings"]["num_classes"] == 3 and report["settings"]["in_chans"] == 3
     model = resconv_plugin.load(out / "model.safetensors")
     assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 3)
+    data = build_datasets("imagefolder", root, img_size=32)  # evaluation decoded by workers: the same figure
+    assert evaluate(model, data, workers=2) == evaluate(model, data)
 
 
 def test_yaml_config_and_command_line_override(tmp_path):

@@ -93,3 +93,62 @@ def test_global_batchnorm_is_plain_batchnorm_alone():
         torch.testing.assert_close(bn(x), torch.nn.functional.batch_norm(x, None, None, bn.weight, bn.bias, True))
     assert type(bn) is torch.nn.BatchNorm2d
     assert set(bn.state_dict()) == {"weight", "bias", "running_mean", "running_var", "num_batches_tracked"}
+
+
+def test_run_on_main_measures_once_and_every_rank_raises_its_error():
+    """Dist.run_on_main: rank 0 runs the function and every rank gets its result; when it raises, every rank
+    raises the same error (no rank is left waiting in a collective); the other ranks never run it."""
+    import pytest
+
+    from helpers import RecordedDist
+    from resconv_plugin.workflow import ConfigError
+
+    main = RecordedDist(rank=0)
+    assert main.run_on_main(lambda: {"ratio": 0.25}) == {"ratio": 0.25}
+
+    def unreachable():
+        raise ConfigError("latency_reduction=0.9 is unreachable")
+
+    with pytest.raises(ConfigError, match="unreachable"):
+        main.run_on_main(unreachable)
+    other = RecordedDist(rank=1, replies=main.sent)
+
+    def never():
+        raise AssertionError("only rank 0 runs it")
+
+    assert other.run_on_main(never) == {"ratio": 0.25}
+    with pytest.raises(ConfigError, match="latency_reduction=0.9 is unreachable"):
+        other.run_on_main(never)
+
+
+def test_broadcast_refuses_tensors_and_modules():
+    """A pickled CUDA tensor unpickles onto rank 0's GPU in every process: the broadcast carries plans."""
+    import pytest
+
+    from resconv_plugin.workflow import Dist
+
+    for obj in (torch.zeros(2), torch.nn.Linear(2, 2)):
+        with pytest.raises(TypeError, match="not a (Tensor|Linear)"):
+            Dist().broadcast(obj)
+    assert Dist().broadcast({"ratio": 0.5}) == {"ratio": 0.5}
+
+
+def test_the_process_group_outwaits_rank_0_alone(monkeypatch):
+    """Rank 0 evaluates, records and measures while the others wait in a collective: the group's timeout is
+    PROCESS_GROUP_TIMEOUT (2 hours), not NCCL's 10-minute watchdog."""
+    from resconv_plugin.workflow import distributed
+
+    joined = {}
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda **kw: joined.update(kw))
+    monkeypatch.setattr(dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    threads = torch.get_num_threads()
+    try:
+        run = distributed.init_distributed("cpu")
+    finally:
+        torch.set_num_threads(threads)
+    assert (run.rank, run.world) == (1, 2)
+    assert joined == {"backend": "gloo", "timeout": distributed.PROCESS_GROUP_TIMEOUT}
+    assert distributed.PROCESS_GROUP_TIMEOUT.total_seconds() == 2 * 3600

@@ -125,3 +125,36 @@ def test_fuse_in_train_mode_requires_flag(groups):
     with torch.no_grad():
         x = torch.randn(2, C, 5, 5)
         assert rel_err(fused(x), block.eval()(x)) <= 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_gates_stay_float32_in_a_half_precision_model(dtype):
+    """A ``.half()`` model kept float16 gates, which the proximal step (lr x reg, about 2e-4) cannot move: 1 - 2e-4
+    rounds back to 1 in float16. Gates stay float32 when the model is cast or converted in half precision; the
+    activations keep the model's dtype; float64 models keep float64 gates."""
+    import copy
+
+    import resconv_plugin
+
+    assert (torch.tensor(1.0, dtype=torch.float16) - 2e-4).item() == 1.0
+    x = torch.randn(2, 1, 12, 12)
+    model = resconv_plugin.create_model("cifar_resnet20", num_classes=2, in_chans=1, example_inputs=x[:1],
+                                        level="auto").eval()
+    for m in (copy.deepcopy(model).to(dtype), copy.deepcopy(model).half().to(dtype)):
+        gates = list(resconv_plugin.gated_modules(m).values())
+        assert gates and all(g.gamma.dtype == torch.float32 for g in gates)
+        assert all(p.dtype == dtype for n, p in m.named_parameters() if not n.endswith("gamma"))
+        gamma = gates[0].gamma
+        with torch.no_grad():
+            gamma.sub_(2e-4)  # one proximal step
+        assert gamma.item() == pytest.approx(1 - 2e-4, rel=1e-6)
+    block = ResConv(nn.Conv2d(C, C, 3, padding=1), nn.BatchNorm2d(C)).to(dtype).eval()
+    assert block.gamma.dtype == torch.float32 and block.conv.weight.dtype == dtype
+    if dtype == torch.bfloat16:  # CPU kernels: bfloat16 convs everywhere
+        with torch.no_grad():
+            assert block(torch.randn(2, C, 5, 5, dtype=dtype)).dtype == dtype
+        converted = resconv_plugin.create_model("cifar_resnet20", num_classes=2, in_chans=1).to(dtype).eval()
+        resconv_plugin.convert(converted, x[:1].to(dtype))
+        assert all(g.gamma.dtype == torch.float32 for g in resconv_plugin.gated_modules(converted).values())
+        assert resconv_plugin.deployed(converted)(x.to(dtype)).dtype == dtype
+    assert block.double().gamma.dtype == torch.float64 and block.float().gamma.dtype == torch.float32

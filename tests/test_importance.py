@@ -126,6 +126,24 @@ def test_taylor_equals_hand_computed_product():
     assert taylor(net, gates)["0"] == pytest.approx(0.7, rel=1e-6)
 
 
+
+def test_taylor_leaves_out_steps_with_non_finite_gradients():
+    """fp16 loss scaling: an overflow step has inf / NaN gate gradients after unscale_ (and the scaler skips it);
+    Taylor leaves that step out instead of summing inf / NaN into every score."""
+    net = nn.Sequential(nn.Conv2d(2, 2, 3, padding=1), nn.BatchNorm2d(2), nn.Conv2d(2, 2, 3, padding=1),
+                        nn.BatchNorm2d(2)).eval()
+    resconv_plugin.convert(net, torch.randn(1, 2, 4, 4))
+    gates = resconv_plugin.gated_modules(net)
+    first, second = (gates[n].gamma for n in gates)
+    taylor = TaylorImportance()
+    for grads in ((0.5, 1.0), (float("inf"), 1.0), (2.0, float("nan")), (1.5, 3.0)):
+        first.grad, second.grad = (torch.tensor(g) for g in grads)
+        taylor.observe(gates)
+    assert taylor.state_dict()["count"] == 2
+    scores = taylor(net, gates)
+    assert list(scores.values()) == pytest.approx([(0.5 + 1.5) / 2, (1.0 + 3.0) / 2], rel=1e-6)
+    assert all(math.isfinite(v) for v in scores.values())
+
 def test_make_importance_and_errors():
     assert isinstance(make_importance("magnitude"), MagnitudeImportance)
     assert make_importance("removal-iterative").iterative

@@ -84,7 +84,7 @@ def test_budget_met_within_one_channel_group():
     assert best.cost_rel <= 0.65
     kept = [m.out_channels for m in pruner.apply(best).modules() if isinstance(m, nn.Conv2d)][0]
     assert kept < C
-    one_less = pruner._channels(pruner.model, (C - kept - 1) / C)  # one channel (this net's group) fewer pruned
+    one_less = pruner.prune_channels(pruner.model, (C - kept - 1) / C)  # one channel (this net's group) fewer pruned
     assert [m.out_channels for m in one_less.modules() if isinstance(m, nn.Conv2d)][0] == kept + 1
     assert pruner.cost_rel(one_less) > 0.65
 

@@ -210,3 +210,53 @@ def test_resconv_export_command(tmp_path, capsys):
     assert "input 1x28x28, dynamic batch): ONNX Runtime agrees with PyTorch" in out and (tmp_path / "m.onnx").is_file()
     assert main(["export", str(path), "--onnx", str(tmp_path / "no" / "m.onnx")]) == 2
     assert "does not exist: create" in capsys.readouterr().err
+
+
+class _OnAGpu(nn.Module):
+    """A deployed model as a model on a GPU behaves on this machine: it runs only after a move to the CPU (every
+    module move, ``.cpu()`` / ``.to(...)``, goes through ``Module._apply``)."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner, self.on_cpu = inner, False
+
+    def _apply(self, fn, *args, **kwargs):
+        self.on_cpu = fn(torch.zeros(())).device.type == "cpu"
+        return super()._apply(fn, *args, **kwargs)
+
+    def forward(self, x):
+        if not self.on_cpu:
+            raise RuntimeError("Expected all tensors to be on the same device, but found at least two devices, "
+                               "cuda:0 and cpu!")
+        return self.inner(x)
+
+
+class _GpuTensor(torch.Tensor):
+    """An input as a CUDA tensor behaves: no ``.numpy()``; ``.cpu()`` gives a plain CPU tensor."""
+
+    def numpy(self, *args, **kwargs):
+        raise TypeError("can't convert cuda:0 device type tensor to numpy. Use Tensor.cpu() to copy the tensor to "
+                        "host memory first.")
+
+    def cpu(self, *args, **kwargs):
+        return self.as_subclass(torch.Tensor)
+
+
+def test_onnx_export_of_a_model_on_a_gpu_goes_through_a_cpu_copy(tmp_path, monkeypatch):
+    """export_onnx of a CUDA model used to add CPU noise to CUDA inputs and call .numpy() on CUDA tensors: the
+    export, the ONNX Runtime check and the reference now run on a CPU copy of the deployed model and the inputs."""
+    from resconv_plugin.deploy import onnx_export
+
+    model = onnx_cases()["block"]
+    placed = []
+
+    def deployed_on_a_gpu(m):
+        placed.append(_OnAGpu(resconv_plugin.deployed(m)))
+        return placed[-1]
+
+    monkeypatch.setattr(onnx_export, "deployed", deployed_on_a_gpu)
+    x = X[:1].clone().as_subclass(_GpuTensor)
+    with pytest.raises(TypeError, match="can't convert cuda:0"):
+        x.numpy()
+    result = resconv_plugin.export_onnx(model, x, tmp_path / "gpu.onnx")
+    assert placed[0].on_cpu and result.max_relative_error <= 1e-4 and result.checked_batches == [1, 5]

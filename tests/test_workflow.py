@@ -381,3 +381,92 @@ def test_compress_default_level_says_how_to_go_past_what_blocks_reach(tmp_path):
                                plots=False, progress=False)
     with pytest.raises(ConfigError, match="--level auto chose block gates.*pass --level layer"):
         compress(config, data=tiny_data())
+
+
+def test_latency_is_measured_on_the_training_device_unless_latency_device_says(tmp_path, monkeypatch):
+    """--latency-device defaults to the training device: the preflight's reachability check, the joint planner and
+    (in the run's memory format) every pruner time there, not on the CPU the example was built on (on a GPU the
+    batch-1 latency is launch-bound: a CPU table passed the check, then the run died after training)."""
+    from resconv_plugin.workflow import pipeline as pipeline_module
+
+    config = CompressionConfig(model="cifar_resnet20", epochs=0, sparsity_epochs=0, finetune_epochs=0, batch_size=32,
+                               latency_reduction=0.3, channel_pruning="auto", channels_last=True,
+                               output=tmp_path / "run", latency_repeats=2, plots=False, progress=False)
+    pipeline = Pipeline(config.validated(), data=tiny_data())
+    assert pipeline.latency_device == torch.device("cpu")
+    pipeline.device = torch.device("cuda", 1)  # a run on the second GPU; the pruners below are only recorded
+    built = []
+
+    def recorder(kind):
+        return lambda *args, **kw: built.append((kind, kw["latency_device"], kw["latency_channels_last"]))
+
+    monkeypatch.setattr(pipeline_module, "LayerPruner", recorder("layer"))
+    monkeypatch.setattr(pipeline_module, "JointPruner", recorder("joint"))
+    pipeline._preflight()
+    pipeline._joint(converted_r20())
+    assert built == [("layer", torch.device("cuda", 1), True), ("joint", torch.device("cuda", 1), True)]
+    built.clear()
+    pipeline.config.latency_device = "cpu"  # deploying to the CPU: said explicitly
+    pipeline._preflight()
+    assert built == [("layer", torch.device("cpu"), True)]
+    with pytest.raises(ConfigError, match="--latency-device 'tpu9' is not a device name"):
+        Pipeline(dataclasses.replace(config, latency_device="tpu9").validated(), data=tiny_data())
+
+
+def test_a_latency_budget_is_timed_by_rank_0_and_followed_by_the_others(tmp_path, monkeypatch):
+    """Under torchrun, rank 0 times the latency table and fits the budget; another rank builds its pruner from
+    rank 0's tables and fit without timing anything, and chooses the same set."""
+    from resconv_plugin.pruning import pruner as pruner_module
+    from helpers import RecordedDist, holds_tensors
+
+    tables = flops_clock(monkeypatch, 0.9)
+    clock, timings = pruner_module.measured_saving, []
+    monkeypatch.setattr(pruner_module, "measured_saving", lambda *a, **kw: timings.append(1) or clock(*a, **kw))
+    config = CompressionConfig(model="cifar_resnet20", epochs=0, sparsity_epochs=1, finetune_epochs=0, batch_size=32,
+                               latency_reduction=0.3, importance="magnitude", output=tmp_path / "run",
+                               latency_repeats=2, plots=False, progress=False)
+    pipeline = Pipeline(config.validated(), data=tiny_data())
+    pipeline.baseline()
+    pipeline.convert()
+    main = RecordedDist(rank=0)
+    pipeline.dist = pipeline.run_state.dist = main
+    first = pipeline.make_pruner(sparsity_steps=10)
+    measured = (len(tables), len(timings))
+    assert measured[0] >= 1 and measured[1] >= 1 and not holds_tensors(main.sent)
+    pipeline.dist = pipeline.run_state.dist = RecordedDist(rank=1, replies=main.sent)
+    other = pipeline.make_pruner(sparsity_steps=10)
+    assert (len(tables), len(timings)) == measured  # nothing timed again
+    assert other.select() == first.select() and other.latency_fit == first.latency_fit
+    assert other.savings("latency") == first.savings("latency")
+
+
+def test_channel_pruning_auto_broadcasts_a_plan_not_a_model(tmp_path, monkeypatch):
+    """--channel-pruning auto under torchrun: rank 0 measures the ratio that meets the budget and broadcasts it (a
+    pickled model would unpickle onto rank 0's GPU in every process); another rank prunes its own copy at that ratio
+    and gets the same model, without measuring."""
+    from helpers import RecordedDist, holds_tensors
+
+    config = CompressionConfig(model="cifar_resnet20", epochs=0, sparsity_epochs=0, finetune_epochs=0, batch_size=32,
+                               flops_reduction=0.4, channel_pruning="auto", joint_recovery_steps=0,
+                               output=tmp_path / "run", latency_repeats=2, plots=False, progress=False)
+    pipeline = Pipeline(config.validated(), data=tiny_data())
+    pipeline.baseline()
+    resconv_plugin.convert(pipeline.model, pipeline.example)  # no layer removed: channels meet the whole budget
+    start = copy.deepcopy(pipeline.model)
+    main = RecordedDist(rank=0)
+    pipeline.dist = pipeline.run_state.dist = main
+    pipeline.channel_prune()
+    assert main.sent and not holds_tensors(main.sent)
+    (ratio, rel), error = main.sent[0]
+    assert error is None and 0 < ratio < 0.95 and rel <= 0.6
+    on_main = pipeline.model
+    monkeypatch.setattr(resconv_plugin.pruning.JointPruner, "meet",
+                        lambda *a, **kw: pytest.fail("only rank 0 measures"))
+    pipeline.model = start
+    pipeline.dist = pipeline.run_state.dist = RecordedDist(rank=1, replies=main.sent)
+    pipeline.channel_prune()
+    assert pipeline.model is not start
+    a, b = pipeline.model.state_dict(), on_main.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert resconv_plugin.count_flops(pipeline.model, pipeline.example).total \
+        < resconv_plugin.count_flops(start, pipeline.example).total

@@ -100,11 +100,12 @@ def _add_compress_options(p: argparse.ArgumentParser, demo: bool = False) -> Non
     g.add_argument("--in-chans", type=int, help="1 or 3: convert grey / RGB images to the model's input channels")
     g.add_argument("--train-subset", type=int, default=0, help="train on a fixed random subset (0 = all)")
     g.add_argument("--val-subset", type=int, default=0, help="validate on a fixed random subset (0 = all)")
-    g.add_argument("--workers", type=int, default=0, help="DataLoader workers (ImageFolder)")
+    g.add_argument("--workers", type=int, default=0, help="DataLoader workers (ImageFolder; training and evaluation)")
 
     g = p.add_argument_group("what to remove (one of; default --flops-reduction 0.5)")
     g.add_argument("--flops-reduction", type=_fraction, help="fraction of FLOPs (fvcore) to remove")
-    g.add_argument("--latency-reduction", type=_fraction, help="fraction of measured CPU latency to remove")
+    g.add_argument("--latency-reduction", type=_fraction, help="fraction of the measured batch-1 latency to remove "
+                                                                "(on --latency-device, default the training device)")
     g.add_argument("--threshold", type=_fraction, help="remove every gate with |gamma| <= this")
     g.add_argument("--pruning-ratio", type=_fraction, help="fraction of the gates to remove")
     g.add_argument("--importance", choices=IMPORTANCE_CHOICES,
@@ -174,7 +175,8 @@ def _add_compress_options(p: argparse.ArgumentParser, demo: bool = False) -> Non
     g.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none",
                    help="mixed-precision training (autocast; fp16 with a gradient scaler). Gates and the proximal "
                         "step stay float32: zeros stay exactly 0")
-    g.add_argument("--channels-last", action="store_true", help="train in channels-last memory format")
+    g.add_argument("--channels-last", action="store_true", help="train in channels-last memory format (latency is "
+                                                                 "then measured in it too)")
     g.add_argument("--latency-device", help="device the latency table of --latency-reduction is measured on (the "
                                             "one you deploy to; default: the training device)")
 

@@ -81,8 +81,9 @@ def export_onnx(model: nn.Module, example_inputs: ExampleInputs, path: Union[str
                 dynamic_batch: bool = True, opset: Optional[int] = None) -> OnnxExport:
     """Export ``model`` as deployed to ONNX and check the file in ONNX Runtime against PyTorch.
 
-    Works on a copy: remaining gates are fused, every conv -> BatchNorm pair is folded (:func:`deployed`), the copy
-    is exported with torch's ONNX exporter, the file runs in ONNX Runtime (CPU, graph optimisations on) on the
+    Works on a CPU copy (a model or inputs on a GPU are copied to the CPU; the model is not moved): remaining gates
+    are fused, every conv -> BatchNorm pair is folded (:func:`deployed`), the copy is exported with torch's ONNX
+    exporter, the file runs in ONNX Runtime (CPU, graph optimisations on) on the
     example inputs (and on another batch size when ``dynamic_batch``), and the output is compared with PyTorch's.
     The file is written atomically, and only when the check passes.
 
@@ -122,7 +123,9 @@ def export_onnx(model: nn.Module, example_inputs: ExampleInputs, path: Union[str
     onnx = _require("onnx")
     _require("onnxscript")
     _require("onnxruntime")
-    plain = deployed(model)
+    # the exporter, ONNX Runtime (a CPU session), .numpy() and the random batches all want the CPU
+    plain = deployed(model).cpu()
+    inputs = tuple(t.detach().cpu() for t in inputs)
     trace_inputs = _batched(inputs, 2) if dynamic_batch and inputs[0].shape[0] == 1 else inputs
     dynamic_shapes = tuple({0: torch.export.Dim("batch", min=1)} for _ in inputs) if dynamic_batch else None
     with atomic_file(path) as tmp:

@@ -8,13 +8,13 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from resconv_plugin.nn.resconv import _check_gamma
+from resconv_plugin.nn.resconv import _check_gamma, _Gated, gate_dtype
 from resconv_plugin.timm_glue import NORM_ACT_TYPES
 
 __all__ = ["BlockGate"]
 
 
-class BlockGate(nn.Module):
+class BlockGate(_Gated):
     """Scales the output of the BatchNorm that ends a residual branch by a gate ``gamma`` in [0, 1].
 
     Placed on the last BatchNorm of the branch of a residual block ``act(x + F(x))``, it turns the block into
@@ -28,7 +28,7 @@ class BlockGate(nn.Module):
     Args:
         norm: the BatchNorm at the end of the residual branch (timm's BatchNormAct2d only with an identity
             activation).
-        init_gamma: initial gate value in [0, 1].
+        init_gamma: initial gate value in [0, 1] (float32 in a half-precision model: ``gate_dtype``).
 
     Example:
         >>> gate = BlockGate(nn.BatchNorm2d(4), init_gamma=0.5).eval()
@@ -75,7 +75,7 @@ class BlockGate(nn.Module):
 
 def _dtype(norm: nn.Module) -> torch.dtype:
     ref = norm.weight if norm.weight is not None else norm.running_mean
-    return ref.dtype if ref is not None else torch.get_default_dtype()
+    return gate_dtype(ref.dtype if ref is not None else torch.get_default_dtype())
 
 
 def _device(norm: nn.Module) -> torch.device:

@@ -13,10 +13,42 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from resconv_plugin.nn.fusion import fuse_resconv_params
 from resconv_plugin.timm_glue import NORM_ACT_TYPES, SAME_PADDING_CONVS
 
-__all__ = ["ResConv", "Reason", "identity_compatibility", "bn_compatibility"]
+__all__ = ["ResConv", "Reason", "identity_compatibility", "bn_compatibility", "gate_dtype"]
 
 # BatchNorm classes whose forward is known to be plain BatchNorm (timm's norm-act modules are split before wrapping).
 _PLAIN_BN_FORWARDS = (nn.BatchNorm2d.forward, nn.SyncBatchNorm.forward, _BatchNorm.forward)
+
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def gate_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of a gate in a model of ``dtype``: float32 for half precision (float16 / bfloat16), else the same.
+
+    A gate moves by steps of ``lr * reg`` (about 2e-4 in proximal sparsity training), below float16's spacing near
+    1 (about 1e-3): a float16 gate would never move. float32 and float64 models keep their own dtype.
+
+    Example:
+        >>> gate_dtype(torch.float16), gate_dtype(torch.float64)
+        (torch.float32, torch.float64)
+    """
+    return torch.float32 if dtype in _HALF else dtype
+
+
+class _Gated(nn.Module):
+    """A module with a scalar gate ``gamma`` that stays float32 when the model is cast to half precision
+    (``.half()``, ``.to(torch.bfloat16)``): every cast and move of a module goes through ``_apply``."""
+
+    gamma: nn.Parameter
+
+    def _apply(self, fn, *args, **kwargs):
+        result = super()._apply(fn, *args, **kwargs)
+        gamma = self.gamma
+        if gamma.dtype in _HALF:
+            gamma.data = gamma.data.to(gate_dtype(gamma.dtype))
+            if gamma.grad is not None:
+                gamma.grad = gamma.grad.to(gamma.dtype)
+        return result
 
 
 def _conv_forward_is_plain(conv: nn.Conv2d) -> bool:
@@ -97,10 +129,11 @@ def bn_compatibility(bn: nn.Module, channels: int, *, allow_norm_act: bool = Fal
     return reasons
 
 
-class ResConv(nn.Module):
+class ResConv(_Gated):
     """A conv + BatchNorm whose output is blended with its input by a layer scaling factor ``gamma``.
 
-    ``y = gamma * bn(conv(x)) + (1 - gamma) * x`` with a scalar ``gamma`` in [0, 1]. At ``gamma = 1`` this is exactly
+    ``y = gamma * bn(conv(x)) + (1 - gamma) * x`` with a scalar ``gamma`` in [0, 1] (float32 in a half-precision
+    model: :func:`gate_dtype`). At ``gamma = 1`` this is exactly
     the original conv + BatchNorm; at ``gamma = 0`` it is exactly the identity, so a layer whose gate reached 0 can be
     removed without changing the network. Because the gate is convex, shrinking ``gamma`` always moves the layer toward
     the identity: no BatchNorm further down can absorb the scale (the loophole of a free shortcut weight, measured in
@@ -129,7 +162,8 @@ class ResConv(nn.Module):
         init_gamma = _check_gamma(init_gamma)
         self.conv = conv
         self.bn = bn
-        self.gamma = nn.Parameter(torch.tensor(init_gamma, dtype=conv.weight.dtype, device=conv.weight.device))
+        self.gamma = nn.Parameter(torch.tensor(init_gamma, dtype=gate_dtype(conv.weight.dtype),
+                                               device=conv.weight.device))
 
     # The conv's interface, so code that inspects the layer it replaced keeps working.
     @property

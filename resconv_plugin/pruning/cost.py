@@ -194,10 +194,12 @@ def _timed_removals(model: nn.Module, variants: Dict[str, list], example_inputs:
         variant = copy.deepcopy(model)
         remove(variant, removed)
         plain = deployed(variant).to(device, memory_format=fmt)
-        times = interleaved_latencies({"": lambda: full(*inputs), "v": lambda: plain(*inputs)}, repeats=repeats)
+        times = interleaved_latencies({"": lambda: full(*inputs), "v": lambda: plain(*inputs)}, repeats=repeats,
+                                      device=device)
         fulls.append(times[""])
         savings[key] = times[""] - times["v"]
-    seconds = statistics.median(fulls) if fulls else median_latency(lambda: full(*inputs), repeats=repeats)
+    seconds = statistics.median(fulls) if fulls else median_latency(lambda: full(*inputs), repeats=repeats,
+                                                                    device=device)
     return {"": seconds, **{key: seconds - saved for key, saved in savings.items()}}
 
 

@@ -29,6 +29,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Dict, Iterator, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
@@ -174,11 +175,17 @@ class TaylorImportance(GateImportance):
         self._count = 0
 
     def observe(self, gates: Gates) -> None:
-        with torch.no_grad():
-            for name, gate in gates.items():
-                if gate.gamma.grad is not None:
-                    value = (gate.gamma * gate.gamma.grad).abs().item()
-                    self._sums[name] = self._sums.get(name, 0.0) + value
+        """Add this step's ``|gamma * dL/dgamma|``. A step with a gradient that is not finite is left out: with
+        fp16 loss scaling an overflow step has inf / NaN gradients (after ``unscale_``), and the scaler skips that
+        step too."""
+        named = [(name, gate.gamma) for name, gate in gates.items() if gate.gamma.grad is not None]
+        if named:
+            with torch.no_grad():  # one device-to-host copy per step, not one per gate
+                values = torch.stack([(g * g.grad).abs().float().reshape(()) for _, g in named]).tolist()
+            if not all(math.isfinite(v) for v in values):
+                return
+            for (name, _), value in zip(named, values):
+                self._sums[name] = self._sums.get(name, 0.0) + value
         self._count += 1
 
     def reset(self) -> None:

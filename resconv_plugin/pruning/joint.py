@@ -29,7 +29,8 @@ Train the chosen plan afterwards (``LayerPruner`` budget-driven sparsity with
 then fine-tuning), or call :meth:`JointPruner.apply` for the one-shot result.
 
 Costs: ``"latency"`` (the deployed model timed in turns with the deployed baseline on this machine, batch of the
-example input), ``"flops"`` (deterministic), or any ``callable(deployed_model) -> float``.
+example input, on ``latency_device`` in the memory format of ``latency_channels_last``), ``"flops"``
+(deterministic), or any ``callable(deployed_model) -> float``.
 """
 
 from __future__ import annotations
@@ -124,6 +125,9 @@ class JointPruner:
         channel_importance: torch-pruning importance for the channel part (default ``GroupMagnitudeImportance``).
         round_to: torch-pruning's ``round_to`` for the channel part.
         latency_repeats: timing rounds per measurement with ``cost="latency"``.
+        latency_device: the device latency is measured on (the one you deploy to; default: the example inputs'
+            device), as ``LayerPruner(latency_device=...)``.
+        latency_channels_last: time the models in channels-last memory format.
         tolerance: the channel ratio is bisected until the cost is within this fraction below the target.
         recovery_batches: training batches ``(inputs, targets)`` to train each candidate on before it is scored,
             e.g. a ``DataLoader``; iterated from the start for every candidate (so it must be re-iterable, not an
@@ -150,7 +154,8 @@ class JointPruner:
                  importance: Union[str, GateImportance] = "removal", channel_importance=None,
                  round_to: Optional[int] = None, latency_repeats: int = 20, tolerance: float = 0.02,
                  recovery_batches: Optional[Iterable[Tuple[torch.Tensor, torch.Tensor]]] = None,
-                 recovery_steps: int = 0, recovery_lr: float = 0.02, recovery_fade: float = 0.0) -> None:
+                 recovery_steps: int = 0, recovery_lr: float = 0.02, recovery_fade: float = 0.0,
+                 latency_device: Union[str, torch.device, None] = None, latency_channels_last: bool = False) -> None:
         self.model = check_module(model)
         self.example_inputs = as_input_tuple(example_inputs)
         self.calibration_inputs = as_input_tuple(calibration_inputs)
@@ -184,7 +189,10 @@ class JointPruner:
         self.reduction, self.cost, self.depth_shares = float(reduction), cost, shares
         self.importance, self.channel_importance, self.round_to = importance, channel_importance, round_to
         self.latency_repeats, self.tolerance = latency_repeats, tolerance
+        self.latency_device = torch.device(latency_device) if latency_device is not None else None
+        self.latency_channels_last = bool(latency_channels_last)
         self._base = deployed(model)
+        self._timed_base: Optional[nn.Module] = None  # the deployed baseline as timed (device, memory format)
         self._references = self._outputs(model)
         self._probe = None  # the LayerPruner that ranks the gates for every share (built on first use)
         self.last_search = None  # the RatioSearch of the last meet() (every try, for the report)
@@ -198,9 +206,15 @@ class JointPruner:
             return self.cost(plain) / self.cost(self._base)
         if self.cost == "flops":
             return count_flops(plain, self.example_inputs).total / count_flops(self._base, self.example_inputs).total
-        x = self.example_inputs
-        times = interleaved_latencies({"c": lambda: plain(*x), "b": lambda: self._base(*x)},
-                                      repeats=self.latency_repeats)
+        device = self.latency_device or self.example_inputs[0].device
+        fmt = torch.channels_last if self.latency_channels_last else torch.contiguous_format
+        x = tuple((t.contiguous(memory_format=fmt) if t.dim() == 4 else t).to(device) for t in self.example_inputs)
+        if self._timed_base is None:  # a copy only where the baseline is timed elsewhere or in another format
+            moved = device != self.example_inputs[0].device or self.latency_channels_last
+            self._timed_base = copy.deepcopy(self._base).to(device, memory_format=fmt) if moved else self._base
+        plain, base = plain.to(device, memory_format=fmt), self._timed_base
+        times = interleaved_latencies({"c": lambda: plain(*x), "b": lambda: base(*x)}, repeats=self.latency_repeats,
+                                      device=device)
         return times["c"] / times["b"]
 
     # ------------------------------------------------------------------------------------------------ parts
@@ -217,7 +231,8 @@ class JointPruner:
             budget = {f"{self._depth_cost}_reduction": 0.0}
             probe = LayerPruner(copy.deepcopy(self.model), self.example_inputs, importance=self.importance, **budget,
                                 calibration_inputs=self.calibration_inputs,
-                                calibration_targets=self.calibration_targets)
+                                calibration_targets=self.calibration_targets, latency_device=self.latency_device,
+                                latency_channels_last=self.latency_channels_last)
             measure, remembered = probe.scores, {}
 
             def scores(removed: Sequence[str] = ()) -> dict:
@@ -242,8 +257,11 @@ class JointPruner:
         _remove_layers(model, chosen)
         return model, chosen
 
-    def _channels(self, model: nn.Module, ratio: float) -> nn.Module:
-        """A copy of ``model`` (unfused: its BatchNorms stay, as in the training workflow) with channels pruned."""
+    def prune_channels(self, model: nn.Module, ratio: float) -> nn.Module:
+        """A copy of ``model`` (unfused: its BatchNorms stay, as in the training workflow) with channels pruned at
+        torch-pruning ``pruning_ratio`` ``ratio`` (global, this pruner's channel importance and ``round_to``): the
+        same ratio on the same weights gives the same structure, so a ratio chosen by :meth:`meet` in one process
+        can be applied in another."""
         import torch_pruning as tp
 
         from resconv_plugin.pruning.channels import channel_pruner
@@ -269,7 +287,7 @@ class JointPruner:
                 better the closest model than none).
         """
         target = 1.0 - self.reduction if target is None else target
-        search = bisect_ratio(lambda ratio: self._channels(model, ratio), self.cost_rel, target,
+        search = bisect_ratio(lambda ratio: self.prune_channels(model, ratio), self.cost_rel, target,
                               tolerance=self.tolerance, confirm=3 if self.cost == "latency" else 1)
         self.last_search = search
         if not search.met and strict:
@@ -328,7 +346,7 @@ class JointPruner:
 
             self._train(model, fade, after_step=clamp)
         _remove_layers(model, depth_names)
-        model = self._channels(model, channel_ratio)
+        model = self.prune_channels(model, channel_ratio)
         self._train(model, self.recovery_steps - fade)
         return model
 
@@ -412,7 +430,7 @@ class JointPruner:
         """The one-shot pruned model of ``split`` (unfused: fine-tune it, then ``fuse``)."""
         model = copy.deepcopy(self.model)
         _remove_layers(model, split.depth_names)
-        return self._channels(model, split.channel_ratio)
+        return self.prune_channels(model, split.channel_ratio)
 
 
 def _remove_layers(model: nn.Module, names: Sequence[str]) -> None:

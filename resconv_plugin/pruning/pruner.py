@@ -169,6 +169,9 @@ class LayerPruner:
         latency_channels_last: time the latency table in channels-last memory format.
         latency_device: the device the latency table is measured on (the one you deploy to; default: the example
             inputs' device).
+        state: a :meth:`state_dict` of a pruner built with the same model and settings (e.g. rank 0's in a
+            distributed run), restored as the pruner is built: its cost tables and latency fit are used instead of
+            measuring again, so every process follows one clock and none can disagree about the budget.
 
     Example:
         >>> import timm, torch, resconv_plugin
@@ -211,6 +214,7 @@ class LayerPruner:
         latency_repeats: int = 20,
         latency_channels_last: bool = False,
         latency_device: Union[str, torch.device, None] = None,
+        state: Optional[Dict[str, Any]] = None,
     ) -> None:
         self.model = check_module(model)
         self.example_inputs = as_input_tuple(example_inputs)
@@ -270,10 +274,15 @@ class LayerPruner:
         if not self._gates:
             raise ValueError(f"ignored_layers cover all {len(self._order)} gates of {type(model).__name__}: nothing "
                              "is left to prune")
+        if state is not None:
+            self._check_state(state)
+            self._take_measurements(state)  # nothing below times again
         if self._budget_kind() in ("flops", "latency"):
             self._check_reachable()  # fail early on an unreachable target
         if self._budget_driven() and self.schedule.started(0):
             self._reselect()  # chosen from the model as given, before training moves it
+        if state is not None:
+            self.load_state_dict(state)
         if optimizer is not None:
             self.attach(optimizer)
 
@@ -685,15 +694,22 @@ class LayerPruner:
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         """Restore :meth:`state_dict` (on a pruner built for the same model and gates)."""
-        if not isinstance(state, dict) or "steps_done" not in state:
-            raise TypeError("state must be a dict from LayerPruner.state_dict()")
-        unknown = [n for n in (state.get("selected") or []) if n not in self._gates]
-        if unknown:
-            raise ValueError(f"the saved selection names gates this pruner does not have: {unknown[:5]}")
+        self._check_state(state)
         self.steps_done = int(state["steps_done"])
         self._selected = list(state["selected"]) if state.get("selected") is not None else None
         self._selected_at = state.get("selected_at")
-        self._costs = {k: (dict(v[0]), float(v[1])) for k, v in (state.get("costs") or {}).items()}
+        self._take_measurements(state)
         self.importance.load_state_dict(state.get("importance") or {})
         self.reselections = list(state.get("reselections") or [])
+
+    def _check_state(self, state: object) -> None:
+        if not isinstance(state, dict) or "steps_done" not in state:
+            raise TypeError(f"state must be a dict from LayerPruner.state_dict(), got {type(state).__name__}")
+        unknown = [n for n in (state.get("selected") or []) if n not in self._gates]
+        if unknown:
+            raise ValueError(f"the saved selection names gates this pruner does not have: {unknown[:5]}")
+
+    def _take_measurements(self, state: Dict[str, Any]) -> None:
+        """The cost tables and the latency fit of ``state`` (what this pruner would otherwise measure)."""
+        self._costs = {k: (dict(v[0]), float(v[1])) for k, v in (state.get("costs") or {}).items()}
         self.latency_fit = state.get("latency_fit")

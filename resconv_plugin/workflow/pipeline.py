@@ -34,15 +34,15 @@ from resconv_plugin.deploy.checkpoint import build_from_recipe, load, make_recip
 from resconv_plugin.pruning import FixedSetImportance, JointPruner, LayerPruner, channel_pruner
 from resconv_plugin.workflow.config import RESUME_IGNORED, CompressionConfig, ConfigError
 from resconv_plugin.workflow.defaults import resolve_recipe
-from resconv_plugin.workflow.distributed import Dist
+from resconv_plugin.workflow.distributed import Dist, resolve_device
 from resconv_plugin.workflow.pretrained import create_baseline_model
 from resconv_plugin.measure.flops import count_flops
 from resconv_plugin.fx.surgery import gated_modules
 from resconv_plugin.deploy.fold import deployed
-from resconv_plugin.workflow.report import stage_latencies, stage_table, write_report
+from resconv_plugin.workflow.report import latency_label, stage_latencies, stage_table, write_report
 from resconv_plugin._utils import atomic_file
 from resconv_plugin.workflow.rules import finetune, remove_pruned, sparsity_steps
-from resconv_plugin.workflow.training import StageSettings, evaluate, train_stage
+from resconv_plugin.workflow.training import StageSettings, check_amp, evaluate, train_stage
 from resconv_plugin.data import BatchLoader, ImageData, build_datasets, calibration_batch
 
 __all__ = ["compress", "Pipeline", "STAGES", "RESUME_IGNORED", "environment"]
@@ -129,7 +129,7 @@ class Run:
         """Top-1, FLOPs and params of ``model`` as deployed; that deployed copy goes to ``stages/<stage>.safetensors``
         (reloadable with ``resconv_plugin.load``; the latencies of all stages are measured together at the end)."""
         if self.dist.main:
-            top1 = evaluate(model, data)
+            top1 = evaluate(model, data, workers=self.config.workers)
             plain = deployed(model)
             flops = count_flops(plain, example)
             self.save_model(plain, self.out / "stages" / f"{stage}.safetensors")
@@ -170,6 +170,8 @@ class Pipeline:
         c.in_chans = self.data.in_chans
         self.run_state = Run(c, self.dist)
         self.device = self.dist.device
+        if c.latency_device:
+            resolve_device(c.latency_device, "--latency-device")  # a wrong one fails here, before any work
         self.cpu_example = torch.zeros(1, self.data.in_chans, self.data.img_size, self.data.img_size)
         self.example = self.cpu_example.to(self.device)
         # training images: no test image decides what goes
@@ -178,6 +180,14 @@ class Pipeline:
         self.stages: Dict[str, Callable[[], None]] = {name: getattr(self, name) for name in STAGES}
 
     # -- helpers -------------------------------------------------------------------------------------------------
+    @property
+    def latency_device(self) -> torch.device:
+        """Where latency is measured (the budget's table and fit, the joint plan, the report's timings):
+        ``--latency-device``, else the training device (on CUDA, batch-1 latency is launch-bound: a table timed on
+        the CPU would not be the budget the run meets)."""
+        c = self.config
+        return resolve_device(c.latency_device, "--latency-device") if c.latency_device else self.device
+
     @property
     def model(self) -> Optional[nn.Module]:
         return self.run_state.model
@@ -240,7 +250,8 @@ class Pipeline:
                            calibration_targets=self.calib[1],
                            cost="latency" if c.latency_reduction is not None else "flops",
                            importance=c.importance, latency_repeats=20, recovery_batches=batches,
-                           recovery_steps=steps, recovery_lr=c.finetune_lr, recovery_fade=c.joint_recovery_fade)
+                           recovery_steps=steps, recovery_lr=c.finetune_lr, recovery_fade=c.joint_recovery_fade,
+                           latency_device=self.latency_device, latency_channels_last=c.channels_last)
 
     def _depth_set(self) -> Optional[List[str]]:
         plan = self.run_state.state.get("joint_plan")
@@ -259,12 +270,25 @@ class Pipeline:
             importance = FixedSetImportance(depth_set)
             budget = dict(pruning_ratio=len(depth_set) / gates) if depth_set else dict(threshold=0.0)
             reg = 0.0 if reg is None else reg
-        pruner = LayerPruner(model, self.example, importance=importance, reg=reg, **budget,
-                             sparsity_steps=sparsity_steps, cap_start=c.cap_start,
-                             calibration_inputs=self.calib[0], calibration_targets=self.calib[1],
-                             ignored_layers=c.ignored_layers or None, latency_device=c.latency_device)
-        if c.latency_reduction is not None:  # measured latency differs per process: rank 0's table decides
-            pruner.load_state_dict(self.dist.broadcast(pruner.state_dict()))
+
+        def build(state: Optional[dict] = None) -> LayerPruner:
+            return LayerPruner(model, self.example, importance=importance, reg=reg, **budget,
+                               sparsity_steps=sparsity_steps, cap_start=c.cap_start,
+                               calibration_inputs=self.calib[0], calibration_targets=self.calib[1],
+                               ignored_layers=c.ignored_layers or None, latency_device=self.latency_device,
+                               latency_channels_last=c.channels_last, state=state)
+
+        if c.latency_reduction is None:
+            pruner = build()
+        else:  # measured latency differs per process: rank 0 measures, the others build from its tables and fit
+            measured: List[LayerPruner] = []
+
+            def measure() -> dict:
+                measured.append(build())
+                return measured[0].state_dict()
+
+            state = self.dist.run_on_main(measure)
+            pruner = measured[0] if measured else build(state)
             if pruner.latency_fit is not None:
                 self.run_state.state["latency_fit"] = pruner.latency_fit
             for r in (pruner.latency_fit or {}).get("rounds", []):
@@ -297,9 +321,8 @@ class Pipeline:
         report = convert(self.model, self.example, level=c.level, init_gamma=c.init_gamma)
         log.info("converted %d layers (%s level); %d convs skipped", len(report.converted), report.level,
                  len(report.skipped))
-        if c.channel_pruning == "auto":
-            plan = self.dist.broadcast(self._joint(self.model, recovery=True).plan())  # measured on rank 0's clock: every
-            # process follows the same plan
+        if c.channel_pruning == "auto":  # measured on rank 0's clock: every process follows the same plan
+            plan = self.dist.run_on_main(lambda: self._joint(self.model, recovery=True).plan())
             self.run_state.state["joint_plan"] = {
                 "target_rel": plan.target_rel, "best": dataclasses.asdict(plan.best),
                 "candidates": [dataclasses.asdict(x) for x in plan.candidates], "unreachable": plan.unreachable}
@@ -347,8 +370,17 @@ class Pipeline:
             convert(base, self.example, level=c.level, init_gamma=c.init_gamma)
             joint = self._joint(base)
             target = 1.0 - joint.reduction
-            pruned, ratio, rel = joint.meet(self.model.eval(), target, strict=False)
-            self.model = self.dist.broadcast(pruned)
+            met: List[nn.Module] = []
+
+            def meet() -> Tuple[float, float]:  # timed on rank 0 only
+                pruned, ratio, rel = joint.meet(self.model.eval(), target, strict=False)
+                met.append(pruned)
+                return ratio, rel
+
+            # the broadcast carries the plan, not the model (a pickled model lands on rank 0's GPU everywhere): the
+            # other processes prune their own copy, with the same weights, at rank 0's ratio
+            ratio, rel = self.dist.run_on_main(meet)
+            self.model = met[0] if met else joint.prune_channels(self.model.eval(), ratio)
             if rel <= target:
                 log.info("channel pruning: ratio %.3f meets the budget (cost %.3f of the baseline)", ratio, rel)
             else:  # the plan met it; measured again after training it misses (timing noise): keep the closest
@@ -401,11 +433,19 @@ class Pipeline:
         return self._finish()
 
     def _preflight(self) -> str:
-        """Fail before any training when the model cannot be converted or the budget cannot be met; returns the
-        gate level the model converts at (what ``--level auto`` decides)."""
+        """Fail before any training when the model cannot be converted, the budget cannot be met or the mixed
+        precision cannot run on the device (checked on rank 0, a latency budget on the latency device; every process
+        raises the same error); returns the gate level the model converts at (what ``--level auto`` decides)."""
+        return self.dist.run_on_main(self._check_budget)
+
+    def _check_budget(self) -> str:
         import timm
 
         c = self.config
+        try:
+            check_amp(None if c.amp == "none" else c.amp, self.device, option="--amp")
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
         probe = next((m for m in (self.model, self.initial_model) if m is not None), None)
         if probe is None:
             probe = timm.create_model(c.model, **c.model_factory_kwargs())
@@ -416,8 +456,8 @@ class Pipeline:
             # the budget's reachability does not depend on the criterion: magnitude measures nothing
             LayerPruner(probe, self.cpu_example, importance="magnitude", threshold=c.threshold,
                         pruning_ratio=c.pruning_ratio, flops_reduction=c.flops_reduction,
-                        latency_reduction=c.latency_reduction, latency_repeats=5, latency_device=c.latency_device,
-                        ignored_layers=c.ignored_layers or None)
+                        latency_reduction=c.latency_reduction, latency_repeats=5, latency_device=self.latency_device,
+                        latency_channels_last=c.channels_last, ignored_layers=c.ignored_layers or None)
         except ValueError as exc:  # this model cannot take this config (no eligible conv, unreachable budget)
             hint = ""
             if c.level == "auto" and level == "block" and "unreachable" in str(exc):
@@ -446,8 +486,11 @@ class Pipeline:
         records = run.state["records"]
         if self.dist.main:
             models = {r["stage"]: load(run.out / "stages" / f"{r['stage']}.safetensors") for r in records}
-            log.info("timing the %d stages' models in turns (batch 1, %d rounds)", len(models), c.latency_repeats)
-            for r, ms in zip(records, stage_latencies(models, self.cpu_example, c.latency_repeats).values()):
+            log.info("timing the %d stages' models in turns on %s (batch 1, %d rounds)", len(models),
+                     self.latency_device, c.latency_repeats)
+            timed = stage_latencies(models, self.cpu_example, c.latency_repeats, device=self.latency_device,
+                                    channels_last=c.channels_last)
+            for r, ms in zip(records, timed.values()):
                 r["latency_ms"] = ms
         records = run.state["records"] = self.dist.broadcast(records)
         first, last = records[0], records[-1]
@@ -462,13 +505,14 @@ class Pipeline:
                   "restarts": run.state.get("restarts", []),
                   "recipe": run.state.get("recipe_defaults"),
                   "latency_fit": run.state.get("latency_fit"), "joint_plan": run.state.get("joint_plan"),
+                  "latency_device": str(self.latency_device),
                   "model_file": str(run.out / "model.safetensors")}
         if self.dist.main:
             write_report(report, run.out, plots=c.plots)
-            print("\n" + stage_table(records))
+            print("\n" + stage_table(records, latency_device=self.latency_device))
             print(f"\n{c.model} on {c.data}: top-1 {first['top1']:.2f}% -> {last['top1']:.2f}% "
                   f"({summary['top1_change']:+.2f}), FLOPs -{100 * summary['flops_reduction']:.1f}%, params "
-                  f"-{100 * summary['params_reduction']:.1f}%, CPU latency "
+                  f"-{100 * summary['params_reduction']:.1f}%, {latency_label(self.latency_device)} latency "
                   f"{-100 * summary['latency_reduction']:+.1f}%, "
                   f"{summary['layers_removed']} layers removed.\nreport: {run.out / 'report.md'}; model: "
                   f"{run.out / 'model.safetensors'}", flush=True)

@@ -7,16 +7,19 @@ Definitions (also written into every report):
   batch 1: on a copy, gates fused (``fuse``) and every conv -> BatchNorm pair folded (``fold_batchnorms``), so every
   stage, the baseline included, is counted as the plain network it stands for.
 * ``params``: parameters of that model.
-* ``latency_ms``: median wall time of a batch-1 forward of that model on this machine's CPU (eval mode, after a
-  warm-up, ``torch.get_num_threads()`` threads), all stages timed in turns at the end of the run (so a slow spell of
-  a shared machine hits them alike).
+* ``latency_ms``: median wall time of a batch-1 forward of that model on the run's latency device (the one its
+  latency budget is measured on: ``--latency-device``, else the training device; on the CPU with
+  ``torch.get_num_threads()`` threads), in the run's memory format, eval mode, after a warm-up; all stages timed in
+  turns at the end of the run (so a slow spell of a shared machine hits them alike). The report's
+  ``latency_device`` names the device.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Union
 
 import torch
 from torch import nn
@@ -28,52 +31,75 @@ from resconv_plugin.fx.surgery import gated_modules
 from resconv_plugin._utils import atomic_file, format_table
 
 __all__ = ["measure", "stage_latencies", "DEFINITIONS", "stage_table", "write_report", "format_table",
-           "write_text_atomic"]
+           "write_text_atomic", "latency_label"]
 
 DEFINITIONS = {
     "top1": "top-1 accuracy (%) on the validation split",
     "flops": "fvcore FLOPs (1 multiply-add = 1, resconv_plugin op handles) at batch 1 of the model as deployed "
              "(gates fused, every conv-BN pair folded)",
     "params": "parameters of the model as deployed",
-    "latency_ms": "median CPU wall time of a batch-1 forward of the model as deployed (eval, after warm-up; "
-                  "stages timed in turns)",
+    "latency_ms": "median wall time of a batch-1 forward of the model as deployed on latency_device (the device "
+                  "of the latency budget: --latency-device, else the training device; eval, after warm-up; stages "
+                  "timed in turns)",
 }
+
+
+def latency_label(device: Union[str, torch.device, None]) -> str:
+    """How tables name the device latency was timed on: ``"CPU"``, or the device (``"cuda:0"``)."""
+    return "CPU" if device is None or torch.device(device).type == "cpu" else str(device)
 
 
 def measure(model: nn.Module, example: torch.Tensor, *, accuracy: Optional[float] = None,
             latency_repeats: int = 50) -> Dict[str, Any]:
-    """FLOPs, params and CPU latency of ``model`` as deployed, plus the given accuracy."""
+    """FLOPs, params and latency (on the example's device) of ``model`` as deployed, plus the given accuracy."""
     was_training = model.training
     plain = deployed(model)
     flops = count_flops(plain, example)
     with torch.no_grad():
-        latency = median_latency(lambda: plain(example), repeats=latency_repeats)
+        latency = median_latency(lambda: plain(example), repeats=latency_repeats, device=example.device)
     model.train(was_training)
     return {"top1": accuracy, "flops": int(flops.total), "params": int(flops.params), "latency_ms": 1e3 * latency,
             "gates": len(gated_modules(model))}
 
 
-def stage_latencies(models: Dict[str, nn.Module], example: torch.Tensor, repeats: int = 50) -> Dict[str, float]:
-    """Milliseconds per batch-1 forward of each model, timed in turns (``interleaved_latencies``)."""
+def stage_latencies(models: Dict[str, nn.Module], example: torch.Tensor, repeats: int = 50, *,
+                    device: Union[str, torch.device, None] = None,
+                    channels_last: bool = False) -> Dict[str, float]:
+    """Milliseconds per forward of each model on ``example``, timed in turns (``interleaved_latencies``).
+
+    Args:
+        device: where to time them (default: the example's device); models elsewhere are timed as copies there.
+        channels_last: time models and input in channels-last memory format.
+    """
     from resconv_plugin.measure.latency import interleaved_latencies
 
-    fns = {k: (lambda m=m: m(example)) for k, m in models.items()}
-    return {k: 1e3 * v for k, v in interleaved_latencies(fns, repeats=repeats).items()}
+    device = torch.device(device) if device is not None else example.device
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = (example.contiguous(memory_format=fmt) if example.dim() == 4 else example).to(device)
+
+    def placed(model: nn.Module) -> nn.Module:
+        here = all(t.device == device for t in model.parameters()) and not channels_last
+        return model if here else copy.deepcopy(model).to(device, memory_format=fmt)
+
+    fns = {k: (lambda m=placed(m): m(x)) for k, m in models.items()}
+    return {k: 1e3 * v for k, v in interleaved_latencies(fns, repeats=repeats, device=device).items()}
 
 
 def _fmt(value: Optional[float], spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def stage_table(records: List[Dict[str, Any]], markdown: bool = False) -> str:
-    """The per-stage table (top-1, FLOPs, params, latency and the change against the first row)."""
+def stage_table(records: List[Dict[str, Any]], markdown: bool = False,
+                latency_device: Union[str, torch.device, None] = None) -> str:
+    """The per-stage table (top-1, FLOPs, params, latency and the change against the first row; ``latency_device``:
+    where latency was timed, for the column's name, default the CPU)."""
     base = records[0] if records else {}
     rows = []
     for r in records:
         rel = (lambda k: f" ({100 * (r[k] / base[k] - 1):+.1f}%)" if base.get(k) and r is not base else "")
         rows.append((r["stage"], _fmt(r.get("top1"), ".2f"), f"{r['flops'] / 1e6:.2f}M{rel('flops')}",
                      f"{r['params'] / 1e3:.1f}k{rel('params')}", f"{r['latency_ms']:.3f}{rel('latency_ms')}"))
-    header = ["stage", "top-1 %", "FLOPs", "params", "CPU latency ms (batch 1)"]
+    header = ["stage", "top-1 %", "FLOPs", "params", f"{latency_label(latency_device)} latency ms (batch 1)"]
     if markdown:
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         lines += ["| " + " | ".join(map(str, row)) + " |" for row in rows]
@@ -119,7 +145,8 @@ def _plots(report: Dict[str, Any], out: Path) -> List[str]:
     records = report["stages"]
     labels = [r["stage"] for r in records]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, key, title in ((axes[0], "flops", "FLOPs (M)"), (axes[1], "latency_ms", "CPU latency, batch 1 (ms)")):
+    latency = f"{latency_label(report.get('latency_device'))} latency, batch 1 (ms)"
+    for ax, key, title in ((axes[0], "flops", "FLOPs (M)"), (axes[1], "latency_ms", latency)):
         values = [r[key] / (1e6 if key == "flops" else 1) for r in records]
         ax.bar(labels, values, color="tab:gray")
         ax.set_title(title)
@@ -156,7 +183,7 @@ def write_report(report: Dict[str, Any], out: Path, plots: bool = True) -> List[
     write_text_atomic(out / "report.json", json.dumps(report, indent=2) + "\n")
     s = report.get("settings", {})
     md = [f"# resconv compress: {s.get('model')} on {s.get('data')}", "",
-          stage_table(report["stages"], markdown=True), "",
+          stage_table(report["stages"], markdown=True, latency_device=report.get("latency_device")), "",
           "Figures: " + "; ".join(f"**{k}**: {v}" for k, v in DEFINITIONS.items()) + ".", ""]
     if report.get("removed"):
         md += [f"Removed ({len(report['removed'])}): " + ", ".join(f"`{n}`" for n in report["removed"]), ""]

@@ -43,8 +43,11 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
         if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
             return super().forward(x)
         channels = x.shape[1]
-        count = torch.full((1,), x.numel() // channels, dtype=x.dtype)
-        stats = torch.cat([x.sum((0, 2, 3)), (x * x).sum((0, 2, 3)), count])
+        # on x's device (a CPU count cannot join CUDA sums), in float32 at least: half-precision sums over the
+        # global batch overflow (float16) or round (bfloat16), and so would the count
+        xs = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        count = torch.full((1,), x.numel() // channels, dtype=xs.dtype, device=x.device)
+        stats = torch.cat([xs.sum((0, 2, 3)), (xs * xs).sum((0, 2, 3)), count])
         stats = _AllReduceSum.apply(stats)
         n = stats[-1]
         mean = stats[:channels] / n
@@ -58,7 +61,7 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
         y = (x - mean[None, :, None, None]) * torch.rsqrt(var + self.eps)[None, :, None, None]
         if self.affine:
             y = y * self.weight[None, :, None, None] + self.bias[None, :, None, None]
-        return y
+        return y.to(x.dtype)  # as nn.BatchNorm2d: the input's dtype
 
 
 @contextmanager

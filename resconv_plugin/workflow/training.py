@@ -13,7 +13,7 @@ import math
 import time
 from collections import deque
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -24,7 +24,7 @@ from resconv_plugin.workflow.syncbn import synchronized_batchnorm
 from resconv_plugin.data import BatchLoader, ImageData
 
 __all__ = ["StageSettings", "StageProgress", "TrainingDiverged", "train_stage", "evaluate", "model_device",
-           "NEAR_ZERO"]
+           "NEAR_ZERO", "AMP_DTYPES", "check_amp", "grad_scaler"]
 
 log = logging.getLogger("resconv")
 
@@ -123,19 +123,69 @@ class StageProgress:
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def _scaler_factory(device_type: str) -> Optional[Callable[[], Any]]:
+    """The GradScaler of ``device_type``: ``torch.amp.GradScaler`` (torch >= 2.3), else torch.cuda.amp's on CUDA
+    (torch 2.1 / 2.2, which pyproject allows), else None."""
+    if hasattr(torch.amp, "GradScaler"):
+        return lambda: torch.amp.GradScaler(device_type)
+    if device_type == "cuda":
+        return torch.cuda.amp.GradScaler
+    return None
+
+
+def check_amp(amp: Optional[str], device: Union[str, torch.device], option: str = "amp") -> None:
+    """Raise a ValueError when mixed precision ``amp`` (None, ``"bf16"`` or ``"fp16"``) cannot train on ``device``.
+
+    bf16 needs a GPU with bfloat16 arithmetic (compute capability 8.0 or newer; older GPUs emulate it slowly or not
+    at all); fp16 needs a gradient scaler for the device (on the CPU: torch >= 2.3). ``option``: the setting named in
+    the message (``"--amp"`` for the command).
+
+    Example:
+        >>> check_amp("bf16", "cpu")
+        >>> check_amp("int8", "cpu")
+        Traceback (most recent call last):
+        ...
+        ValueError: amp must be one of ['bf16', 'fp16'] or None, got 'int8'
+    """
+    if amp is not None and amp not in AMP_DTYPES:
+        raise ValueError(f"{option} must be one of {sorted(AMP_DTYPES)} or None, got {amp!r}")
+    device = torch.device(device)
+    if amp == "bf16" and device.type == "cuda" and torch.version.hip is None:
+        major, minor = torch.cuda.get_device_capability(device)
+        if major < 8:
+            raise ValueError(f"{option} bf16: {torch.cuda.get_device_name(device)} ({device}) has compute capability "
+                             f"{major}.{minor}, and bfloat16 needs 8.0 or newer (A100, H100, RTX 30xx and later): "
+                             "use fp16 (with loss scaling) or none")
+    if amp == "fp16" and _scaler_factory(device.type) is None:
+        raise ValueError(f"{option} fp16 on {device.type} needs torch >= 2.3 (torch.amp.GradScaler); this is torch "
+                         f"{torch.__version__}: use bf16, or train on a GPU")
+
+
+def grad_scaler(device: Union[str, torch.device]) -> Any:
+    """The loss scaler of fp16 training on ``device`` (``torch.amp.GradScaler``; on torch 2.1 / 2.2, CUDA's).
+
+    Raises:
+        ValueError: no scaler for the device in this torch (:func:`check_amp`).
+    """
+    device = torch.device(device)
+    check_amp("fp16", device)
+    return _scaler_factory(device.type)()
+
+
 def model_device(model: nn.Module) -> torch.device:
     """The device of the model's first parameter (CPU for a model without parameters)."""
     return next((p.device for p in model.parameters()), torch.device("cpu"))
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: ImageData, batch_size: int = 500) -> float:
+def evaluate(model: nn.Module, data: ImageData, batch_size: int = 500, workers: int = 0) -> float:
     """Top-1 accuracy (%) of ``model`` on the validation split, on the model's device (eval mode; training flag
-    restored)."""
+    restored). ``workers``: DataLoader workers for ImageFolder (decoding a large validation set in the main process
+    is slow; in a distributed run the other processes wait for rank 0's evaluation)."""
     was_training = model.training
     model.eval()
     correct = total = 0
-    for x, y in BatchLoader(data, False, batch_size, device=model_device(model)):
+    for x, y in BatchLoader(data, False, batch_size, workers=workers, device=model_device(model)):
         correct += (model(x).argmax(1) == y).sum().item()
         total += len(y)
     model.train(was_training)
@@ -247,11 +297,10 @@ class _Stage:
         self.device = model_device(model)
         self.loader = BatchLoader(data, True, s.batch_size, seed=s.seed, rank=dist.rank, world=dist.world,
                                   workers=s.workers, device=self.device)
-        if s.amp is not None and s.amp not in AMP_DTYPES:
-            raise ValueError(f"amp must be one of {sorted(AMP_DTYPES)} or None, got {s.amp!r}")
+        check_amp(s.amp, self.device)
         self.autocast_dtype = AMP_DTYPES.get(s.amp)
         # fp16 needs loss scaling (bf16 has float32's range); gates and the proximal step stay in float32
-        self.scaler = torch.amp.GradScaler(self.device.type) if s.amp == "fp16" else None
+        self.scaler = grad_scaler(self.device) if s.amp == "fp16" else None
         self.optimizer = create_optimizer_v2(model, opt=s.opt, lr=s.lr, weight_decay=s.weight_decay,
                                              momentum=s.momentum)
         self.scheduler, _ = create_scheduler_v2(self.optimizer, sched=s.sched, num_epochs=s.epochs,
@@ -364,7 +413,8 @@ class _Stage:
                          gates_zero=sum(g == 0.0 for g in gates.values()), gates=len(gates))
             progress.pruner = pruner.state_dict()
         if self.dist.main:
-            entry["val_acc"] = evaluate(self.ema.module if self.ema is not None else self.model, self.data)
+            entry["val_acc"] = evaluate(self.ema.module if self.ema is not None else self.model, self.data,
+                                        workers=s.workers)
         progress.epochs_log.append(entry)
         log.info("%s epoch %d/%d: loss %.4f, train acc %.2f%%, val acc %s, lr %.4g, %.0fs%s", s.name, epoch + 1,
                  s.epochs, entry["train_loss"], entry["train_acc"],
