@@ -1,4 +1,5 @@
 # Quickstart targets: `make demo` and `make test` work on a fresh clone (they create .venv and install what is missing).
+# `make test` also builds the docs (mkdocs build --strict, tests/test_docs.py); `make docs` builds them into site/.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -6,12 +7,12 @@ STAMP := $(VENV)/.installed
 
 FMNIST := /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz
 
-.PHONY: install data demo test test-slow bench bench-full clean
+.PHONY: install data demo test test-slow docs bench bench-full clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test,deploy]'
+	$(PY) -m pip install --quiet -e '.[test,deploy,docs]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -32,15 +33,20 @@ test: $(STAMP) data
 test-slow: $(STAMP) data
 	$(PY) -m pytest -m slow
 
+# The docs site (docs/, mkdocs.yml) into site/; --strict: a broken link, anchor or API reference fails
+docs: $(STAMP)
+	$(PY) -m mkdocs build --strict -d site
+
 BENCHMARKS := latency_equal_flops fusion_overhead accuracy plain_networks tool_speed ablation_depth deploy_latency \
 	equal_latency
 
-# Every benchmark in its --quick form (each under about 2 minutes on 2 cores; results in benchmarks/results/*_quick.*)
+# Every benchmark in its --quick form (each under about 2 minutes on 2 cores; outputs in benchmarks/results/*_quick*,
+# not committed)
 bench: $(STAMP) data
 	for b in $(BENCHMARKS); do $(PY) benchmarks/$$b.py --quick || exit 1; done
 
-# The full runs whose results the README quotes, with their exact commands (about 4 hours of 2 CPU cores; the
-# accuracy benchmark keeps finished rows under runs/bench_cache, so an interrupted run resumes)
+# The full runs whose results the docs quote (benchmarks/README.md), with their exact commands (about 4 hours of 2
+# CPU cores; the accuracy benchmark keeps finished rows under runs/bench_cache, so an interrupted run resumes)
 bench-full: $(STAMP) data
 	$(PY) benchmarks/latency_equal_flops.py
 	$(PY) benchmarks/fusion_overhead.py
@@ -57,4 +63,4 @@ bench-full: $(STAMP) data
 	$(PY) benchmarks/equal_latency.py --threads 2
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache site

@@ -1,35 +1,32 @@
-"""The README's Python examples run as written; so does examples/convert_and_fuse.py (the `resconv demo` is tested
-in test_cli.py)."""
+"""The README's Python examples run as written (tests/markdown_blocks.py has the convention; the docs pages' blocks
+are run by test_docs.py); so does examples/convert_and_fuse.py (the `resconv demo` is tested in test_cli.py)."""
 
 import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 
-import pytest
+from markdown_blocks import ROOT, python_blocks, run_page
 
-from helpers import require_fashion_mnist
-
-README = Path(__file__).resolve().parent.parent / "README.md"
-BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+README = ROOT / "README.md"
 
 
-@pytest.mark.parametrize("index", range(len(BLOCKS)))
-def test_readme_example_runs(index, tmp_path, monkeypatch):
-    code = BLOCKS[index]
-    if "fashion-mnist" in code:
-        require_fashion_mnist()
-    monkeypatch.chdir(tmp_path)
-    exec(compile(code, f"README.md python block {index}", "exec"), {})
+def test_readme_examples_run(tmp_path, monkeypatch):
+    assert run_page(README, tmp_path, monkeypatch) >= 1
 
 
-def test_readme_has_examples():
-    assert len(BLOCKS) >= 2
+def test_readme_has_an_example_and_both_quickstart_commands():
+    assert python_blocks(README)
+    text = README.read_text()
+    assert "make demo" in text and "make test" in text
+
+
+def test_readme_stays_short():
+    assert len(README.read_text().splitlines()) <= 250
 
 
 def test_convert_and_fuse_example_runs():
-    script = README.parent / "examples" / "convert_and_fuse.py"
+    script = ROOT / "examples" / "convert_and_fuse.py"
     out = subprocess.run([sys.executable, str(script), "--model", "resnet18", "--size", "64"], capture_output=True,
                          text=True, timeout=300, env=dict(os.environ))
     assert out.returncode == 0, out.stderr
