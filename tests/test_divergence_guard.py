@@ -2,6 +2,7 @@
 same rate, then at half the rate."""
 
 import copy
+from dataclasses import replace as dataclasses_replace
 import math
 
 import pytest
@@ -153,3 +154,45 @@ def test_report_lists_restarts(tmp_path):
     assert ("Restarted: finetune at update 7, mean loss 26.8 > 8.7 (divergence guard), lr 0.02 -> 0.02, warm-up "
             "epochs 0 -> 1\n") in md
     assert "Restarted: finetune at update 9, mean loss 9.1 > 8.7 (divergence guard), lr 0.02 -> 0.01\n" in md
+
+
+class ClosingCap:
+    """A LayerPruner stand-in whose budget cap falls from 1 to 0 over ``steps`` updates (what the training stage
+    reads of a budget-driven pruner), next to ``Sabotage``'s rising loss."""
+
+    def __init__(self, steps: int) -> None:
+        self.steps, self.done, self.gates = steps, 0, {}
+
+    @property
+    def budget_cap(self):
+        return max(0.0, 1.0 - self.done / (0.75 * self.steps))
+
+    def attach(self, optimizer):
+        pass
+
+    def detach(self):
+        pass
+
+    def regularize(self, model):
+        self.done += 1
+
+    def state_dict(self):
+        return {"done": self.done}
+
+    def load_state_dict(self, state):
+        self.done = state["done"]
+
+
+def test_a_loss_rising_as_the_budget_cap_closes_is_not_a_blow_up():
+    """One-epoch sparsity training (32 updates, the cap closing by update 24): the loss climbs once the budgeted
+    layers have half faded out (the weights grow from update 14, cap 0.42): no restart; the same climb without a
+    closing cap is restarted. Before the cap is half closed the check still holds (a climb from update 2)."""
+    settings = StageSettings(name="sparsity", epochs=1, lr=0.01, batch_size=16, weight_decay=0.0, progress=False)
+    progress = train_stage(linear_model(), synthetic(512), settings, pruner=ClosingCap(32),
+                           regularizers=[Sabotage(14, "grow")])
+    assert progress.restarts == []
+    settings = dataclasses_replace(settings, max_restarts=1)
+    with pytest.raises(TrainingDiverged):  # the same climb without a closing budget cap: the rate is blamed
+        train_stage(linear_model(), synthetic(512), settings, regularizers=[Sabotage(14, "grow")])
+    with pytest.raises(TrainingDiverged):  # a climb from update 2 (cap 0.96): the rate is blamed
+        train_stage(linear_model(), synthetic(512), settings, pruner=ClosingCap(32), regularizers=[Sabotage(2, "grow")])

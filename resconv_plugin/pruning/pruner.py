@@ -343,6 +343,13 @@ class LayerPruner:
             self._hook.remove()
         self._hook = None
 
+    @property
+    def budget_cap(self) -> Optional[float]:
+        """The cap on the budgeted gates after the steps done so far: 1 falling to exactly 0 (None without a
+        budget-driven cap, or before ``cap_start``). While it falls the training loss may rise: the budget's doing,
+        not the learning rate's (the training stage's divergence guard reads it)."""
+        return self.schedule.cap(self.steps_done) if self._budget_driven() else None
+
     def _budget_driven(self) -> bool:
         return self.sparsity_steps is not None and self._budget_kind() is not None
 
