@@ -216,9 +216,9 @@ def _auto_level(model: nn.Module, called: Set[str], flops: Dict[str, int], modul
 
     The measurements behind it (Fashion-MNIST, converged baselines, two seeds; benchmarks/results/):
     at equal CPU latency block gates kept more top-1 than layer gates at every target on cifar_resnet20 and
-    cifar_resnet56 (cifar_resnet56 at 0.45 / 0.35 of the latency: 93.61 / 91.02% against 89.21 / 13.68%, where the
+    cifar_resnet56 (cifar_resnet56 at 0.45 / 0.35 of the latency: 93.61 / 91.02% against 89.20 / 13.68%, where the
     layer-level plan removed both convs of many blocks and collapsed; equal_latency_summary.json), and at a 50%
-    FLOPs budget on cifar_resnet20 (-1.96 pt against -2.06) and resnet18 (-0.14 against -0.30; ablation_depth*.md).
+    FLOPs budget on cifar_resnet20 (-1.95 pt against -2.06) and resnet18 (-0.14 against -0.30; ablation_depth*.md).
     Reach (share of conv + linear FLOPs that gates sit on, layer / block): cifar_resnet20 0.93 / 0.82, resnet18
     0.86 / 0.65, resnet50 0.37 / 0.64, efficientnet_b0 0.07 / 0.56: block everywhere there. A model converted
     before stays at the level it was converted at."""
