@@ -58,8 +58,8 @@ def flops_savings(model: nn.Module, names: Iterable[str], example_inputs: Tuple[
     saved = {}
     for name, plan in plans.items():
         n = by.get(name, 0)
-        if plan.removed_activation:
-            n += by.get(plan.removed_activation, 0)
+        if plan.removed_activation and not plan.removed_activation.startswith(f"{name}."):
+            n += by.get(plan.removed_activation, 0)  # a block's own activation is already in its count
         if plan.kept_activation:
             n -= by.get(plan.kept_activation, 0)
         saved[name] = float(n)
