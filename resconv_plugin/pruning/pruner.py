@@ -171,7 +171,9 @@ class LayerPruner:
             inputs' device).
         state: a :meth:`state_dict` of a pruner built with the same model and settings (e.g. rank 0's in a
             distributed run), restored as the pruner is built: its cost tables and latency fit are used instead of
-            measuring again, so every process follows one clock and none can disagree about the budget.
+            measuring again, so every process follows one clock and none can disagree about the budget. A state
+            without a selection (e.g. of a pruner that only checked the budget) keeps the one made as this pruner
+            is built.
 
     Example:
         >>> import timm, torch, resconv_plugin
@@ -282,7 +284,10 @@ class LayerPruner:
         if self._budget_driven() and self.schedule.started(0):
             self._reselect()  # chosen from the model as given, before training moves it
         if state is not None:
+            chosen, fit = (self._selected, self._selected_at), self.latency_fit
             self.load_state_dict(state)
+            if self._selected is None:  # a state without a selection (e.g. a reachability check's tables only)
+                (self._selected, self._selected_at), self.latency_fit = chosen, self.latency_fit or fit
         if optimizer is not None:
             self.attach(optimizer)
 

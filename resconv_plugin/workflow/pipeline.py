@@ -283,8 +283,9 @@ class Pipeline:
         else:  # measured latency differs per process: rank 0 measures, the others build from its tables and fit
             measured: List[LayerPruner] = []
 
-            def measure() -> dict:
-                measured.append(build())
+            def measure() -> dict:  # with the preflight's latency table, when the budget is the depth pruner's
+                tables = self.run_state.state.get("budget_tables") if depth_set is None else None
+                measured.append(build(tables))
                 return measured[0].state_dict()
 
             state = self.dist.run_on_main(measure)
@@ -422,7 +423,7 @@ class Pipeline:
         state = self.run_state.state
         level = (state.get("recipe_defaults") or {}).get("level")  # a resumed run keeps the level it chose
         if "convert" not in state["done"] or level is None:
-            level = self._preflight()
+            level, state["budget_tables"] = self._preflight()
         self._use_recipe(level)
         for name in STAGES:
             if name in state["done"]:
@@ -432,13 +433,15 @@ class Pipeline:
             self.run_state.save()
         return self._finish()
 
-    def _preflight(self) -> str:
+    def _preflight(self) -> Tuple[str, Optional[dict]]:
         """Fail before any training when the model cannot be converted, the budget cannot be met or the mixed
         precision cannot run on the device (checked on rank 0, a latency budget on the latency device; every process
-        raises the same error); returns the gate level the model converts at (what ``--level auto`` decides)."""
+        raises the same error); returns the gate level the model converts at (what ``--level auto`` decides) and,
+        for a latency budget, the measured latency table (a LayerPruner state) that the sparsity stage's pruner
+        then uses: measured once, so the stage cannot find unreachable what this check found reachable."""
         return self.dist.run_on_main(self._check_budget)
 
-    def _check_budget(self) -> str:
+    def _check_budget(self) -> Tuple[str, Optional[dict]]:
         import timm
 
         c = self.config
@@ -454,10 +457,10 @@ class Pipeline:
         try:
             level = convert(probe, self.cpu_example, level=c.level, init_gamma=c.init_gamma).level
             # the budget's reachability does not depend on the criterion: magnitude measures nothing
-            LayerPruner(probe, self.cpu_example, importance="magnitude", threshold=c.threshold,
-                        pruning_ratio=c.pruning_ratio, flops_reduction=c.flops_reduction,
-                        latency_reduction=c.latency_reduction, latency_repeats=5, latency_device=self.latency_device,
-                        latency_channels_last=c.channels_last, ignored_layers=c.ignored_layers or None)
+            check = LayerPruner(probe, self.cpu_example, importance="magnitude", threshold=c.threshold,
+                                pruning_ratio=c.pruning_ratio, flops_reduction=c.flops_reduction,
+                                latency_reduction=c.latency_reduction, latency_device=self.latency_device,
+                                latency_channels_last=c.channels_last, ignored_layers=c.ignored_layers or None)
         except ValueError as exc:  # this model cannot take this config (no eligible conv, unreachable budget)
             hint = ""
             if c.level == "auto" and level == "block" and "unreachable" in str(exc):
@@ -465,7 +468,7 @@ class Pipeline:
                         "layer gates reach further but collapsed at deep budgets in the benchmarks, e.g. "
                         "cifar_resnet56 at 0.35 of the latency: 14% top-1; ask for less, or pass --level layer)")
             raise ConfigError(f"{c.model}: {exc}{hint}") from exc
-        return level
+        return level, (check.state_dict() if c.latency_reduction is not None else None)
 
     def _use_recipe(self, level: str) -> None:
         """Fill the recipe fields left to the defaults (``--level auto``, ``--importance auto``, no
