@@ -84,22 +84,15 @@ def bisect_ratio(prune: Callable[[float], nn.Module], cost: Callable[[nn.Module]
             raise ValueError(f"{name} must be a positive int, got {value!r}")
     floor = target - tolerance
 
-    def measure(model: nn.Module) -> Tuple[float, int]:
-        return statistics.median(cost(model) for _ in range(confirm)), confirm
-
-    tries: List[Tuple[float, float, int]] = []
-    kept: List[Tuple[nn.Module, float, float]] = []  # (model, ratio, cost) of every try
+    kept: List[Tuple[nn.Module, float, float]] = []  # (model, ratio, median cost) of every try, in order
 
     def attempt(ratio: float) -> float:
         model = prune(ratio)
-        value, n = measure(model)
-        tries.append((ratio, value, n))
-        kept.append((model, ratio, value))
-        return value
+        kept.append((model, ratio, statistics.median(cost(model) for _ in range(confirm))))
+        return kept[-1][2]
 
     if attempt(0.0) <= target:
-        model, ratio, value = kept[0]
-        return RatioSearch(model, ratio, value, True, tries)
+        return RatioSearch(*kept[0], True, _tries(kept, confirm))
     lo, hi = 0.0, float(max_ratio)
     for _ in range(iterations):
         ratio = (lo + hi) / 2
@@ -109,7 +102,9 @@ def bisect_ratio(prune: Callable[[float], nn.Module], cost: Callable[[nn.Module]
         lo, hi = (ratio, hi) if value > target else (lo, ratio)
     feasible = [k for k in kept if k[2] <= target]
     if feasible:
-        model, ratio, value = max(feasible, key=lambda k: (k[2], -k[1]))
-        return RatioSearch(model, ratio, value, True, tries)
-    model, ratio, value = min(kept, key=lambda k: (k[2], k[1]))
-    return RatioSearch(model, ratio, value, False, tries)
+        return RatioSearch(*max(feasible, key=lambda k: (k[2], -k[1])), True, _tries(kept, confirm))
+    return RatioSearch(*min(kept, key=lambda k: (k[2], k[1])), False, _tries(kept, confirm))
+
+
+def _tries(kept: List[Tuple[nn.Module, float, float]], confirm: int) -> List[Tuple[float, float, int]]:
+    return [(ratio, value, confirm) for _, ratio, value in kept]
