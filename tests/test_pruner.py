@@ -722,3 +722,60 @@ def test_fine_tuning_after_removal_in_timm_resnet18():
     loss = nn.functional.cross_entropy(model(x), torch.tensor([0, 1, 2, 3]))
     loss.backward()
     assert model.conv1.weight.grad is not None and torch.isfinite(model.conv1.weight.grad).all()
+
+
+def test_a_latency_budget_the_table_finds_short_is_measured_before_it_is_refused(monkeypatch):
+    """The table is scaled to one timing of removing every gate; when it says the budget is out of reach, removing
+    every gate is timed three more times and the median decides (fake clock: the table's timing read 0.3 of the
+    latency, the three measurements 0.5, 0.2, 0.45: median 0.45)."""
+    model, x = converted("cifar_resnet20")
+    names = list(resconv_plugin.fx.surgery.gated_modules(model))
+    readings = []
+
+    def table(model, names, example_inputs, **kwargs):
+        return {n: 0.3 / len(names) for n in names}, 1.0
+
+    def clock(model, chosen, example_inputs, **kwargs):
+        readings.append(len(chosen))
+        return [0.5, 0.2, 0.45][(len(readings) - 1) % 3] if len(chosen) == len(names) else 0.4, 1.0
+
+    fake_latency(monkeypatch, table, clock)
+    LayerPruner(copy.deepcopy(model), x, latency_reduction=0.4)  # median 0.45 >= 0.4: accepted
+    assert readings[:3] == [len(names)] * 3
+    readings.clear()
+    with pytest.raises(ValueError, match=r"latency_reduction=0.46 is unreachable: .* at most 0\.450 of"):
+        LayerPruner(copy.deepcopy(model), x, latency_reduction=0.46)
+    assert readings == [len(names)] * 3
+
+
+def test_removal_importance_can_read_each_variant_with_batchnorm_re_estimated():
+    """recalibrate=True scores each removal with the BatchNorm statistics re-estimated on the calibration batch
+    (the reference too) and leaves the model's own statistics as they were; on a model whose statistics are off
+    the scores differ from the raw ones."""
+    from resconv_plugin.pruning.importance import RemovalImportance
+
+    torch.manual_seed(0)
+    model = timm.create_model("cifar_resnet20", num_classes=10, in_chans=1).eval()
+    x, y = torch.randn(64, 1, 28, 28), torch.randint(0, 10, (64,))
+    resconv_plugin.convert(model, x[:1], level="block")
+    randomize_bn(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    gates = resconv_plugin.fx.surgery.gated_modules(model)
+    raw = RemovalImportance()(model, gates, inputs=(x,), targets=y)
+    recalibrated = RemovalImportance(recalibrate=True)(model, gates, inputs=(x,), targets=y)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert set(raw) == set(recalibrated) == set(gates)
+    assert any(abs(raw[n] - recalibrated[n]) > 1e-3 for n in gates)
+    with pytest.raises(TypeError, match="recalibrate must be a bool, got str"):
+        RemovalImportance(recalibrate="yes")
+
+
+def test_removal_bn_names_removal_with_batchnorm_re_estimated_chosen_once():
+    """``importance="removal-bn"``: RemovalImportance(recalibrate=True); like every criterion but magnitude, the set
+    is chosen once, as the pruner is built, and kept while the cap falls."""
+    model, x = converted("cifar_resnet20")
+    calib = torch.randn(16, 1, 28, 28)
+    pruner = LayerPruner(model, x, importance="removal-bn", flops_reduction=0.3, sparsity_steps=10,
+                         calibration_inputs=calib)
+    assert repr(pruner.importance) == "RemovalImportance(iterative=False, recalibrate=True)"
+    assert pruner.reselect_every is None and pruner.select() == pruner.rank()

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Tuple
+import contextlib
+from typing import Iterator, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -11,7 +12,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from resconv_plugin._utils import eval_mode
 
-__all__ = ["output_divergence", "calibration_loss", "recalibrate_batchnorm"]
+__all__ = ["output_divergence", "calibration_loss", "recalibrate_batchnorm", "batchnorm_statistics_kept"]
 
 
 def _logits(output: object) -> torch.Tensor:
@@ -50,6 +51,21 @@ def calibration_loss(output: object, targets: torch.Tensor) -> float:
 
 
 @torch.no_grad()
+@contextlib.contextmanager
+def batchnorm_statistics_kept(model: nn.Module) -> Iterator[None]:
+    """Restore the running statistics of every BatchNorm of ``model`` when the block ends (e.g. around
+    :func:`recalibrate_batchnorm` on a variant that is only measured)."""
+    norms = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+    saved = [(m, {k: v.clone() for k, v in m.named_buffers(recurse=False)}) for m in norms]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for m, buffers in saved:
+                for k, v in buffers.items():
+                    getattr(m, k).copy_(v)
+
+
 def recalibrate_batchnorm(model: nn.Module, inputs: Tuple[torch.Tensor, ...]) -> None:
     """Re-estimate the running statistics of every BatchNorm of ``model`` on ``inputs`` (one forward pass).
 

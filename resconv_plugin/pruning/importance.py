@@ -37,7 +37,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from resconv_plugin._utils import eval_mode
-from resconv_plugin.pruning.calibration import calibration_loss, output_divergence
+from resconv_plugin.pruning.calibration import (
+    batchnorm_statistics_kept, calibration_loss, output_divergence, recalibrate_batchnorm,
+)
 
 __all__ = ["GateImportance", "MagnitudeImportance", "RemovalImportance", "TaylorImportance", "FixedSetImportance",
            "IMPORTANCES", "make_importance"]
@@ -122,15 +124,21 @@ class RemovalImportance(GateImportance):
 
     Args:
         iterative: ask the pruner to re-measure after each chosen gate (greedy selection with re-measurement).
+        recalibrate: measure each variant (and the reference) with its BatchNorm statistics re-estimated on the
+            calibration batch, as fine-tuning would leave them (the model's own statistics are restored after). The
+            raw change mostly measures the statistics' shift: removing cifar_resnet20's first block raised the loss
+            by 2.31 nats raw and by 0.08 re-estimated, less than either block of its last stage (0.21, 0.31), which
+            fine-tuning cannot restore as easily.
     """
 
     needs_inputs = True
     name = "removal"
 
-    def __init__(self, iterative: bool = False) -> None:
-        if not isinstance(iterative, bool):
-            raise TypeError(f"iterative must be a bool, got {type(iterative).__name__}")
-        self.iterative = iterative
+    def __init__(self, iterative: bool = False, recalibrate: bool = False) -> None:
+        for arg, value in (("iterative", iterative), ("recalibrate", recalibrate)):
+            if not isinstance(value, bool):
+                raise TypeError(f"{arg} must be a bool, got {type(value).__name__}")
+        self.iterative, self.recalibrate = iterative, recalibrate
 
     @torch.no_grad()
     def __call__(self, model, gates, *, inputs=None, targets=None, removed=()):
@@ -142,7 +150,10 @@ class RemovalImportance(GateImportance):
             reference = None if targets is not None else model(*inputs)
 
             def measure() -> float:
-                out = model(*inputs)
+                with batchnorm_statistics_kept(model) if self.recalibrate else contextlib.nullcontext():
+                    if self.recalibrate:
+                        recalibrate_batchnorm(model, inputs)
+                    out = model(*inputs)
                 return calibration_loss(out, targets) if targets is not None else output_divergence(reference, out)
 
             with gates_at_zero(gates, removed):
@@ -157,7 +168,7 @@ class RemovalImportance(GateImportance):
         return scores
 
     def __repr__(self) -> str:
-        return f"RemovalImportance(iterative={self.iterative})"
+        return f"RemovalImportance(iterative={self.iterative}, recalibrate={self.recalibrate})"
 
 
 class TaylorImportance(GateImportance):
@@ -244,13 +255,18 @@ class FixedSetImportance(GateImportance):
 IMPORTANCES = {"magnitude": MagnitudeImportance, "removal": RemovalImportance, "taylor": TaylorImportance}
 
 
+#: Names of configured criteria, accepted as well.
+VARIANTS = {"removal-iterative": lambda: RemovalImportance(iterative=True),
+            "removal-bn": lambda: RemovalImportance(recalibrate=True)}
+
+
 def make_importance(importance: Union[str, GateImportance]) -> GateImportance:
-    """The criterion for a name in :data:`IMPORTANCES` (``"removal-iterative"`` too) or an instance."""
+    """The criterion for a name in :data:`IMPORTANCES` or :data:`VARIANTS`, or an instance."""
     if isinstance(importance, GateImportance):
         return importance
-    if importance == "removal-iterative":
-        return RemovalImportance(iterative=True)
+    if isinstance(importance, str) and importance in VARIANTS:
+        return VARIANTS[importance]()
     if isinstance(importance, str) and importance in IMPORTANCES:
         return IMPORTANCES[importance]()
-    raise ValueError(f"importance must be one of {sorted(IMPORTANCES) + ['removal-iterative']} or a "
+    raise ValueError(f"importance must be one of {sorted(IMPORTANCES) + list(VARIANTS)} or a "
                      f"GateImportance instance, got {importance!r}")

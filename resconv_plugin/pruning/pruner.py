@@ -453,13 +453,22 @@ class LayerPruner:
 
     def _check_reachable(self) -> None:
         saved, total, target = self._target()
+        kind = self._budget_kind()
         names = list(self._gates)
         reachable = set_saving(saved, names)
+        if _short(reachable, target) and kind == "latency":
+            # the table is scaled to one timing of removing every gate: one disturbed timing must not refuse the
+            # budget (on a busy machine cifar_resnet20's 7 blocks read 0.47 of its latency, where 6 of them
+            # measured 0.63 in another run): the median of three more decides
+            whole = statistics.median(self._measure_saving(names) for _ in range(3))
+            if whole >= self.latency_reduction:
+                return
+            reachable = whole * total
         if _short(reachable, target):  # the selection's own test: a goal at the maximum is reachable
-            what = "flops_reduction" if self._budget_kind() == "flops" else "latency_reduction"
+            what = "flops_reduction" if kind == "flops" else "latency_reduction"
             raise ValueError(f"{what}={target / total:.3g} is unreachable: removing every prunable gate "
                              f"({len(names)}) removes at most {reachable / total:.3f} of the model's "
-                             f"{'FLOPs' if self._budget_kind() == 'flops' else 'latency'}")
+                             f"{'FLOPs' if kind == 'flops' else 'latency'}")
 
     def scores(self, removed: Sequence[str] = ()) -> Dict[str, float]:
         """The importance of every prunable gate (higher = keep), with ``removed`` taken as already at 0."""

@@ -31,7 +31,7 @@ log = logging.getLogger("resconv")
 DEFAULT_BUDGET = ("flops_reduction", 0.5)
 #: The importance criterion: "auto" is the gate level's measured best (resconv_plugin.workflow.defaults.RECIPES).
 DEFAULT_IMPORTANCE = "auto"
-IMPORTANCE_CHOICES = ("auto", "magnitude", "removal", "removal-iterative", "taylor")
+IMPORTANCE_CHOICES = ("auto", "magnitude", "removal", "removal-iterative", "removal-bn", "taylor")
 DATASETS = ("fashion-mnist", "mnist", "cifar10", "imagefolder")
 #: Settings that may change between a run and its resumption.
 RESUME_IGNORED = frozenset({"output", "restart", "progress", "workers", "command", "device", "plots"})
