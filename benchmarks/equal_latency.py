@@ -11,14 +11,15 @@ a note), latency target t (fraction of the deployed baseline's batch-1 CPU laten
   --finetune-epochs in the grid, 3 + 3; rows record the split they ran).
 * ``depth``: the same with the command's defaults before the ``default`` recipe (layer gates, importance
   removal-iterative, distillation from the baseline): --sparsity-epochs, removal, --finetune-epochs, fusion.
-* ``joint``: the same with ``channel_pruning="auto"`` (JointPruner splits the latency budget between layers and
-  channels by measurement, the channels meet it exactly after removal).
+* ``joint``: ``default`` with ``channel_pruning="auto"``: the joint planner (``JointPlanner``: the default recipe's
+  depth plan, the same plan with its most important blocks kept and channels topped up, pure width with Taylor
+  channels; each scored after its short distilled training) and its choice trained at its final widths, with the
+  default recipe's epochs. Rows of the split-share planner it replaced are in git history (before commit
+  "Replace JointPruner with a depth-first JointPlanner").
 * ``depth_block``: the same as ``depth`` with ``level="block"`` (one gate per residual block with an identity
   shortcut instead of one per conv) and ``importance="magnitude"``, the block setting the depth ablation
   (``ablation_depth.md``) found best: at its 0.5 FLOPs budget it kept -1.95 pt (two seeds) at 0.48 of the latency,
   where layer gates with removal-iterative kept -2.06 at 0.60.
-* ``joint_block``: ``joint`` with depth_block's gates and importance (the joint pruner may fill the latency left
-  between two whole blocks with channels).
 * ``depth_block_short``: ``depth_block`` with one epoch of sparsity training and the rest of the same total epochs
   fine-tuning (--sparsity-epochs 3 --finetune-epochs 3: 1 + 5; meta_* train all their epochs after pruning).
 * ``depth_block_oneshot``: block gates removed one-shot from the baseline, no sparsity training (the command's
@@ -57,7 +58,7 @@ the most FLOPs removed for at most 0.3 pt lost.
 ``--retime`` (run alone on the machine; trains nothing): each row's latency_rel was measured when the row finished,
 over several sessions and next to different training jobs, and drifts (the same structure measured 0.05-0.12 apart
 at batch 1); it rebuilds every row's deployed structure (depth: its removed gates; meta_*: its ratio and
-calibration batch; slim, groupnorm, joint, joint_block, whose structure depends on their training: the
+calibration batch; slim, groupnorm, joint, whose structure depends on their training: the
 ``structure`` their rows record; rows written before rows recorded it cannot be rebuilt; checked by FLOPs) and
 times them all with the baseline in one interleaved run per arch. Every retime is kept
 (``NAME_retimes/<UTC time>.json``): between retimes on the same day, each alone
@@ -100,17 +101,18 @@ BLOCK = {"level": "block", "importance": "magnitude"}
 #: CompressionConfig settings of each depth-based method that differ from the command's defaults.
 #: The command's defaults before the measured-best recipe became the default (``default``): layer gates.
 LAYER = {"level": "layer", "importance": "removal-iterative"}
-DEPTH_SETTINGS = {"default": {}, "depth": LAYER, "joint": {"channel_pruning": "auto", **LAYER},
-                  "depth_block": BLOCK, "joint_block": {"channel_pruning": "auto", **BLOCK},
+DEPTH_SETTINGS = {"default": {}, "depth": LAYER, "joint": {"channel_pruning": "auto"}, "depth_block": BLOCK,
                   "depth_block_short": BLOCK, "depth_block_oneshot": {"level": "block", "importance": "removal-iterative"}}
 DEPTH_METHODS = tuple(DEPTH_SETTINGS)
+#: Methods that train the command's default recipe's epochs (no epoch option given).
+RECIPE_METHODS = ("default", "joint")
 #: Methods that spend the run's total epochs with this many in sparsity training and the rest fine-tuning.
 SPARSITY_EPOCHS = {"depth_block_short": 1, "depth_block_oneshot": 0}
 CHANNEL_METHODS = ("slim", "groupnorm", "meta_taylor", "meta_magnitude")
 REGULARISED = {"slim": 1e-4, "groupnorm": 1e-4}  # torch-pruning's default reg strengths
 #: Methods whose deployed structure depends on the training (regularised weights, channels pruned after training):
 #: their rows record it (``structure``) so that ``--retime`` can time them.
-TRAINED_STRUCTURE = ("slim", "groupnorm", "joint", "joint_block")
+TRAINED_STRUCTURE = ("slim", "groupnorm", "joint")
 
 
 def channel_spec(method):
@@ -140,7 +142,7 @@ def rebuild(record, base, data):
     """The deployed structure of a finished row, rebuilt from the baseline (weights: the baseline's, pruned as the row
     was, or placeholders; timing does not depend on them), or None where it cannot be (a row whose structure depends
     on its training and was written before rows recorded it) or is not reproduced (its FLOPs differ from the row's).
-    Rows with ``structure`` (slim, groupnorm, joint, joint_block: regularised weights or channels pruned after
+    Rows with ``structure`` (slim, groupnorm, joint: regularised weights or channels pruned after
     training decide it; ``resconv_plugin.deploy.structure.describe`` of the deployed model): the deployed baseline
     reshaped to it (``apply_structure``), with random weights; depth / depth_block: the row's ``removed`` gates
     (converted at the method's level) set to 0 and removed (``LayerPruner(threshold=0)``); meta_*: the row's channel
@@ -219,9 +221,9 @@ def default_split(base):
 def method_schedule(method, schedule, base=None):
     """The schedule ``method``'s rows train with: the run's ``schedule``, except for the methods of
     ``SPARSITY_EPOCHS``, which spend the same total epochs with that many in sparsity training (all of them
-    when the total is smaller), and ``default``, which trains the default recipe's epochs (``base``: the model it
-    prunes, whose architecture decides the recipe)."""
-    if method == "default":
+    when the total is smaller), and ``RECIPE_METHODS``, which train the default recipe's epochs (``base``: the
+    model they prune, whose architecture decides the recipe)."""
+    if method in RECIPE_METHODS:
         sparsity, finetune = default_split(base)
         return dict(schedule, sparsity_epochs=sparsity, finetune_epochs=finetune)
     if method not in SPARSITY_EPOCHS:
@@ -232,10 +234,10 @@ def method_schedule(method, schedule, base=None):
 
 
 def depth_row(method, arch, target, seed, base, data, args, schedule):
-    """depth / joint / depth_block / joint_block / depth_block_short through the public pipeline (the same code as
+    """default / depth / joint / depth_block / depth_block_short through the public pipeline (the same code as
     ``resconv compress``), trained with ``schedule`` (:func:`method_schedule`)."""
     out = Path(args.runs) / f"{arch}-{method}-t{target}-s{seed}"
-    epochs = {} if method == "default" else {k: schedule[k] for k in ("sparsity_epochs", "finetune_epochs")}
+    epochs = {} if method in RECIPE_METHODS else {k: schedule[k] for k in ("sparsity_epochs", "finetune_epochs")}
     config = CompressionConfig(model=arch, epochs=0, latency_reduction=round(1 - target, 6), **DEPTH_SETTINGS[method],
                                **epochs, finetune_lr=args.finetune_lr, train_subset=args.train_subset, seed=seed,
                                output=out, latency_repeats=args.repeats, plots=False, progress=False)
@@ -512,7 +514,7 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+",
                         default=["default", "depth", "joint", "depth_block", "slim", "groupnorm", "meta_taylor"],
                         help="the grid's default: the pilot (equal_latency_pilot.md) found round_to=8 no help at equal "
-                             "latency and Taylor / magnitude level; any of default, depth, joint, depth_block, joint_block, "
+                             "latency and Taylor / magnitude level; any of default, depth, joint, depth_block, "
                              "depth_block_short, depth_block_oneshot, slim, groupnorm, meta_taylor, meta_magnitude, "
                              "channel methods optionally with _r8")
     parser.add_argument("--train-subset", type=int, default=20000)

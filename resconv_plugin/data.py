@@ -17,13 +17,14 @@ import gzip
 import os
 import struct
 from pathlib import Path
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional, Tuple, Union
 
 import torch
 
 __all__ = ["DATASETS", "DEFAULT_DIRS", "MEAN_STD", "read_idx", "load_idx_dataset", "find_dataset_dir",
-           "load_cifar10", "ImageData", "build_datasets", "BatchLoader", "calibration_batch"]
+           "load_cifar10", "ImageData", "build_datasets", "BatchLoader", "calibration_batch", "held_out_split"]
 
 #: Dataset kinds the ``resconv`` command reads.
 DATASETS = ("fashion-mnist", "mnist", "cifar10", "imagefolder")
@@ -164,6 +165,30 @@ def _subset(split, n: int, seed: int):
     if isinstance(split, tuple):
         return split[0][idx], split[1][idx]
     return torch.utils.data.Subset(split, idx.tolist())
+
+
+def held_out_split(data: ImageData, size: int, train_size: int = 0, seed: int = 0) -> "ImageData":
+    """``data`` with ``size`` of its training images (a fixed seeded draw) as the validation split and at most
+    ``train_size`` (0: all) of the others as the training split: for choosing between models on images that neither
+    trained them nor belong to the test set.
+
+    Example:
+        >>> data = build_datasets("fashion-mnist")  # doctest: +SKIP
+        >>> choose = held_out_split(data, 2048, train_size=20000)  # doctest: +SKIP
+    """
+    n = len(data)
+    if isinstance(size, bool) or not isinstance(size, int) or not 0 < size < n:
+        raise ValueError(f"size must be an int in [1, {n - 1}] (the training split has {n} images), got {size!r}")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    held, rest = order[:size].sort().values, order[size:]
+    rest = (rest[:train_size] if train_size else rest).sort().values
+
+    def part(idx):
+        if data.in_memory:
+            return data.train[0][idx], data.train[1][idx]
+        return torch.utils.data.Subset(data.train, idx.tolist())
+
+    return dataclasses.replace(data, train=part(rest), val=part(held))
 
 
 def build_datasets(name: str, data_dir: Optional[Union[str, Path]] = None, *, img_size: Optional[int] = None,

@@ -1,4 +1,4 @@
-"""bisect_ratio, the one channel-ratio search (pipeline, joint planner, benchmarks), and JointPruner.meet on a
+"""bisect_ratio, the one channel-ratio search (joint planner, benchmarks), and JointPlanner.meet on a
 mocked clock: a latency that is the FLOPs plus timing noise with outliers, so that nothing depends on this
 machine's timings."""
 
@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import resconv_plugin
-from resconv_plugin.pruning import JointPruner, bisect_ratio
+from resconv_plugin.pruning import JointPlanner, bisect_ratio
 
 
 class Pruned(nn.Module):
@@ -94,7 +94,7 @@ class Wide(nn.Module):
 
 
 def test_joint_meet_on_a_mocked_clock_lands_within_0_03():
-    """``JointPruner.meet`` with ``cost="latency"``: the clock is the deployed model's FLOPs (its true cost) with
+    """``JointPlanner.meet`` with ``cost="latency"``: the clock is the deployed model's FLOPs (its true cost) with
     the outliers above; the ratio it returns costs within 0.03 of the target when measured without noise."""
     torch.manual_seed(0)
     net = Wide(64).eval()  # wide enough that one channel moves the FLOPs by less than the tolerance
@@ -105,10 +105,10 @@ def test_joint_meet_on_a_mocked_clock_lands_within_0_03():
         return resconv_plugin.count_flops(plain, x[:1]).total
 
     base = flops(resconv_plugin.deployed(net))
-    pruner = JointPruner(net, x[:1], 0.4, calibration_inputs=x, cost="latency")
+    planner = JointPlanner(net, x[:1], 0.4, calibration_inputs=x, cost="latency")
     # the mocked clock: the deployed model's FLOPs relative to the baseline's, with a wobble and outliers
-    pruner.cost_rel = noisy(lambda model: flops(resconv_plugin.deployed(model)) / base, outlier=0.1)
-    model, ratio, measured = pruner.meet(net, 0.6)
-    truth = flops(resconv_plugin.deployed(model)) / base
-    assert ratio > 0 and abs(truth - 0.6) <= 0.03
-    assert all(n == 3 for _, _, n in pruner.last_search.tries)
+    planner.cost_rel = noisy(lambda model: flops(resconv_plugin.deployed(model)) / base, outlier=0.1)
+    found = planner.meet([])
+    truth = flops(resconv_plugin.deployed(planner.structure([], found.channel_ratio))) / base
+    assert found.kind == "width" and found.channel_ratio > 0 and abs(truth - 0.6) <= 0.03
+    assert all(n == 3 for _, _, n in planner.last_search.tries)

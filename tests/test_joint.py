@@ -1,4 +1,4 @@
-"""JointPruner: one budget split between depth and width by measurement. Hand-built nets where one side is clearly
+"""JointPlanner: one budget planned between depth (first) and width. Hand-built nets where one side is clearly
 better (free to remove), a deterministic cost (FLOPs) so that nothing depends on timing."""
 
 import pytest
@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import resconv_plugin
-from resconv_plugin.pruning import FixedSetImportance, JointPruner, LayerPruner
+from resconv_plugin.pruning import FixedSetImportance, JointPlan, JointPlanner, LayerPruner, PlanCandidate
 
 C = 8
 
@@ -50,43 +50,84 @@ def make(identity_layers=(), dead_channels=()):
     return net, x
 
 
+def plan_of(net, x, reduction, **kwargs):
+    kwargs.setdefault("importance", "removal")
+    return JointPlanner(net, x[:1], reduction, calibration_inputs=x, cost=kwargs.pop("cost", "flops"), **kwargs)
+
+
 def test_chooses_pure_depth_where_layers_are_free_to_remove():
     net, x = make(identity_layers=(1, 3, 5))
-    plan = JointPruner(net, x[:1], 0.3, calibration_inputs=x, cost="flops").plan()
+    plan = plan_of(net, x, 0.3).plan()
     best = plan.best
-    assert best.depth_share == 1.0 and best.channel_ratio == 0.0
-    assert set(best.depth_names) <= {"layers.1.0", "layers.3.0", "layers.5.0"}
+    assert best.kind == "depth" and best.channel_ratio == 0.0
+    assert set(best.depth_names) <= {"layers.1.0", "layers.3.0", "layers.5.0"} and len(best.depth_names) == 2
     assert best.cost_rel <= 0.7  # the budget is met
-    width = next(c for c in plan.candidates if c.depth_share == 0.0)
+    width = next(c for c in plan.candidates if c.kind == "width")
     assert width.channel_ratio > 0 and width.cost_rel <= 0.7
-    assert best.score < 1e-9 < width.score  # an exact removal costs nothing
+    assert best.score < width.score
 
 
 def test_chooses_pure_width_where_channels_are_free_to_remove():
     net, x = make(dead_channels=(0, 3, 5, 6))
-    pruner = JointPruner(net, x[:1], 0.4, calibration_inputs=x, cost="flops", depth_shares=(0.0, 0.5, 1.0))
-    plan = pruner.plan()
+    planner = plan_of(net, x, 0.4)
+    plan = planner.plan()
     best = plan.best
-    assert best.depth_share == 0.0 and not best.depth_names and best.channel_ratio > 0
-    assert best.cost_rel <= 0.6
-    depth = next(c for c in plan.candidates if c.depth_share == 1.0)
-    assert depth.depth_names and best.score < 1e-9 < depth.score
-    pruned = pruner.apply(best)  # the one-shot model computes what the unpruned one did
+    assert best.kind == "width" and not best.depth_names and best.channel_ratio > 0 and best.cost_rel <= 0.6
+    depth = next(c for c in plan.candidates if c.kind == "depth")
+    assert depth.depth_names and best.score < depth.score
+    pruned = planner.structure(best.depth_names, best.channel_ratio)  # the dead channels went: same outputs
     with torch.no_grad():
         torch.testing.assert_close(pruned(x), net(x), rtol=1e-4, atol=1e-5)
+
+
+def test_depth_first_candidates_keep_the_depth_plans_most_important_gates():
+    """The depth plan (ranked least important first), then the same plan with its 1 .. top_ups most important gates
+    kept and channels meeting the rest, then pure width: each meets the budget."""
+    net, x = make(identity_layers=(1, 3))
+    planner = plan_of(net, x, 0.45)
+    depth = planner.depth_plan()
+    assert len(depth) == 3 and set(depth[:2]) == {"layers.1.0", "layers.3.0"}  # the free ones rank first
+    found, unreachable = planner.candidates()
+    assert not unreachable
+    assert [(c.kind, c.depth_names) for c in found] == [("depth", depth), ("depth+width", depth[:2]),
+                                                        ("depth+width", depth[:1]), ("width", [])]
+    assert all(c.cost_rel <= 0.55 for c in found)
+    assert [c.channel_ratio > 0 for c in found] == [False, True, True, True]
+    one = JointPlanner(net, x[:1], 0.45, calibration_inputs=x, cost="flops", importance="removal", top_ups=1,
+                       width=False)
+    assert [c.kind for c in one.candidates()[0]] == ["depth", "depth+width"]
+
+
+def test_the_plan_is_trained_at_its_final_widths():
+    """build() prunes the channels of the converted model (gates kept, for the layers to fade out in training);
+    removing the depth set from it gives the structure whose cost the plan measured."""
+    net, x = make(identity_layers=(1, 3))
+    planner = plan_of(net, x, 0.45)
+    plan = planner.plan()
+    mixed = next(c for c in plan.candidates if c.kind == "depth+width")
+    built = planner.build(mixed.depth_names, mixed.channel_ratio)
+    assert set(resconv_plugin.gated_modules(built)) == set(resconv_plugin.gated_modules(net))
+    from resconv_plugin.pruning.planner import remove_gates
+
+    remove_gates(built, mixed.depth_names)
+    assert planner.cost_rel(built) == pytest.approx(mixed.cost_rel)
+    again = planner.build(mixed.depth_names, mixed.channel_ratio)  # the same ratio, the same structure
+    assert [m.out_channels for m in again.modules() if isinstance(m, nn.Conv2d)] == \
+        [m.out_channels for m in planner.build(mixed.depth_names, mixed.channel_ratio).modules()
+         if isinstance(m, nn.Conv2d)]
 
 
 def test_budget_met_within_one_channel_group():
     """The channel ratio found is the smallest that meets the budget: one channel group less would miss it."""
     net, x = make()
-    pruner = JointPruner(net, x[:1], 0.35, calibration_inputs=x, cost="flops", depth_shares=(0.0,))
-    best = pruner.plan().best
-    assert best.cost_rel <= 0.65
-    kept = [m.out_channels for m in pruner.apply(best).modules() if isinstance(m, nn.Conv2d)][0]
+    planner = plan_of(net, x, 0.35)
+    best = planner.meet([])
+    assert best.kind == "width" and best.cost_rel <= 0.65
+    kept = [m.out_channels for m in planner.structure([], best.channel_ratio).modules() if isinstance(m, nn.Conv2d)][0]
     assert kept < C
-    one_less = pruner.prune_channels(pruner.model, (C - kept - 1) / C)  # one channel (this net's group) fewer pruned
+    one_less = planner.structure([], (C - kept - 1) / C)  # one channel (this net's group) fewer pruned
     assert [m.out_channels for m in one_less.modules() if isinstance(m, nn.Conv2d)][0] == kept + 1
-    assert pruner.cost_rel(one_less) > 0.65
+    assert planner.cost_rel(one_less) > 0.65
 
 
 def convs(model):
@@ -94,66 +135,46 @@ def convs(model):
     return float(sum(isinstance(m, nn.Conv2d) for m in model.modules()))
 
 
-def test_splits_that_cannot_reach_the_budget_are_listed_not_fatal():
-    """Cost = number of convs (7: stem + 6 layers): channel pruning never lowers it, so the splits whose layers
-    alone stay above 0.75 of it (shares 0, 0.25, 0.5: at most one layer) are unreachable; shares 0.75 and 1 remove
-    two layers (5 / 7 = 0.714) and are scored."""
+def test_candidates_that_cannot_reach_the_budget_are_listed_not_fatal():
+    """Cost = number of convs (7: stem + 6 layers): channel pruning never lowers it. The depth plan (by FLOPs, two
+    layers: 5 / 7 = 0.714) meets 0.75; kept one more layer (6 / 7) no channel ratio does, nor pure width."""
     net, x = make()
-    plan = JointPruner(net, x[:1], 0.25, calibration_inputs=x, cost=convs).plan()
-    assert plan.unreachable == [0.0, 0.25, 0.5]
-    assert [c.depth_share for c in plan.candidates] == [0.75, 1.0]
-    assert all(len(c.depth_names) == 2 and c.channel_ratio == 0.0 and c.cost_rel == pytest.approx(5 / 7)
-               for c in plan.candidates)
-    assert plan.best.depth_share in (0.75, 1.0)
-    with pytest.raises(ValueError, match="no split of the budget reaches 0.050 of the cost"):
-        JointPruner(net, x[:1], 0.95, calibration_inputs=x, cost=convs).plan()  # even 6 layers leave 1 / 7
-    pruner = JointPruner(net, x[:1], 0.25, calibration_inputs=x, cost=convs)
-    with pytest.raises(ValueError, match="does not reach 0.750 of the cost"):
-        pruner.meet(net)
-    model, ratio, rel = pruner.meet(net, strict=False)  # the cheapest try: no ratio lowers this cost, so none
-    assert rel == 1.0 and ratio == 0.0
-    assert len(pruner.last_search.tries) == 13 and not pruner.last_search.met  # ratio 0, then 12 bisection steps
+    planner = plan_of(net, x, 0.25, cost=convs)
+    plan = planner.plan()
+    assert plan.unreachable == ["depth+width 1", "width"]
+    assert [(c.kind, len(c.depth_names), c.channel_ratio) for c in plan.candidates] == [("depth", 2, 0.0)]
+    assert plan.best.cost_rel == pytest.approx(5 / 7)
+    assert len(planner.last_search.tries) == 13 and not planner.last_search.met  # ratio 0, then 12 bisection steps
+    with pytest.raises(ValueError, match="no candidate reaches 0.050 of the cost"):
+        plan_of(net, x, 0.95, cost=convs).plan()  # even 6 layers leave 1 / 7
 
 
-def test_the_depth_side_is_measured_once_for_every_share(monkeypatch):
-    """One LayerPruner ranks the layers of every share: its cost table (the latency table: every gate's removal
-    timed) and the gates' importance are measured once, and each share's set is the one a LayerPruner of that
-    share's budget alone chooses."""
-    from resconv_plugin.pruning import pruner as pruner_module
-
-    from resconv_plugin.pruning.importance import RemovalImportance
-
-    calls, scored = [], []
-    measured, importance = pruner_module.flops_savings, RemovalImportance.__call__
-    monkeypatch.setattr(pruner_module, "flops_savings", lambda *a, **k: calls.append(1) or measured(*a, **k))
-    monkeypatch.setattr(RemovalImportance, "__call__", lambda *a, **k: scored.append(1) or importance(*a, **k))
+def test_a_score_callable_ranks_the_candidates_built_as_they_are_trained():
+    """score(candidate, model) gets each candidate's build() (gates kept, channels pruned) and decides."""
     net, x = make(identity_layers=(1, 3, 5))
-    before = {k: v.clone() for k, v in net.state_dict().items()}
-    pruner = JointPruner(net, x[:1], 0.4, calibration_inputs=x, cost="flops", depth_shares=(0.25, 0.5, 1.0))
-    plan = pruner.plan()
-    assert len(calls) == 1 and len(scored) == 1
-    assert [len(c.depth_names) for c in plan.candidates] == [1, 2, 3]
-    for c in plan.candidates:
-        alone = LayerPruner(net, x[:1], importance="removal", flops_reduction=c.depth_share * 0.4,
-                            calibration_inputs=x)
-        assert sorted(alone.rank()) == sorted(c.depth_names)
-    assert all(torch.equal(v, net.state_dict()[k]) for k, v in before.items())  # the model itself is untouched
+    seen = []
+
+    def score(candidate, model):
+        seen.append((candidate.kind, len(resconv_plugin.gated_modules(model))))
+        return {"depth": 2.0, "depth+width": 1.0, "width": 3.0}[candidate.kind]
+
+    plan = plan_of(net, x, 0.3, score=score).plan()
+    assert plan.best.kind == "depth+width" and all(c.score is not None for c in plan.candidates)
+    assert [k for k, _ in seen] == [c.kind for c in plan.candidates] and all(n == 6 for _, n in seen)
 
 
-def test_a_candidate_whose_recovery_diverged_never_wins():
-    """A NaN score (recovery steps that blew up) ranks last wherever it stands in the list; ties go to depth."""
-    from resconv_plugin.pruning import JointPlan, SplitCandidate
-
-    def cand(share, score):
-        return SplitCandidate(depth_share=share, depth_names=[], channel_ratio=0.0, cost_rel=0.6, score=score)
+def test_a_candidate_whose_score_is_not_finite_never_wins():
+    """A NaN score (recovery that blew up) ranks last wherever it stands in the list; ties go to more depth."""
+    def cand(layers, score):
+        return PlanCandidate("depth" if layers else "width", [f"l{i}" for i in range(layers)], 0.0, 0.6, score)
 
     for scores in ([float("nan"), 0.9, 0.4], [0.4, float("nan"), 0.9], [0.9, 0.4, float("inf")]):
-        plan = JointPlan(target_rel=0.6, candidates=[cand(i / 2, x) for i, x in enumerate(scores)])
+        plan = JointPlan(target_rel=0.6, candidates=[cand(i, x) for i, x in enumerate(scores)])
         assert plan.best.score == 0.4
-    plan = JointPlan(target_rel=0.6, candidates=[cand(0.0, 0.5), cand(1.0, 0.5), cand(0.5, float("nan"))])
-    assert plan.best.depth_share == 1.0
-    only = JointPlan(target_rel=0.6, candidates=[cand(0.0, float("nan"))])
-    assert only.best.depth_share == 0.0  # nothing better to choose
+    plan = JointPlan(target_rel=0.6, candidates=[cand(0, 0.5), cand(2, 0.5), cand(1, float("nan"))])
+    assert len(plan.best.depth_names) == 2
+    only = JointPlan(target_rel=0.6, candidates=[cand(0, float("nan"))])
+    assert only.best.kind == "width"  # nothing better to choose
 
 
 def test_fixed_set_importance_trains_a_chosen_set():
@@ -167,129 +188,21 @@ def test_fixed_set_importance_trains_a_chosen_set():
         FixedSetImportance("layers.0.0")
 
 
-def _labelled_batches(net, x, seen):
-    """Two batches of ``x`` labelled by the unpruned net's own predictions (a task a pruned copy can recover);
-    each batch drawn appends its index to ``seen``."""
-    with torch.no_grad():
-        y = net(x).argmax(1)
-
-    class Batches:
-        def __iter__(self):
-            for i in range(2):
-                seen.append(i)
-                yield x[16 * i:16 * (i + 1)], y[16 * i:16 * (i + 1)]
-
-    return Batches(), y
-
-
-def test_recovery_trains_each_candidate_on_the_same_batches_before_scoring():
-    net, x = make()
-    seen = []
-    batches, y = _labelled_batches(net, x, seen)
-    pruner = JointPruner(net, x[:1], 0.3, calibration_inputs=x, calibration_targets=y, cost="flops",
-                         depth_shares=(0.0, 1.0), recovery_batches=batches, recovery_steps=3, recovery_lr=0.05)
-    plan = pruner.plan()
-    assert seen == [0, 1, 0] * 2  # 3 steps per candidate over a 2-batch set: started again from its first batch
-    for c in plan.candidates:
-        assert c.recovery_steps == 3 and c.oneshot_score is not None
-        assert c.score < c.oneshot_score  # trained towards the unpruned net's labels
-        # the score is the task loss of the recovered copy as deployed (its own BatchNorm statistics): redone by hand
-        model = pruner.recover(pruner.apply(c))
-        with torch.no_grad():
-            expected = torch.nn.functional.cross_entropy(model.eval()(x), y).item()
-        assert c.score == pytest.approx(expected, rel=1e-5)
-    assert plan.best.score == min(c.score for c in plan.candidates)
-    one_shot = JointPruner(net, x[:1], 0.3, calibration_inputs=x, calibration_targets=y, cost="flops",
-                           depth_shares=(0.0, 1.0)).plan()
-    assert [c.score for c in one_shot.candidates] == pytest.approx([c.oneshot_score for c in plan.candidates])
-    assert all(c.recovery_steps == 0 and c.score == c.oneshot_score for c in one_shot.candidates)
-
-
-def test_faded_recovery_caps_the_layers_to_zero_then_removes_them_and_prunes_the_channels():
-    """recovery_fade=0.5 of 4 steps: 2 steps with the candidate's gates under a cap 1 - n/2 (n steps done), then the
-    layers removed, the channels pruned and 2 more steps; pure width (no layers to fade) trains all 4 after pruning."""
-    net, x = make()
-    seen = []
-    batches, y = _labelled_batches(net, x, seen)
-    names = ["layers.1.0", "layers.4.0"]
-
-    class Spy(JointPruner):
-        def __init__(self, *a, **k):
-            super().__init__(*a, **k)
-            self.calls = []
-
-        def _train(self, model, steps, after_step=None):
-            caps = []
-
-            def record(n):
-                after_step(n)
-                gates = resconv_plugin.gated_modules(model)
-                caps.append([gates[name].gamma.item() for name in names])
-
-            super()._train(model, steps, record if after_step else None)
-            self.calls.append((steps, caps, sum(p.numel() for p in model.parameters())))
-
-    pruner = Spy(net, x[:1], 0.3, calibration_inputs=x, calibration_targets=y, cost="flops",
-                 recovery_batches=batches, recovery_steps=4, recovery_lr=0.05, recovery_fade=0.5)
-    model = pruner.recover_faded(names, 0.25)
-    (fade, caps, _), (rest, after, size) = pruner.calls
-    assert (fade, rest) == (2, 2) and after == []
-    assert caps[0] == pytest.approx([0.5, 0.5]) and caps[1] == [0.0, 0.0]  # trained up to the cap, clamped under it
-    assert seen == [0, 1, 0, 1]  # the batches from their start in each phase
-    # the result is the one-shot candidate's structure (layers gone, channels pruned at the ratio)
-    oneshot = pruner.apply(resconv_plugin.pruning.SplitCandidate(0.5, names, 0.25, 0.0, 0.0))
-    assert [p.shape for p in model.parameters()] == [p.shape for p in oneshot.parameters()]
-    assert size == sum(p.numel() for p in oneshot.parameters())
-    assert not any(name in resconv_plugin.gated_modules(model) for name in names)
-    pruner.calls.clear()
-    pruner.recover_faded([], 0.25)
-    assert [c[0] for c in pruner.calls] == [4]
-    # the plan scores a candidate with layers by its faded recovery (and pure width by plain recovery)
-    plan = pruner.plan()
-    depth = [c for c in plan.candidates if c.depth_names]
-    assert depth and all(c.recovery_steps == 4 for c in plan.candidates)
-    for c in depth:
-        model = pruner.recover_faded(c.depth_names, c.channel_ratio)
-        with torch.no_grad():
-            expected = torch.nn.functional.cross_entropy(model.eval()(x), y).item()
-        assert c.score == pytest.approx(expected, rel=1e-5)
-
-
-@pytest.mark.parametrize("kwargs,error,match", [
-    (dict(recovery_fade=1.0), ValueError, r"recovery_fade must be a fraction in \[0, 1\), got 1.0"),
-    (dict(recovery_fade=True), ValueError, r"recovery_fade must be a fraction in \[0, 1\), got True"),
-    (dict(recovery_steps=-1), ValueError, "recovery_steps must be a non-negative int, got -1"),
-    (dict(recovery_steps=5), ValueError, r"recovery_steps=5 needs recovery_batches"),
-    (dict(recovery_steps=5, recovery_batches=iter([])), TypeError, "recovery_batches must be re-iterable"),
-    (dict(recovery_steps=5, recovery_batches=[], recovery_lr=0), ValueError,
-     "recovery_lr must be a positive number, got 0"),
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(reduction=1.0), ValueError, r"reduction must be in \(0, 1\), got 1.0"),
+    (dict(reduction=0.3, cost="energy"), ValueError, "cost must be 'latency', 'flops' or a callable"),
+    (dict(reduction=0.3, top_ups=-1), ValueError, "top_ups must be an int >= 0, got -1"),
+    (dict(reduction=0.3, score="loss"), TypeError, "score must be a callable"),
+    (dict(reduction=0.3, calibration_targets=[1, 2]), TypeError, "calibration_targets must be a tensor"),
 ])
-def test_bad_recovery_arguments(kwargs, error, match):
+def test_bad_arguments(kwargs, error, match):
     net, x = make()
     with pytest.raises(error, match=match):
-        JointPruner(net, x[:1], 0.3, calibration_inputs=x, cost="flops", **kwargs)
+        JointPlanner(net, x[:1], kwargs.pop("reduction"), calibration_inputs=x, **kwargs)
+    with pytest.raises(ValueError, match="has no gates: call resconv_plugin.convert"):
+        JointPlanner(Chain(), x[:1], 0.3, calibration_inputs=x)
 
 
-def test_bad_recovery_batches_fail_when_drawn():
-    net, x = make()
-    for batches, error, match in (([], ValueError, "recovery_batches yielded no batch"),
-                                  ([x[:4]], TypeError, r"must yield \(inputs, targets\) pairs, got Tensor")):
-        pruner = JointPruner(net, x[:1], 0.3, calibration_inputs=x, cost="flops", depth_shares=(1.0,),
-                             recovery_batches=batches, recovery_steps=2)
-        with pytest.raises(error, match=match):
-            pruner.plan()
-
-
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(reduction=1.0), r"reduction must be in \(0, 1\)"),
-    (dict(cost="watts"), "cost must be 'latency', 'flops' or a callable"),
-    (dict(depth_shares=(0.5, 2.0)), r"depth_shares must be fractions in \[0, 1\]"),
-])
-def test_bad_arguments(kwargs, match):
-    net, x = make()
-    args = dict(reduction=0.3, cost="flops")
-    args.update(kwargs)
-    with pytest.raises(ValueError, match=match):
-        JointPruner(net, x[:1], args.pop("reduction"), calibration_inputs=x, **args)
-    with pytest.raises(ValueError, match="has no gates"):
-        JointPruner(Chain(), x[:1], 0.3, calibration_inputs=x)
+def test_the_joint_pruner_of_earlier_releases_says_what_replaced_it():
+    with pytest.raises(AttributeError, match="JointPruner was replaced by JointPlanner"):
+        resconv_plugin.pruning.JointPruner

@@ -429,9 +429,10 @@ def test_latency_is_measured_on_the_training_device_unless_latency_device_says(t
         return lambda *args, **kw: built.append((kind, kw["latency_device"], kw["latency_channels_last"])) or Recorded()
 
     monkeypatch.setattr(pipeline_module, "LayerPruner", recorder("layer"))
-    monkeypatch.setattr(pipeline_module, "JointPruner", recorder("joint"))
+    monkeypatch.setattr(pipeline_module, "JointPlanner", recorder("joint"))
     pipeline._preflight()
-    pipeline._joint(converted_r20())
+    pipeline.model = converted_r20()
+    pipeline._planner()
     assert built == [("layer", torch.device("cuda", 1), True), ("joint", torch.device("cuda", 1), True)]
     built.clear()
     pipeline.config.latency_device = "cpu"  # deploying to the CPU: said explicitly
@@ -469,32 +470,30 @@ def test_a_latency_budget_is_timed_by_rank_0_and_followed_by_the_others(tmp_path
 
 
 def test_channel_pruning_auto_broadcasts_a_plan_not_a_model(tmp_path, monkeypatch):
-    """--channel-pruning auto under torchrun: rank 0 measures the ratio that meets the budget and broadcasts it (a
-    pickled model would unpickle onto rank 0's GPU in every process); another rank prunes its own copy at that ratio
-    and gets the same model, without measuring."""
+    """--channel-pruning auto under torchrun: rank 0 plans (measures and scores the candidates) and broadcasts the
+    plan (a pickled model would unpickle onto rank 0's GPU in every process); another rank builds its own copy at the
+    plan's widths and gets the same model, without measuring."""
     from helpers import RecordedDist, holds_tensors
 
     config = CompressionConfig(model="cifar_resnet20", epochs=0, sparsity_epochs=0, finetune_epochs=0, batch_size=32,
-                               flops_reduction=0.4, channel_pruning="auto", joint_recovery_steps=0,
-                               output=tmp_path / "run", latency_repeats=2, plots=False, progress=False)
+                               flops_reduction=0.4, channel_pruning="auto", joint_recovery_steps=0, level="block",
+                               importance="removal-bn", output=tmp_path / "run", latency_repeats=2, plots=False,
+                               progress=False)
     pipeline = Pipeline(config.validated(), data=tiny_data())
     pipeline.baseline()
-    resconv_plugin.convert(pipeline.model, pipeline.example)  # no layer removed: channels meet the whole budget
     start = copy.deepcopy(pipeline.model)
     main = RecordedDist(rank=0)
     pipeline.dist = pipeline.run_state.dist = main
-    pipeline.channel_prune()
+    pipeline.convert()
     assert main.sent and not holds_tensors(main.sent)
-    (ratio, rel), error = main.sent[0]
-    assert error is None and 0 < ratio < 0.95 and rel <= 0.6
+    plan, error = main.sent[0]
+    assert error is None and plan["best"]["cost_rel"] <= 0.6 and plan["candidates"][0]["kind"] == "depth"
     on_main = pipeline.model
-    monkeypatch.setattr(resconv_plugin.pruning.JointPruner, "meet",
-                        lambda *a, **kw: pytest.fail("only rank 0 measures"))
-    pipeline.model = start
+    monkeypatch.setattr(resconv_plugin.pruning.JointPlanner, "plan", lambda *a, **kw: pytest.fail("only rank 0 plans"))
+    pipeline.model = copy.deepcopy(start)
     pipeline.dist = pipeline.run_state.dist = RecordedDist(rank=1, replies=main.sent)
-    pipeline.channel_prune()
-    assert pipeline.model is not start
+    pipeline.convert()
     a, b = pipeline.model.state_dict(), on_main.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert resconv_plugin.count_flops(pipeline.model, pipeline.example).total \
-        < resconv_plugin.count_flops(start, pipeline.example).total
+    if plan["best"]["channel_ratio"] > 0:  # trained at the plan's widths: the channels went before training
+        assert resconv_plugin.count_params(pipeline.model) < resconv_plugin.count_params(start)

@@ -9,7 +9,8 @@
 * :mod:`~resconv_plugin.pruning.pruner`: :class:`LayerPruner`, composing them.
 * :mod:`~resconv_plugin.pruning.channels`: torch-pruning's channel pruners set up for gated models.
 * :mod:`~resconv_plugin.pruning.bisect`: :func:`bisect_ratio`, the one search of a channel ratio that meets a cost.
-* :mod:`~resconv_plugin.pruning.joint`: :class:`JointPruner`, one budget split between depth and width.
+* :mod:`~resconv_plugin.pruning.planner`: :class:`JointPlanner`, one budget planned between depth (first) and
+  width.
 
 A new importance criterion is one :class:`GateImportance` subclass, passed as ``LayerPruner(importance=...)``.
 """
@@ -23,7 +24,7 @@ from resconv_plugin.pruning.importance import (
     IMPORTANCES, FixedSetImportance, GateImportance, MagnitudeImportance, RemovalImportance, TaylorImportance,
     make_importance,
 )
-from resconv_plugin.pruning.joint import JointPlan, JointPruner, SplitCandidate
+from resconv_plugin.pruning.planner import JointPlan, JointPlanner, PlanCandidate
 from resconv_plugin.pruning.pruner import BUDGETS, LayerPruner, StepReport, given_budget
 from resconv_plugin.pruning.regularizer import MODES, L1Regularizer
 from resconv_plugin.pruning.schedule import CapSchedule
@@ -35,6 +36,15 @@ __all__ = [
     "IMPORTANCES", "make_importance", "flops_savings", "latency_table", "measured_saving", "predicted_saving",
     "removal_signatures",
     "select_within_budget", "select_iteratively", "select_count", "set_saving", "CapSchedule", "L1Regularizer", "MODES",
-    "output_divergence", "calibration_loss", "recalibrate_batchnorm", "FixedSetImportance", "JointPruner", "JointPlan",
-    "SplitCandidate", "channel_pruner", "classifier_of", "bisect_ratio", "RatioSearch",
+    "output_divergence", "calibration_loss", "recalibrate_batchnorm", "FixedSetImportance", "JointPlanner", "JointPlan",
+    "PlanCandidate", "channel_pruner", "classifier_of", "bisect_ratio", "RatioSearch",
 ]
+
+
+def __getattr__(name: str):
+    if name in ("JointPruner", "SplitCandidate"):
+        raise AttributeError(
+            f"{name}: JointPruner was replaced by JointPlanner (and SplitCandidate by PlanCandidate) in "
+            "resconv_plugin.pruning.planner: a planner, not a pruner, whose candidates are the depth plan, the "
+            "depth plan topped up with channels and pure width, trained at their final widths (plan(), build())")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -31,7 +31,8 @@ from torch import nn
 from resconv_plugin.fx.convert import convert
 from resconv_plugin.deploy.fuse import fuse
 from resconv_plugin.deploy.checkpoint import build_from_recipe, load, make_recipe, save
-from resconv_plugin.pruning import FixedSetImportance, JointPruner, LayerPruner, channel_pruner
+from resconv_plugin.pruning import FixedSetImportance, LayerPruner, channel_pruner
+from resconv_plugin.pruning.planner import JointPlanner, PlanCandidate, remove_gates
 from resconv_plugin.workflow.config import RESUME_IGNORED, CompressionConfig, ConfigError
 from resconv_plugin.workflow.defaults import resolve_recipe
 from resconv_plugin.workflow.distributed import Dist, resolve_device
@@ -43,7 +44,7 @@ from resconv_plugin.workflow.report import latency_label, stage_latencies, stage
 from resconv_plugin._utils import atomic_file
 from resconv_plugin.workflow.rules import finetune, remove_pruned, sparsity_steps
 from resconv_plugin.workflow.training import StageSettings, check_amp, evaluate, train_stage
-from resconv_plugin.data import BatchLoader, ImageData, build_datasets, calibration_batch
+from resconv_plugin.data import BatchLoader, ImageData, build_datasets, calibration_batch, held_out_split
 
 __all__ = ["compress", "Pipeline", "STAGES", "RESUME_IGNORED", "environment"]
 
@@ -239,19 +240,50 @@ class Pipeline:
     def _record(self, stage: str, **extra: Any) -> None:
         self.run_state.record(stage, self.model, self.data, self.example, **extra)
 
-    def _joint(self, model: nn.Module, recovery: bool = False) -> JointPruner:
-        """The JointPruner of the budget; ``recovery``: with the short distilled training of each candidate (for
-        the plan; meeting the budget after training needs none)."""
+    def _planner(self) -> JointPlanner:
+        """The JointPlanner of the budget, scoring candidates by their short training (:meth:`_recovered_loss`)
+        unless ``--joint-recovery-steps 0``."""
         c = self.config
         reduction = c.latency_reduction if c.latency_reduction is not None else c.flops_reduction
-        steps = c.joint_recovery_steps if recovery else 0
-        batches = BatchLoader(self.data, True, c.batch_size, seed=c.seed, device=self.device) if steps else None
-        return JointPruner(model, self.example, reduction, calibration_inputs=self.calib[0],
-                           calibration_targets=self.calib[1],
-                           cost="latency" if c.latency_reduction is not None else "flops",
-                           importance=c.importance, latency_repeats=20, recovery_batches=batches,
-                           recovery_steps=steps, recovery_lr=c.finetune_lr, recovery_fade=c.joint_recovery_fade,
-                           latency_device=self.latency_device, latency_channels_last=c.channels_last)
+        return JointPlanner(self.model, self.example, reduction, calibration_inputs=self.calib[0],
+                            calibration_targets=self.calib[1],
+                            cost="latency" if c.latency_reduction is not None else "flops", importance=c.importance,
+                            score=self._recovered_loss if c.joint_recovery_steps else None,
+                            latency_device=self.latency_device, latency_channels_last=c.channels_last)
+
+    def _recovered_loss(self, candidate: PlanCandidate, model: nn.Module) -> float:
+        """A joint candidate's score: ``model`` (built at the candidate's widths, gates kept) trained for
+        ``--joint-recovery-steps`` steps the way the run trains the plan it picks (distilled; the candidate's layers
+        faded out over the share of the steps that sparsity training's cap takes of the run's epochs, then
+        removed), then its cross-entropy on training images held out from those steps. Every candidate sees the same
+        batches and the same held-out images."""
+        c = self.config
+        batch = min(c.batch_size, len(self.data) // 2)
+        choose = held_out_split(self.data, min(2048, len(self.data) // 4), train_size=c.joint_recovery_steps * batch,
+                                seed=c.seed)
+        per_epoch = max(1, len(choose) // batch)
+        epochs = max(1, round(c.joint_recovery_steps / per_epoch))
+        pruner = None
+        if candidate.depth_names:
+            steps = epochs * per_epoch
+            share = c.sparsity_epochs / max(1, c.sparsity_epochs + c.finetune_epochs) * 0.75  # the cap's zero_at
+            gates = len(gated_modules(model))
+            pruner = LayerPruner(model, self.example, importance=FixedSetImportance(candidate.depth_names), reg=0.0,
+                                 pruning_ratio=len(candidate.depth_names) / gates, sparsity_steps=steps,
+                                 zero_at=min(1.0, max(share, 1.0 / steps)))
+        teacher = load(self.run_state.out / "baseline.safetensors").to(self.device) if c.distill else None
+        settings = dataclasses.replace(self.stage_settings("convert", epochs, c.finetune_lr,
+                                                           **self._distill_settings()), batch_size=batch,
+                                       progress=False)
+        train_stage(model, choose, settings, pruner=pruner, teacher=teacher)
+        remove_gates(model, candidate.depth_names)
+        loss = total = 0.0
+        with torch.no_grad():
+            model.eval()
+            for x, y in BatchLoader(choose, False, 500, device=self.device):
+                loss += torch.nn.functional.cross_entropy(model(x), y, reduction="sum").item()
+                total += len(y)
+        return loss / total
 
     def _depth_set(self) -> Optional[List[str]]:
         plan = self.run_state.state.get("joint_plan")
@@ -323,18 +355,25 @@ class Pipeline:
         log.info("converted %d layers (%s level); %d convs skipped", len(report.converted), report.level,
                  len(report.skipped))
         if c.channel_pruning == "auto":  # measured on rank 0's clock: every process follows the same plan
-            plan = self.dist.run_on_main(lambda: self._joint(self.model, recovery=True).plan())
-            self.run_state.state["joint_plan"] = {
-                "target_rel": plan.target_rel, "best": dataclasses.asdict(plan.best),
-                "candidates": [dataclasses.asdict(x) for x in plan.candidates], "unreachable": plan.unreachable}
-            for share in plan.unreachable:
-                log.info("joint plan: depth share %.2f cannot reach the budget (channel pruning up to ratio 0.95 on "
-                         "top of its layers)", share)
-            for x in plan.candidates:
-                log.info("joint plan: depth share %.2f: %d layers + channel ratio %.3f -> cost %.3f, proxy %.4g "
-                         "after %d recovery steps (one-shot %.4g)", x.depth_share, len(x.depth_names),
-                         x.channel_ratio, x.cost_rel, x.score, x.recovery_steps, x.oneshot_score)
-            log.info("joint plan: depth share %.2f chosen", plan.best.depth_share)
+            def plan_it() -> dict:
+                plan = self._planner().plan()
+                return {"target_rel": plan.target_rel, "best": dataclasses.asdict(plan.best),
+                        "candidates": [dataclasses.asdict(x) for x in plan.candidates],
+                        "unreachable": plan.unreachable}
+
+            plan = self.dist.run_on_main(plan_it)
+            self.run_state.state["joint_plan"] = plan
+            for label in plan["unreachable"]:
+                log.info("joint plan: the %s candidate cannot reach the budget (channel pruning up to ratio 0.95)",
+                         label)
+            for x in plan["candidates"]:
+                log.info("joint plan: %s: %d layers + channel ratio %.3f -> cost %.3f, score %.4g", x["kind"],
+                         len(x["depth_names"]), x["channel_ratio"], x["cost_rel"], x["score"])
+            best = plan["best"]
+            log.info("joint plan: %s chosen (%d layers, channel ratio %.3f)", best["kind"], len(best["depth_names"]),
+                     best["channel_ratio"])
+            # trained at its final widths: the channels go now, the layers fade out in sparsity training
+            self.model = self._planner().build(best["depth_names"], best["channel_ratio"]).to(self.device)
 
     def sparsity(self) -> None:
         """Sparsity training with the LayerPruner (budget cap, importance), distilled with ``--distill``."""
@@ -366,28 +405,8 @@ class Pipeline:
         c = self.config
         if not c.channel_pruning:
             return
-        if c.channel_pruning == "auto":  # the rest of the budget, measured against the baseline, met exactly
-            base = load(self.run_state.out / "baseline.safetensors").to(self.device)
-            convert(base, self.example, level=c.level, init_gamma=c.init_gamma)
-            joint = self._joint(base)
-            target = 1.0 - joint.reduction
-            met: List[nn.Module] = []
-
-            def meet() -> Tuple[float, float]:  # timed on rank 0 only
-                pruned, ratio, rel = joint.meet(self.model.eval(), target, strict=False)
-                met.append(pruned)
-                return ratio, rel
-
-            # the broadcast carries the plan, not the model (a pickled model lands on rank 0's GPU everywhere): the
-            # other processes prune their own copy, with the same weights, at rank 0's ratio
-            ratio, rel = self.dist.run_on_main(meet)
-            self.model = met[0] if met else joint.prune_channels(self.model.eval(), ratio)
-            if rel <= target:
-                log.info("channel pruning: ratio %.3f meets the budget (cost %.3f of the baseline)", ratio, rel)
-            else:  # the plan met it; measured again after training it misses (timing noise): keep the closest
-                log.warning("channel pruning: no ratio up to 0.95 meets the budget as measured now; ratio %.3f "
-                            "comes closest (cost %.3f of the baseline, %.3f asked)", ratio, rel, target)
-            self._record("channel_pruned", channel_ratio=ratio)
+        if c.channel_pruning == "auto":  # pruned at the plan's ratio before training (convert)
+            self._record("channel_pruned", channel_ratio=self.run_state.state["joint_plan"]["best"]["channel_ratio"])
             return
         channel_pruner(self.model.eval(), self.example, pruning_ratio=c.channel_pruning, global_pruning=True).step()
         self._record("channel_pruned")
