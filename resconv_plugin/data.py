@@ -23,6 +23,8 @@ from typing import Optional, Tuple, Union
 
 import torch
 
+from resconv_plugin._checks import check_int
+
 __all__ = ["DATASETS", "DEFAULT_DIRS", "MEAN_STD", "read_idx", "load_idx_dataset", "find_dataset_dir",
            "load_cifar10", "ImageData", "build_datasets", "BatchLoader", "calibration_batch", "held_out_split"]
 
@@ -371,8 +373,7 @@ def calibration_batch(data: ImageData, size: int = 256, seed: int = 0) -> Tuple[
         >>> data = build_datasets("fashion-mnist")  # doctest: +SKIP
         >>> x, y = calibration_batch(data, 256)  # doctest: +SKIP
     """
-    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-        raise ValueError(f"size must be a positive int, got {size!r}")
+    check_int("size", size, 1)
     n = len(data)
     idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:size].sort().values
     if data.in_memory:

@@ -19,6 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from resconv_plugin._checks import POSITIVE, check_fraction, check_number
+from resconv_plugin._utils import check_module
+
 __all__ = ["distillation_loss", "DistillationLoss"]
 
 
@@ -30,8 +33,7 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
         student_logits, teacher_logits: ``[batch, classes]``.
         temperature: ``T`` > 0 (softens both distributions; ``T^2`` keeps the gradient scale independent of it).
     """
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or temperature <= 0:
-        raise ValueError(f"temperature must be a positive number, got {temperature!r}")
+    check_number("temperature", temperature, POSITIVE)
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(f"student and teacher logits differ in shape: {tuple(student_logits.shape)} vs "
                          f"{tuple(teacher_logits.shape)}")
@@ -61,10 +63,8 @@ class DistillationLoss(nn.Module):
     def __init__(self, teacher: nn.Module, alpha: float = 0.5, temperature: float = 4.0,
                  criterion: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None) -> None:
         super().__init__()
-        if not isinstance(teacher, nn.Module):
-            raise TypeError(f"teacher must be a torch.nn.Module, got {type(teacher).__name__}")
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
+        check_module(teacher, "teacher")
+        check_fraction("alpha", alpha)
         distillation_loss(torch.zeros(1, 1), torch.zeros(1, 1), temperature)  # validates the temperature
         self.teacher = teacher.eval()
         self.alpha, self.temperature = float(alpha), float(temperature)

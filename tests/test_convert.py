@@ -237,6 +237,6 @@ def test_auto_level_needs_block_gates_on_half_the_flops_layer_gates_reach(plain,
 
 
 def test_unknown_level_names_the_choices():
-    with pytest.raises(ValueError, match=r"level must be one of \('layer', 'block', 'auto'\), got 'blocks'"):
+    with pytest.raises(ValueError, match="level must be one of layer, block, auto, got 'blocks'"):
         resconv_plugin.convert(timm.create_model("resnet18", num_classes=10), torch.randn(1, 3, 32, 32),
                                level="blocks")

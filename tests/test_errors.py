@@ -8,6 +8,9 @@ from torch import nn
 
 import resconv_plugin
 from resconv_plugin import ResConv
+from resconv_plugin._checks import (
+    NON_NEGATIVE, POSITIVE, Interval, check_bool, check_choice, check_fraction, check_int, check_number,
+)
 
 X = torch.randn(1, 3, 64, 64)
 
@@ -103,3 +106,41 @@ def test_fuse_in_training_mode():
     assert not resconv_plugin.resconv_layers(fused) and fused.training
     with pytest.raises(ValueError, match="training mode"):
         timm.utils.reparameterize_model(model)
+
+
+# ------------------------------------------------------------------ the one wording of value checks (_checks.py)
+@pytest.mark.parametrize("check, error, message", [
+    (lambda: check_int("steps", 0, 1), ValueError, "steps must be a positive int, got 0"),
+    (lambda: check_int("epochs", True), ValueError, "epochs must be an int >= 0, got True"),  # a bool is no number
+    (lambda: check_int("epochs", 2.0), ValueError, "epochs must be an int >= 0, got 2.0"),
+    (lambda: check_int("opset", 5, 7, optional=True), ValueError, "opset must be an int >= 7 or None, got 5"),
+    (lambda: check_fraction("alpha", 1.5), ValueError, r"alpha must be in \[0, 1\], got 1.5"),
+    (lambda: check_fraction("fade", 1.0, high_open=True), ValueError, r"fade must be in \[0, 1\), got 1.0"),
+    (lambda: check_fraction("gamma", "1", type_error=True), TypeError, r"gamma must be in \[0, 1\], got '1'"),
+    (lambda: check_fraction("gamma", 2, type_error=True), ValueError, r"gamma must be in \[0, 1\], got 2"),
+    (lambda: check_number("t", 0, POSITIVE), ValueError, "t must be a positive number, got 0"),
+    (lambda: check_number("factor", 1.0, Interval(1, low_open=True), also=(0,)), ValueError,
+     "factor must be 0 or > 1, got 1.0"),
+    (lambda: check_number("factor", False, Interval(1, low_open=True), also=(0,)), ValueError,
+     "factor must be 0 or > 1, got False"),
+    (lambda: check_number("ratio", "x", Interval(0, 1), also=("auto",)), ValueError,
+     r"ratio must be auto or in \[0, 1\], got 'x'"),
+    (lambda: check_choice("amp", "int8", ["bf16", "fp16"], optional=True), ValueError,
+     "amp must be one of bf16, fp16 or None, got 'int8'"),
+    (lambda: check_choice("in_chans", True, (1, 3)), ValueError, "in_chans must be one of 1, 3, got True"),
+    (lambda: check_bool("frozen", 1), TypeError, "frozen must be a bool, got int 1"),
+])
+def test_value_checks_name_the_value_and_what_is_allowed(check, error, message):
+    with pytest.raises(error, match=f"^{message}$"):
+        check()
+
+
+def test_value_checks_return_what_they_allow():
+    assert check_int("n", 3) == 3 and check_int("n", None, optional=True) is None
+    assert check_fraction("f", 1) == 1 and check_fraction("f", 0.0, high_open=True) == 0.0
+    assert check_number("factor", 0.0, Interval(1, low_open=True), also=(0,)) == 0.0
+    assert check_number("ratio", "auto", Interval(0, 1), also=("auto",)) == "auto"
+    assert check_choice("level", "block", {"layer": 1, "block": 2}) == "block"
+    assert [str(i) for i in (Interval(0, 1), Interval(0, 1, True, True), NON_NEGATIVE, Interval(1, integer=True),
+                             Interval(2, 8, integer=True))] == ["in [0, 1]", "in (0, 1)", ">= 0", "a positive int",
+                                                                "an int in [2, 8]"]

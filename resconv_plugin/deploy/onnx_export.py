@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from resconv_plugin.deploy.fold import deployed
+from resconv_plugin._checks import check_int
 from resconv_plugin._utils import ExampleInputs, as_input_tuple, atomic_file, check_module
 
 __all__ = ["export_onnx", "OnnxExport", "onnx_session", "MAX_RELATIVE_ERROR"]
@@ -118,8 +119,7 @@ def export_onnx(model: nn.Module, example_inputs: ExampleInputs, path: Union[str
     path = Path(path)
     if not path.parent.is_dir():
         raise FileNotFoundError(f"the folder of {path} does not exist: create {path.parent} first")
-    if opset is not None and (isinstance(opset, bool) or not isinstance(opset, int) or opset < 7):
-        raise ValueError(f"opset must be an int >= 7 or None, got {opset!r}")
+    check_int("opset", opset, 7, optional=True)
     onnx = _require("onnx")
     _require("onnxscript")
     _require("onnxruntime")

@@ -17,6 +17,7 @@ from resconv_plugin._utils import (
     ExampleInputs, as_input_tuple, check_module, eval_mode, format_table, run_example, set_submodule,
 )
 from resconv_plugin.timm_glue import split_norm_act
+from resconv_plugin._checks import check_choice
 
 __all__ = ["convert", "ConversionReport", "ConvertedLayer", "SkippedConv"]
 
@@ -289,8 +290,7 @@ def convert(
     check_module(model)
     inputs = as_input_tuple(example_inputs)
     init_gamma = _check_gamma(init_gamma)
-    if level not in LEVELS:
-        raise ValueError(f"level must be one of {LEVELS}, got {level!r}")
+    check_choice("level", level, LEVELS)
     flops, conv_linear_flops, called = _measure(model, inputs)
     modules = dict(model.named_modules())
     if level == "auto":

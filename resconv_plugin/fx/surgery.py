@@ -25,7 +25,8 @@ from resconv_plugin.fx.graph import (
 )
 from resconv_plugin import timm_glue
 from resconv_plugin.fx.recipe import record_step
-from resconv_plugin._utils import set_submodule
+from resconv_plugin._checks import check_bool
+from resconv_plugin._utils import check_module, set_submodule
 
 __all__ = ["Removal", "gated_modules", "freeze_gates", "plan_removal", "remove"]
 
@@ -92,10 +93,8 @@ def freeze_gates(model: nn.Module, frozen: bool = True) -> int:
         >>> resconv_plugin.freeze_gates(model)
         16
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if not isinstance(frozen, bool):
-        raise TypeError(f"frozen must be a bool, got {type(frozen).__name__} {frozen!r}")
+    check_module(model)
+    check_bool("frozen", frozen)
     gates = gated_modules(model)
     for gate in gates.values():
         gate.gamma.requires_grad_(not frozen)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import nn
 
+from resconv_plugin._checks import check_choice
 from resconv_plugin.models._head import ClassifierHead
 
 __all__ = ["CifarResNet", "BasicBlock"]
@@ -82,8 +83,7 @@ class CifarResNet(ClassifierHead):
         super().__init__()
         if (depth - 2) % 6 != 0 or depth < 8:
             raise ValueError(f"depth must be 6n + 2 with n >= 1 (20, 32, 44, 56, 110, ...), got {depth}")
-        if downsample not in ("A", "B"):
-            raise ValueError(f"downsample must be 'A' or 'B', got {downsample!r}")
+        check_choice("downsample", downsample, ("A", "B"))
         n = (depth - 2) // 6
         self.conv1 = nn.Conv2d(in_chans, widths[0], 3, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(widths[0])

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from resconv_plugin._checks import check_fraction
 from resconv_plugin.nn.fusion import fuse_resconv_params
 from resconv_plugin.timm_glue import NORM_ACT_TYPES, SAME_PADDING_CONVS
 
@@ -230,8 +231,5 @@ class ResConv(_Gated):
 
 
 def _check_gamma(value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"init_gamma must be a float in [0, 1], got {type(value).__name__} {value!r}")
-    if not 0.0 <= float(value) <= 1.0:
-        raise ValueError(f"init_gamma must be in [0, 1], got {value!r}")
-    return float(value)
+    """``init_gamma`` as a float (TypeError: not a number; ValueError: outside [0, 1])."""
+    return float(check_fraction("init_gamma", value, type_error=True))

@@ -48,6 +48,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Dict, List, Tuple
 
+from resconv_plugin._checks import check_choice
+
 __all__ = ["Recipe", "RECIPES", "resolve_recipe"]
 
 
@@ -95,8 +97,7 @@ def resolve_recipe(config, level: str) -> Tuple[object, List[str]]:
         >>> resolved.importance, resolved.sparsity_epochs, resolved.finetune_epochs, filled
         ('removal-bn', 1, 8, ['level', 'importance', 'sparsity_epochs'])
     """
-    if level not in RECIPES:
-        raise ValueError(f"level must be one of {', '.join(RECIPES)}, got {level!r}")
+    check_choice("level", level, RECIPES)
     recipe = RECIPES[level]
     filled = ["level"] if config.level == "auto" else []
     changes = {"level": level}

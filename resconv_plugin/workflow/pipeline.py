@@ -41,7 +41,7 @@ from resconv_plugin.measure.flops import count_flops
 from resconv_plugin.fx.surgery import gated_modules
 from resconv_plugin.deploy.fold import deployed
 from resconv_plugin.workflow.report import latency_label, stage_latencies, stage_table, write_report
-from resconv_plugin._utils import atomic_file
+from resconv_plugin._utils import atomic_file, check_module
 from resconv_plugin.workflow.rules import finetune, remove_pruned, sparsity_steps
 from resconv_plugin.workflow.training import StageSettings, check_amp, evaluate, train_stage
 from resconv_plugin.data import BatchLoader, ImageData, build_datasets, calibration_batch, held_out_split
@@ -562,7 +562,7 @@ def compress(config: CompressionConfig, dist: Optional[Dist] = None, data: Optio
     """
     if not isinstance(config, CompressionConfig):
         raise TypeError(f"config must be a CompressionConfig, got {type(config).__name__}")
-    if model is not None and not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if model is not None:
+        check_module(model)
     dist = dist or Dist()
     return Pipeline(config.validated(dist.world), dist, data, model).run()

@@ -18,6 +18,7 @@ from typing import Callable, List, Optional
 
 from torch import nn
 
+from resconv_plugin._checks import check_int
 from resconv_plugin._utils import ExampleInputs
 from resconv_plugin.data import BatchLoader, ImageData
 from resconv_plugin.fx.surgery import freeze_gates
@@ -32,8 +33,8 @@ def sparsity_steps(data: ImageData, epochs: int, batch_size: int = 128) -> int:
     """The optimiser updates of ``epochs`` of sparsity training over ``data`` at global batch ``batch_size`` (at
     least 1): what ``LayerPruner(sparsity_steps=...)`` needs to anneal its budgeted set to exactly 0 in time. One
     update per full global batch (a last partial batch is dropped), the same under torchrun."""
-    if epochs < 0 or batch_size < 1:
-        raise ValueError(f"epochs must be >= 0 and batch_size >= 1, got epochs={epochs}, batch_size={batch_size}")
+    check_int("epochs", epochs, 0)
+    check_int("batch_size", batch_size, 1)
     return max(1, epochs * len(BatchLoader(data, True, batch_size)))
 
 

@@ -18,6 +18,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from resconv_plugin._checks import Interval, check_choice, check_int, check_number
 from resconv_plugin.workflow.distributed import Dist
 from resconv_plugin.distill import distillation_loss
 from resconv_plugin.workflow.syncbn import synchronized_batchnorm
@@ -72,10 +73,8 @@ class StageSettings:
     max_restarts: int = 4
 
     def __post_init__(self) -> None:
-        if self.divergence_factor is not None and not self.divergence_factor > 1:
-            raise ValueError(f"divergence_factor must be > 1 or None (no check), got {self.divergence_factor!r}")
-        if not isinstance(self.max_restarts, int) or self.max_restarts < 0:
-            raise ValueError(f"max_restarts must be an int >= 0, got {self.max_restarts!r}")
+        check_number("divergence_factor", self.divergence_factor, Interval(1, low_open=True), optional=True)
+        check_int("max_restarts", self.max_restarts, 0)
 
 
 StageSettings.__doc__ += """
@@ -149,10 +148,9 @@ def check_amp(amp: Optional[str], device: Union[str, torch.device], option: str 
         >>> check_amp("int8", "cpu")
         Traceback (most recent call last):
         ...
-        ValueError: amp must be one of ['bf16', 'fp16'] or None, got 'int8'
+        ValueError: amp must be one of bf16, fp16 or None, got 'int8'
     """
-    if amp is not None and amp not in AMP_DTYPES:
-        raise ValueError(f"{option} must be one of {sorted(AMP_DTYPES)} or None, got {amp!r}")
+    check_choice(option, amp, sorted(AMP_DTYPES), optional=True)
     device = torch.device(device)
     if amp == "bf16" and device.type == "cuda" and torch.version.hip is None:
         major, minor = torch.cuda.get_device_capability(device)
