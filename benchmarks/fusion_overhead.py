@@ -22,19 +22,15 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import sys
 import warnings
-from pathlib import Path
 
 import timm
 import torch
 
 import resconv_plugin
 from resconv_plugin import interleaved_latencies
+from resconv_plugin.testing import randomize_bn, randomize_gates
 from common import environment, write_results
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from helpers import randomize_bn, randomize_gates  # noqa: E402
 
 ARCHS = {"cifar_resnet56": (32, 10), "resnet18": (224, 1000), "efficientnet_b0": (224, 1000)}
 

@@ -1,37 +1,14 @@
-"""Test helpers: randomised BatchNorm statistics and gates (default BN statistics hide folding bugs)."""
+"""Test helpers: errors relative to the output scale, the dataset check, a recording stand-in for ``Dist``; the
+randomised BatchNorm statistics and gates (default BN statistics hide folding bugs) come from
+:mod:`resconv_plugin.testing`."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
-import resconv_plugin
+from resconv_plugin.testing import randomize_bn, randomize_gates  # noqa: F401  (the tests import them from here)
 from resconv_plugin.workflow.distributed import Dist
-
-
-@torch.no_grad()
-def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Give every BatchNorm random running statistics and affine parameters."""
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, _BatchNorm) and m.running_mean is not None:
-            shape = m.running_mean.shape
-            m.running_mean.copy_(torch.randn(shape, generator=g) * 0.5)
-            m.running_var.copy_(torch.rand(shape, generator=g) * 1.5 + 0.5)
-            if m.weight is not None:
-                m.weight.copy_(torch.rand(shape, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(shape, generator=g) * 0.2)
-    return model
-
-
-@torch.no_grad()
-def randomize_gates(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Give every ResConv a random gate in [0, 1]."""
-    g = torch.Generator().manual_seed(seed)
-    for block in resconv_plugin.resconv_layers(model).values():
-        block.gamma.fill_(torch.rand((), generator=g).item())
-    return model
 
 
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:

@@ -17,18 +17,15 @@ import resconv_plugin
 from helpers import randomize_bn, rel_err
 from resconv_plugin.workflow.distributed import Dist, resolve_device
 from resconv_plugin.workflow.training import StageSettings, evaluate, train_stage
-from resconv_plugin.data import BatchLoader, ImageData, _crop_flip
+from resconv_plugin.data import BatchLoader, _crop_flip
+from resconv_plugin.testing import random_image_data
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none on this machine)")
 needs_two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason=f"needs two CUDA GPUs (this machine has "
                                                                          f"{torch.cuda.device_count()})")
 
 
-def synthetic(n: int = 256, seed: int = 0) -> ImageData:
-    g = torch.Generator().manual_seed(seed)
-    images = torch.randint(0, 256, (n, 1, 28, 28), dtype=torch.uint8, generator=g)
-    labels = torch.randint(0, 10, (n,), generator=g)
-    return ImageData("synthetic", (images, labels), (images[:64], labels[:64]), 10, 1, 28, (0.5,), (0.25,))
+synthetic = random_image_data  # 28x28 grey, 10 classes (test_divergence_guard imports it from here)
 
 
 def loop_crop_flip(x, pad, shifts, flips):

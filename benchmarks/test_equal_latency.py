@@ -1,22 +1,17 @@
 """benchmarks/equal_latency.py's summary: the curve read-off, advantage_pt, the paper's claim and the schedule guard,
-on hand-computed rows (the README's verdict table comes from these numbers)."""
-
-import importlib
-import sys
-from pathlib import Path
+on hand-computed rows (the README's verdict table comes from these numbers). The benchmark's own tests: collected with
+the suite (``testpaths``), they import the benchmark beside them and nothing from ``tests/``."""
 
 import pytest
+import torch
 
-BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+import equal_latency
+from resconv_plugin.testing import random_image_data
 
 
 @pytest.fixture(scope="module")
 def bench():
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        yield importlib.import_module("equal_latency")
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    return equal_latency
 
 
 def row(method, seed, target, latency, top1, flops=0.5):
@@ -146,15 +141,13 @@ def test_rebuild_reproduces_depth_and_meta_structures_and_refuses_the_rest(bench
     import copy
 
     import timm
-    import torch
 
     import resconv_plugin
     from resconv_plugin.data import calibration_batch
-    from test_device import synthetic
 
     torch.manual_seed(0)
     base = timm.create_model("cifar_resnet20", num_classes=10, in_chans=1).eval()
-    data = synthetic(300)
+    data = random_image_data(300)
     flops = lambda m: resconv_plugin.count_flops(resconv_plugin.deployed(m), bench.EXAMPLE).total
     removed = ["layer1.0.conv1", "layer2.1.conv2", "layer3.2.conv1"]
     pruned = copy.deepcopy(base)
