@@ -13,7 +13,7 @@ Example:
     >>> flops = resconv_plugin.count_flops(fused, x)
 """
 
-from importlib.metadata import PackageNotFoundError, version
+from resconv_plugin._version import __version__
 
 
 def _source_checkout_integrations() -> None:
@@ -53,11 +53,6 @@ from resconv_plugin.distill import DistillationLoss, distillation_loss
 from resconv_plugin.pruning import LayerPruner, StepReport, recalibrate_batchnorm
 from resconv_plugin import deploy, fx, measure, models, nn, pruning  # noqa: F401  (models registers the CIFAR
 # networks with timm)
-
-try:
-    __version__ = version("resconv-plugin")
-except PackageNotFoundError:  # running from a source tree that was never installed
-    __version__ = "0+unknown"
 
 __all__ = [
     "ResConv",

@@ -33,6 +33,7 @@ from torch import nn
 from resconv_plugin.fx.recipe import recipe_steps
 from resconv_plugin.deploy.structure import StructureError, apply_structure, describe
 from resconv_plugin._utils import atomic_file, check_module
+from resconv_plugin._version import __version__ as _VERSION
 
 __all__ = ["save", "load", "read_recipe", "make_recipe", "build_from_recipe", "check_rebuilds",
            "state_dict_differences", "FORMAT"]
@@ -112,7 +113,7 @@ def make_recipe(model: nn.Module, *, model_name: Optional[str] = None,
     """The JSON-able recipe of ``model`` (timm name, kwargs and recorded structure steps) that :func:`save` stores."""
     check_module(model)
     name, kwargs = _model_identity(model, model_name, model_kwargs)
-    return {"format": FORMAT, "resconv_plugin_version": _version(),
+    return {"format": FORMAT, "resconv_plugin_version": _VERSION,
             "model": {"name": name, "kwargs": _jsonable(kwargs)}, "structure": describe(model),
             "steps": _jsonable(recipe_steps(model))}
 
@@ -277,8 +278,3 @@ def _load_state(model: nn.Module, state: Dict[str, torch.Tensor], path: PathLike
         raise ValueError(f"{path}: the weights do not match the rebuilt model: {differences}")
     model.load_state_dict(state, strict=True)
 
-
-def _version() -> str:
-    from resconv_plugin import __version__
-
-    return __version__

@@ -22,6 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
+from resconv_plugin._checks import check_choice
+from resconv_plugin.models.weights import ADAPTER_MODELS
+
 __all__ = ["CompressionConfig", "ConfigError", "DEFAULT_BUDGET", "DEFAULT_IMPORTANCE", "DATASETS", "IMPORTANCE_CHOICES",
            "RESUME_IGNORED"]
 
@@ -215,9 +218,8 @@ class CompressionConfig:
             raise ConfigError("--distill needs training epochs (--sparsity-epochs or --finetune-epochs > 0): "
                              "distillation happens there")
         if c.pretrained_adapter:
-            from resconv_plugin.workflow.pretrained import adapter_model
-
-            target = adapter_model(c.pretrained_adapter)
+            target = ADAPTER_MODELS[check_choice("pretrained_adapter (--pretrained-adapter)", c.pretrained_adapter,
+                                                 ADAPTER_MODELS)]
             if c.model != target:
                 raise ConfigError(f"--pretrained-adapter {c.pretrained_adapter} renames keys for {target}, not "
                                  f"--model {c.model}")

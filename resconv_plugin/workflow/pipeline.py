@@ -64,7 +64,7 @@ def environment() -> Dict[str, Any]:
     import timm
     import torch_pruning
 
-    from resconv_plugin import __version__
+    from resconv_plugin._version import __version__
 
     return {"python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
             "torch_pruning": torch_pruning.__version__, "resconv_plugin": __version__,

@@ -17,7 +17,7 @@ from resconv_plugin.workflow.distributed import Dist
 if TYPE_CHECKING:
     from resconv_plugin.workflow.config import CompressionConfig  # noqa: F401
 
-__all__ = ["create_baseline_model", "read_state_dict", "adapter_model"]
+__all__ = ["create_baseline_model", "read_state_dict"]
 
 log = logging.getLogger("resconv")
 
@@ -38,15 +38,6 @@ def read_state_dict(path: Path) -> Dict[str, torch.Tensor]:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ConfigError(f"{path} does not hold a state dict (a mapping of parameter names to tensors)")
     return {k.removeprefix("module."): v for k, v in state.items()}
-
-
-def adapter_model(adapter: str) -> str:
-    """The timm model a ``pretrained_adapter`` renames keys for."""
-    from resconv_plugin.models.weights import ADAPTER_MODELS
-
-    if adapter not in ADAPTER_MODELS:
-        raise ConfigError(f"pretrained_adapter must be one of {', '.join(sorted(ADAPTER_MODELS))}, got {adapter!r}")
-    return ADAPTER_MODELS[adapter]
 
 
 def create_baseline_model(config: "CompressionConfig", out: Path, dist: Optional[Dist] = None) -> nn.Module:
