@@ -23,7 +23,7 @@ from typing import Optional, Tuple, Union
 
 import torch
 
-from resconv_plugin._checks import check_int
+from resconv_plugin._checks import Interval, check_int, check_value
 
 __all__ = ["DATASETS", "DEFAULT_DIRS", "MEAN_STD", "read_idx", "load_idx_dataset", "find_dataset_dir",
            "load_cifar10", "ImageData", "build_datasets", "BatchLoader", "calibration_batch", "held_out_split"]
@@ -179,8 +179,7 @@ def held_out_split(data: ImageData, size: int, train_size: int = 0, seed: int = 
         >>> choose = held_out_split(data, 2048, train_size=20000)  # doctest: +SKIP
     """
     n = len(data)
-    if isinstance(size, bool) or not isinstance(size, int) or not 0 < size < n:
-        raise ValueError(f"size must be an int in [1, {n - 1}] (the training split has {n} images), got {size!r}")
+    check_value(f"size (of a training split of {n} images)", size, Interval(1, n - 1, integer=True))
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     held, rest = order[:size].sort().values, order[size:]
     rest = (rest[:train_size] if train_size else rest).sort().values
