@@ -88,7 +88,7 @@ def test_depth_block_short_spends_the_same_total_epochs_with_one_in_sparsity_tra
         bench.check_schedule({"key": "k", **schedule}, short)
 
 
-def test_default_rows_run_the_commands_recipe_and_depth_rows_keep_the_former_defaults(bench):
+def test_default_and_joint_rows_run_the_commands_recipe_and_depth_rows_keep_the_former_defaults(bench):
     import timm
 
     schedule = {"train_subset": 20000, "sparsity_epochs": 3, "finetune_epochs": 3, "finetune_lr": 0.02}
@@ -97,10 +97,11 @@ def test_default_rows_run_the_commands_recipe_and_depth_rows_keep_the_former_def
     plain = timm.create_model("cifar_plain20", num_classes=10, in_chans=1)
     assert bench.method_schedule("default", schedule, plain) == schedule  # layer gates: 3 + 3
     assert bench.DEPTH_SETTINGS["default"] == {}  # no recipe option at all
-    # the rows of "depth" / "joint" were run with the command's former defaults: they keep them
+    # the joint planner takes the default recipe too, with its epochs
+    assert bench.DEPTH_SETTINGS["joint"] == {"channel_pruning": "auto"}
+    assert bench.method_schedule("joint", schedule, resnet) == dict(schedule, sparsity_epochs=1, finetune_epochs=5)
+    # the rows of "depth" were run with the command's former defaults: they keep them
     assert bench.DEPTH_SETTINGS["depth"] == {"level": "layer", "importance": "removal-iterative"}
-    assert bench.DEPTH_SETTINGS["joint"] == {"channel_pruning": "auto", "level": "layer",
-                                             "importance": "removal-iterative"}
 
 
 def test_depth_block_oneshot_removes_blocks_before_training_and_fine_tunes_every_epoch(bench):

@@ -42,7 +42,7 @@ def test_config_defaults_and_checks(tmp_path):
     with pytest.raises(ConfigError, match="unknown model 'cifar_resnet21'"):
         CompressionConfig(model="cifar_resnet21").validated()
     with pytest.raises(ConfigError, match="importance \\(--importance\\) must be one of auto, magnitude, removal, "
-                                          "removal-iterative, taylor, got 'l1'"):
+                                          "removal-iterative, removal-bn, taylor, got 'l1'"):
         CompressionConfig(model="cifar_resnet20", importance="l1").validated()
     with pytest.raises(ConfigError, match="flops_reduction \\(--flops-reduction\\) must be in \\[0, 1\\], got 1.5"):
         CompressionConfig(model="cifar_resnet20", flops_reduction=1.5).validated()
@@ -51,9 +51,6 @@ def test_config_defaults_and_checks(tmp_path):
     with pytest.raises(ConfigError, match="joint_recovery_steps \\(--joint-recovery-steps\\) must be an int >= 0, "
                                           "got -1"):
         CompressionConfig(model="cifar_resnet20", joint_recovery_steps=-1).validated()
-    with pytest.raises(ConfigError, match="joint_recovery_fade \\(--joint-recovery-fade\\) must be in "
-                                          "\\[0, 1\\), got 1"):
-        CompressionConfig(model="cifar_resnet20", joint_recovery_fade=1).validated()
     with pytest.raises(ConfigError, match="divergence_factor \\(--divergence-factor\\) must be 0 or > 1, "
                                           "got 0.5"):
         CompressionConfig(model="cifar_resnet20", divergence_factor=0.5).validated()
@@ -349,13 +346,13 @@ def test_resolve_recipe_fills_only_what_was_left_to_the_defaults():
     from resconv_plugin.workflow.defaults import RECIPES, resolve_recipe
 
     assert (RECIPES["block"].importance, RECIPES["block"].sparsity_epochs, RECIPES["block"].finetune_epochs) == (
-        "magnitude", 1, 5)
+        "removal-bn", 1, 5)
     assert (RECIPES["layer"].importance, RECIPES["layer"].sparsity_epochs, RECIPES["layer"].finetune_epochs) == (
         "removal-iterative", 3, 3)
     config = CompressionConfig(model="cifar_resnet20").validated()
     resolved, filled = resolve_recipe(config, "block")
     assert (resolved.level, resolved.importance, resolved.sparsity_epochs, resolved.finetune_epochs) == (
-        "block", "magnitude", 1, 5)
+        "block", "removal-bn", 1, 5)
     assert filled == ["level", "importance", "sparsity_epochs", "finetune_epochs"]
     resolved, filled = resolve_recipe(config, "layer")
     assert (resolved.importance, resolved.sparsity_epochs, resolved.finetune_epochs) == ("removal-iterative", 3, 3)
@@ -377,7 +374,7 @@ def test_config_epochs_none_means_the_default_and_bad_epochs_are_named():
 
 
 @pytest.mark.parametrize("arch, recipe", [
-    ("cifar_resnet20", {"level": "block", "importance": "magnitude", "sparsity_epochs": 1, "finetune_epochs": 0}),
+    ("cifar_resnet20", {"level": "block", "importance": "removal-bn", "sparsity_epochs": 1, "finetune_epochs": 0}),
     ("cifar_plain20", {"level": "layer", "importance": "removal-iterative", "sparsity_epochs": 3,
                        "finetune_epochs": 0}),
 ])

@@ -1,5 +1,8 @@
-"""The joint pruner's plan alone, as ``benchmarks/equal_latency.py``'s joint rows make it: which split it chooses and
+"""The joint pruner's plan alone, as ``benchmarks/equal_latency.py``'s joint rows made it: which split it chose and
 how it scored each, without the training that follows.
+
+Written for the split-share ``JointPruner`` that ``JointPlanner`` replaced (commit e8d4e8e); it does not run
+against the planner (no ``joint_recovery_fade``, other candidates) and stays as the record of its rows.
 
 For one arch, latency target and seed: ``resconv_plugin.workflow.compress`` with ``channel_pruning="auto"``,
 ``latency_reduction = 1 - target``, the command's defaults and the equal-latency grid's data (20,000 training

@@ -142,9 +142,10 @@ class CompressionConfig:
                                              help="fraction of the gates to remove")
     importance: str = setting(DEFAULT_IMPORTANCE, group=_BUDGET, choices=IMPORTANCE_CHOICES,
                               help="which gates go (LayerPruner importance): |gamma|, the measured loss increase "
-                                   "when the gate is removed (re-measured after each choice with -iterative), or "
-                                   "|gamma dL/dgamma|; auto (default): the level's measured best (magnitude for "
-                                   "block gates, removal-iterative for layer gates)")
+                                   "when the gate is removed (re-measured after each choice with -iterative; with "
+                                   "BatchNorm statistics re-estimated with -bn), or |gamma dL/dgamma|; auto "
+                                   "(default): the level's measured best (removal-bn for block gates, "
+                                   "removal-iterative for layer gates)")
     reg: Optional[float] = setting(None, group=_BUDGET, range=NON_NEGATIVE,
                                    help="L1 strength on the gates (LayerPruner reg; default 1e-2 with magnitude "
                                         "importance, else 0)")
@@ -196,18 +197,14 @@ class CompressionConfig:
     # channel pruning
     channel_pruning: Union[float, str] = setting(
         0.0, group=_CHANNELS, range=FRACTION, choices=("auto",),
-        help="torch-pruning MetaPruner pruning_ratio, global, L2 magnitude (0 = none); 'auto': split the "
-             "--latency-reduction / --flops-reduction budget between layers and channels by measurement "
-             "(resconv_plugin.pruning.JointPruner) and meet it exactly after training")
+        help="torch-pruning MetaPruner pruning_ratio, global, L2 magnitude (0 = none); 'auto': plan the "
+             "--latency-reduction / --flops-reduction budget between layers and channels, depth first "
+             "(resconv_plugin.pruning.JointPlanner), and train the chosen plan at its final widths")
     joint_recovery_steps: int = setting(200, group=_CHANNELS, range=_EPOCHS,
                                         help="with --channel-pruning auto: distilled training steps (batches of "
-                                             "--batch-size) on each candidate split before it is scored (0: "
-                                             "one-shot scores; default %(default)s)")
-    joint_recovery_fade: float = setting(0.0, group=_CHANNELS, range=Interval(0, 1, high_open=True),
-                                         help="with --channel-pruning auto: the share of those steps that fades each "
-                                              "candidate's layers out (gates capped, the cap falling to 0) before "
-                                              "they are removed and its channels pruned, as sparsity training does "
-                                              "(default %(default)s: removed at once)")
+                                             "--batch-size) on each joint candidate before it is scored, its "
+                                             "layers faded out as the run's sparsity training would (0: one-shot "
+                                             "scores; default %(default)s)")
     # device
     device: str = setting("auto", group=_DEVICE, help="where to train: cuda, cuda:N, cpu (default: cuda when "
                                                       "available, else cpu; under torchrun each process takes the "
