@@ -63,7 +63,7 @@ def depth_pruned(base: torch.nn.Module, x: torch.Tensor, level: str, budget: flo
     try:
         pruner = resconv_plugin.LayerPruner(model, x, flops_reduction=budget)
     except ValueError as exc:  # e.g. efficientnet_b0's gated blocks hold 54% of its FLOPs: take what is reachable
-        saved, total = resconv_plugin.LayerPruner(model, x, pruning_ratio=0.0).savings("flops")
+        saved, total = resconv_plugin.LayerPruner(model, x, gate_ratio=0.0).savings("flops")
         reachable = sum(saved.values()) / total
         print(f"note: {exc}; using {reachable - 0.02:.3f}", flush=True)
         pruner = resconv_plugin.LayerPruner(model, x, flops_reduction=reachable - 0.02)

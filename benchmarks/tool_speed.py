@@ -3,7 +3,7 @@
 Steps, timed one after the other on a freshly created model per run (creation not timed), input (1, 3, S, S):
 * convert: ``resconv_plugin.convert(model, x)`` (one forward with hooks, torch.fx trace, module swaps).
 * count_flops: ``resconv_plugin.count_flops(model, x)`` of the converted model (fvcore trace + our op handles).
-* prune: ``LayerPruner(model, x, pruning_ratio=0.5)`` (half of the gates: a FLOPs budget would not fit every
+* prune: ``LayerPruner(model, x, gate_ratio=0.5)`` (half of the gates: a FLOPs budget would not fit every
   model, layer-level gates can remove at most 37% of resnet50's FLOPs and 6.8% of efficientnet_b0's) and ``step()``
   (removal surgery + the output-change check), on random gates.
 * fuse: ``resconv_plugin.fuse(model.eval())`` (deep copy + folding every ResConv).
@@ -48,7 +48,7 @@ def time_once(name: str, size: int, folder: Path) -> dict:
         for gate in resconv_plugin.gated_modules(model).values():
             gate.gamma.fill_(torch.rand((), generator=g).item())
     t = time.perf_counter()
-    resconv_plugin.LayerPruner(model, x, pruning_ratio=0.5).step()
+    resconv_plugin.LayerPruner(model, x, gate_ratio=0.5).step()
     times["prune"] = time.perf_counter() - t
     t = time.perf_counter()
     fused = resconv_plugin.fuse(model.eval())
@@ -87,7 +87,7 @@ def main() -> None:
     rows = [[m] + [f"{r[s]:.3f}" for s in STEPS + ("total",)] for m, r in results.items()]
     write_results(name, payload, ["model"] + [f"{s} (s)" for s in STEPS] + ["total (s)"], rows,
                   notes=f"Median of {args.repeats} runs after one warm-up, input 1x3x{args.size}x{args.size}, a fresh "
-                        "model per run (creation not timed); prune = LayerPruner(pruning_ratio=0.5) + step() on "
+                        "model per run (creation not timed); prune = LayerPruner(gate_ratio=0.5) + step() on "
                         "random gates.")
     print(json.dumps({"benchmark": name, **{f"{m}_{s}_s": round(r[s], 4) for m, r in results.items()
                                             for s in STEPS + ("total",)}}))

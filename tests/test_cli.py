@@ -334,7 +334,7 @@ def test_efficientnet_lite0_adapter_matches_timm_layout():
     (["compress", "--model", "cifar_resnet21"],
      "unknown model 'cifar_resnet21'; did you mean: cifar_resnet32, cifar_resnet20"),
     (["compress", "--model", "cifar_resnet20", "--flops-reduction", "0.3", "--threshold", "0.1"],
-     "give one of --flops-reduction, --latency-reduction, --threshold, --pruning-ratio; got --flops-reduction and "
+     "give one of --flops-reduction, --latency-reduction, --threshold, --gate-ratio; got --flops-reduction and "
      "--threshold"),
     (["compress", "--model", "cifar_resnet20", "--distill", "--finetune-epochs", "0", "--sparsity-epochs", "0"],
      "--distill needs"),

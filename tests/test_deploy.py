@@ -42,7 +42,7 @@ def test_fold_every_batchnorm(name, folded, tmp_path):
 def test_fold_after_depth_pruning_and_fusion():
     model = randomize_bn(resconv_plugin.create_model("cifar_resnet20", num_classes=10, in_chans=1)).eval()
     x = torch.randn(4, 1, 28, 28)
-    resconv_plugin.LayerPruner(model, x, pruning_ratio=0.5).step()
+    resconv_plugin.LayerPruner(model, x, gate_ratio=0.5).step()
     fused = resconv_plugin.fuse(model)
     expected = fused(x)
     assert resconv_plugin.fold_batchnorms(fused)  # the stem and the stage-transition convs keep their BN until here

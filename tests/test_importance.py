@@ -13,8 +13,8 @@ import resconv_plugin
 from helpers import randomize_bn
 from resconv_plugin import LayerPruner
 from resconv_plugin.pruning import (
-    CapSchedule, GateImportance, MagnitudeImportance, RemovalImportance, TaylorImportance, make_importance,
-    output_divergence, select_count, select_iteratively, select_within_budget, set_saving,
+    CapSchedule, GateImportance, GateMagnitudeImportance, GateRemovalImportance, GateTaylorImportance,
+    make_importance, output_divergence, select_count, select_iteratively, select_within_budget, set_saving,
 )
 
 
@@ -53,8 +53,8 @@ def test_layer_whose_removal_changes_nothing_scores_lowest(three):
     net, x, y = three
     gates = resconv_plugin.gated_modules(net)
     assert list(gates) == ["layers.0.0", "layers.1.0", "layers.2.0"]
-    for criterion, targets in [(RemovalImportance(), None), (RemovalImportance(), y), (TaylorImportance(), y),
-                               (TaylorImportance(), None)]:
+    for criterion, targets in [(GateRemovalImportance(), None), (GateRemovalImportance(), y),
+                               (GateTaylorImportance(), y), (GateTaylorImportance(), None)]:
         scores = criterion(net, gates, inputs=(x,), targets=targets)
         assert abs(scores["layers.1.0"]) < 1e-6, (criterion, targets)
         assert min(scores["layers.0.0"], scores["layers.2.0"]) > 1e-4, (criterion, targets)
@@ -70,12 +70,12 @@ def test_removal_equals_hand_measured_divergence_and_loss(three):
         gates["layers.2.0"].gamma.fill_(1.0)
     p, log_p, log_q = F.softmax(reference, 1), F.log_softmax(reference, 1), F.log_softmax(pruned, 1)
     kl = (p * (log_p - log_q)).sum(1).mean().item()
-    scores = RemovalImportance()(net, gates, inputs=(x,))
+    scores = GateRemovalImportance()(net, gates, inputs=(x,))
     assert scores["layers.2.0"] == pytest.approx(kl, rel=1e-5)
     assert output_divergence(reference, pruned) == pytest.approx(kl, rel=1e-5)
     loss_change = F.cross_entropy(pruned, y).item() - F.cross_entropy(reference, y).item()
-    assert RemovalImportance()(net, gates, inputs=(x,), targets=y)["layers.2.0"] == pytest.approx(loss_change,
-                                                                                                rel=1e-5)
+    assert GateRemovalImportance()(net, gates, inputs=(x,), targets=y)["layers.2.0"] == pytest.approx(
+        loss_change, rel=1e-5)
     assert gates["layers.2.0"].gamma.item() == 1.0  # restored
 
 
@@ -90,7 +90,7 @@ def test_removal_given_removed_gates_measures_the_increment(three):
         gates["layers.2.0"].gamma.zero_()
         both = net(x)
         gates["layers.0.0"].gamma.fill_(1.0), gates["layers.2.0"].gamma.fill_(1.0)
-    scores = RemovalImportance()(net, gates, inputs=(x,), removed=["layers.0.0"])
+    scores = GateRemovalImportance()(net, gates, inputs=(x,), removed=["layers.0.0"])
     expected = output_divergence(reference, both) - output_divergence(reference, first)
     assert scores["layers.2.0"] == pytest.approx(expected, rel=1e-5)
     assert scores["layers.0.0"] == 0.0
@@ -112,9 +112,9 @@ def test_taylor_equals_hand_computed_product():
         d_y = (d_logits @ head.weight).view_as(x)
         expected = abs(0.7 * (d_y * (branch - x)).sum().item())
     gates = resconv_plugin.gated_modules(net)
-    assert TaylorImportance()(net, gates, inputs=(x,), targets=y)["0"] == pytest.approx(expected, rel=1e-4)
+    assert GateTaylorImportance()(net, gates, inputs=(x,), targets=y)["0"] == pytest.approx(expected, rel=1e-4)
     # during training: the mean of |gamma * grad| over the observed steps
-    taylor = TaylorImportance()
+    taylor = GateTaylorImportance()
     for grad in (0.5, -1.5):
         block.gamma.grad = torch.tensor(grad)
         taylor.observe(gates)
@@ -135,7 +135,7 @@ def test_taylor_leaves_out_steps_with_non_finite_gradients():
     resconv_plugin.convert(net, torch.randn(1, 2, 4, 4))
     gates = resconv_plugin.gated_modules(net)
     first, second = (gates[n].gamma for n in gates)
-    taylor = TaylorImportance()
+    taylor = GateTaylorImportance()
     for grads in ((0.5, 1.0), (float("inf"), 1.0), (2.0, float("nan")), (1.5, 3.0)):
         first.grad, second.grad = (torch.tensor(g) for g in grads)
         taylor.observe(gates)
@@ -145,14 +145,14 @@ def test_taylor_leaves_out_steps_with_non_finite_gradients():
     assert all(math.isfinite(v) for v in scores.values())
 
 def test_make_importance_and_errors():
-    assert isinstance(make_importance("magnitude"), MagnitudeImportance)
+    assert isinstance(make_importance("magnitude"), GateMagnitudeImportance)
     assert make_importance("removal-iterative").iterative
-    custom = MagnitudeImportance()
+    custom = GateMagnitudeImportance()
     assert make_importance(custom) is custom
     with pytest.raises(ValueError, match="importance must be one of .*'removal'.* got 'l2'"):
         make_importance("l2")
     with pytest.raises(TypeError, match="iterative must be a bool"):
-        RemovalImportance(iterative=1)
+        GateRemovalImportance(iterative=1)
 
 
 # ------------------------------------------------------------------------------------------------- selection
@@ -318,8 +318,14 @@ def test_subgradient_cap_holds_after_optimizer_step():
         assert all(0.0 <= pruner.gates[n] <= cap for n in pruner.select())
     assert all(pruner.gates[n] == 0.0 for n in pruner.select())
     assert max(pruner.gates.values()) > 1.0  # the others did move up (sub-gradient mode does not clamp them)
-    with pytest.raises(ValueError, match="with a budget cap acts after optimizer.step"):
-        LayerPruner(model, x[:1], mode="subgradient", flops_reduction=0.3, sparsity_steps=8).regularize(model)
+    # without optimizer= (it used to raise): the cap follows the step of the optimizer that holds the gates
+    free = LayerPruner(model, x[:1], mode="subgradient", flops_reduction=0.3, sparsity_steps=8, zero_at=0.5)
+    loss = F.cross_entropy(model(x), y) - sum(gammas)
+    opt.zero_grad()
+    loss.backward()
+    free.regularize(model)
+    opt.step()
+    assert free.steps_done == 1 and all(free.gates[n] <= free.schedule.cap(1) for n in free.select())
 
 
 def test_reselection_with_hysteresis_and_state_round_trip(resnet20):
@@ -333,7 +339,7 @@ def test_reselection_with_hysteresis_and_state_round_trip(resnet20):
 
     importance = Drifting(scores)
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
-    pruner = LayerPruner(model, x, importance=importance, pruning_ratio=0.25, optimizer=opt, sparsity_steps=20,
+    pruner = LayerPruner(model, x, importance=importance, gate_ratio=0.25, optimizer=opt, sparsity_steps=20,
                          reselect_every=2, hysteresis=0.5)
     first = None
     for step in range(10):
@@ -351,7 +357,7 @@ def test_reselection_with_hysteresis_and_state_round_trip(resnet20):
     assert names[4] not in chosen and names[5] in chosen and names[3] not in chosen
     assert pruner.reselections == [{"step": 6, "added": [names[5]], "dropped": [names[3]]}]
     state = pruner.state_dict()
-    other = LayerPruner(model, x, importance=FixedImportance(scores), pruning_ratio=0.25, sparsity_steps=20)
+    other = LayerPruner(model, x, importance=FixedImportance(scores), gate_ratio=0.25, sparsity_steps=20)
     other.load_state_dict(state)
     assert other.select() == chosen and other.steps_done == 10 and other.reselections == pruner.reselections
     with pytest.raises(ValueError, match="names gates this pruner does not have"):
@@ -384,8 +390,8 @@ def test_bad_importance_arguments(resnet20, kwargs, error, match):
 def test_removal_importance_needs_calibration_inputs(three):
     net, _, _ = three
     with pytest.raises(ValueError, match="pass calibration_inputs"):
-        RemovalImportance()(net, resconv_plugin.gated_modules(net))
-    assert math.isfinite(sum(MagnitudeImportance()(net, resconv_plugin.gated_modules(net)).values()))
+        GateRemovalImportance()(net, resconv_plugin.gated_modules(net))
+    assert math.isfinite(sum(GateMagnitudeImportance()(net, resconv_plugin.gated_modules(net)).values()))
 
 
 # ------------------------------------------------------------------------------------------------ distillation

@@ -180,10 +180,10 @@ def test_a_candidate_whose_score_is_not_finite_never_wins():
 def test_fixed_set_importance_trains_a_chosen_set():
     net, x = make()
     names = ["layers.0.0", "layers.4.0"]
-    pruner = LayerPruner(net, x[:1], importance=FixedSetImportance(names), pruning_ratio=2 / 6)
+    pruner = LayerPruner(net, x[:1], importance=FixedSetImportance(names), gate_ratio=2 / 6)
     assert sorted(pruner.select()) == names
     with pytest.raises(ValueError, match="names gates the pruner does not have"):
-        LayerPruner(net, x[:1], importance=FixedSetImportance(["nope"]), pruning_ratio=0.3).select()
+        LayerPruner(net, x[:1], importance=FixedSetImportance(["nope"]), gate_ratio=0.3).select()
     with pytest.raises(TypeError, match="names must be a sequence of gate names"):
         FixedSetImportance("layers.0.0")
 

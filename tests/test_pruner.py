@@ -202,14 +202,14 @@ def test_flops_table_is_exactly_what_removal_saves(level, names):
     assert sum(saved[n] for n in names) == before - after
 
 
-def test_pruning_ratio_and_threshold(resnet18):
+def test_gate_ratio_and_threshold(resnet18):
     model, x = resnet18
     gates = resconv_plugin.gated_modules(model)
     with torch.no_grad():
         for i, g in enumerate(gates.values()):
             g.gamma.fill_(i / len(gates))
     order = list(gates)
-    pruner = LayerPruner(model, x, pruning_ratio=0.5)
+    pruner = LayerPruner(model, x, gate_ratio=0.5)
     assert pruner.select() == order[:math.floor(0.5 * len(order))]
     pruner = LayerPruner(model, x, threshold=2.5 / len(gates))
     assert pruner.select() == order[:3]
@@ -568,7 +568,7 @@ def test_history_rebuilds_structure(resnet18):
 
 @pytest.mark.parametrize("kwargs,error,match", [
     (dict(threshold=0.1, flops_reduction=0.3), ValueError, "exactly one selection mode.*threshold, flops_reduction"),
-    (dict(pruning_ratio=1.0), ValueError, r"pruning_ratio must be in \[0, 1\)"),
+    (dict(gate_ratio=1.0), ValueError, r"gate_ratio must be in \[0, 1\)"),
     (dict(flops_reduction=-0.1), ValueError, r"flops_reduction must be in \[0, 1\)"),
     (dict(latency_reduction="0.3"), TypeError, "latency_reduction must be a float"),
     (dict(threshold=1.5), ValueError, r"threshold must be in \[0, 1\]"),
@@ -590,11 +590,17 @@ def test_model_without_gates():
         LayerPruner(timm.create_model("resnet18"), torch.randn(1, 3, 64, 64))
 
 
-def test_proximal_mode_needs_the_optimizer(resnet18):
+def test_proximal_mode_finds_the_optimizer(resnet18):
+    """Without optimizer= (it used to raise), the proximal step follows the step of the optimizer that holds the
+    gates, at its learning rate (tests/test_api.py has the training loop)."""
     model, x = resnet18
-    pruner = LayerPruner(model, x)
-    with pytest.raises(ValueError, match="pass optimizer=... to LayerPruner or call pruner.attach"):
-        pruner.regularize(model)
+    pruner = LayerPruner(model, x, reg=0.5)
+    opt = torch.optim.SGD([g.gamma for g in resconv_plugin.gated_modules(model).values()], lr=0.1)
+    pruner.regularize(model)
+    assert set(pruner.gates.values()) == {1.0}  # nothing before the optimizer's step
+    opt.step()  # no gradient: only the proximal step
+    assert list(pruner.gates.values()) == pytest.approx([1.0 - 0.1 * 0.5] * len(pruner.gates))
+    assert pruner.steps_done == 1
     with pytest.raises(TypeError, match="optimizer must be a torch.optim.Optimizer"):
         pruner.attach("sgd")
 
@@ -634,7 +640,7 @@ def test_freeze_gates_after_step_keeps_gates_through_fine_tuning():
     x = torch.randn(8, 1, 28, 28)
     resconv_plugin.convert(model, x)
     early = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)  # built before freezing
-    pruner = LayerPruner(model, x, pruning_ratio=0.25)
+    pruner = LayerPruner(model, x, gate_ratio=0.25)
     with torch.no_grad():
         for i, gate in enumerate(resconv_plugin.gated_modules(model).values()):
             gate.gamma.fill_(0.0 if i % 4 == 0 else 0.7)
@@ -752,7 +758,7 @@ def test_removal_importance_can_read_each_variant_with_batchnorm_re_estimated():
     """recalibrate=True scores each removal with the BatchNorm statistics re-estimated on the calibration batch
     (the reference too) and leaves the model's own statistics as they were; on a model whose statistics are off
     the scores differ from the raw ones."""
-    from resconv_plugin.pruning.importance import RemovalImportance
+    from resconv_plugin.pruning.importance import GateRemovalImportance
 
     torch.manual_seed(0)
     model = timm.create_model("cifar_resnet20", num_classes=10, in_chans=1).eval()
@@ -761,21 +767,21 @@ def test_removal_importance_can_read_each_variant_with_batchnorm_re_estimated():
     randomize_bn(model)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     gates = resconv_plugin.fx.surgery.gated_modules(model)
-    raw = RemovalImportance()(model, gates, inputs=(x,), targets=y)
-    recalibrated = RemovalImportance(recalibrate=True)(model, gates, inputs=(x,), targets=y)
+    raw = GateRemovalImportance()(model, gates, inputs=(x,), targets=y)
+    recalibrated = GateRemovalImportance(recalibrate=True)(model, gates, inputs=(x,), targets=y)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert set(raw) == set(recalibrated) == set(gates)
     assert any(abs(raw[n] - recalibrated[n]) > 1e-3 for n in gates)
     with pytest.raises(TypeError, match="recalibrate must be a bool, got str"):
-        RemovalImportance(recalibrate="yes")
+        GateRemovalImportance(recalibrate="yes")
 
 
 def test_removal_bn_names_removal_with_batchnorm_re_estimated_chosen_once():
-    """``importance="removal-bn"``: RemovalImportance(recalibrate=True); like every criterion but magnitude, the set
-    is chosen once, as the pruner is built, and kept while the cap falls."""
+    """``importance="removal-bn"``: GateRemovalImportance(recalibrate=True); like every criterion but magnitude, the
+    set is chosen once, as the pruner is built, and kept while the cap falls."""
     model, x = converted("cifar_resnet20")
     calib = torch.randn(16, 1, 28, 28)
     pruner = LayerPruner(model, x, importance="removal-bn", flops_reduction=0.3, sparsity_steps=10,
                          calibration_inputs=calib)
-    assert repr(pruner.importance) == "RemovalImportance(iterative=False, recalibrate=True)"
+    assert repr(pruner.importance) == "GateRemovalImportance(iterative=False, recalibrate=True)"
     assert pruner.reselect_every is None and pruner.select() == pruner.rank()

@@ -30,12 +30,12 @@ def tiny_data(n_train=192, n_val=64, seed=0) -> ImageData:
 
 def test_config_defaults_and_checks(tmp_path):
     c = CompressionConfig(model="cifar_resnet20").validated()
-    assert (c.flops_reduction, c.threshold, c.pruning_ratio, c.latency_reduction) == (0.5, None, None, None)
+    assert (c.flops_reduction, c.threshold, c.gate_ratio, c.latency_reduction) == (0.5, None, None, None)
     assert c.output == Path("runs/cifar_resnet20-fashion-mnist") and c.importance == DEFAULT_IMPORTANCE
     assert c.validated() == c  # idempotent
     assert CompressionConfig(model="cifar_resnet20").flops_reduction is None  # validated() returns a copy
     with pytest.raises(ConfigError, match="give one of --flops-reduction, --latency-reduction, --threshold, "
-                                          "--pruning-ratio; got --flops-reduction and --threshold"):
+                                          "--gate-ratio; got --flops-reduction and --threshold"):
         CompressionConfig(model="cifar_resnet20", flops_reduction=0.3, threshold=0.1).validated()
     with pytest.raises(ConfigError, match="model \\(--model\\) is required"):
         CompressionConfig().validated()
@@ -94,7 +94,7 @@ def test_remove_pruned_takes_the_selection_and_every_other_zero_gate():
         gates[names[1]].gamma.zero_()
         for n in names[2:]:
             gates[n].gamma.fill_(0.5)
-    pruner = resconv_plugin.LayerPruner(model, x[:1], pruning_ratio=1 / len(names), calibration_inputs=x)
+    pruner = resconv_plugin.LayerPruner(model, x[:1], gate_ratio=1 / len(names), calibration_inputs=x)
     before = model(x)
     pruned = remove_pruned(model, x[:1], pruner, calibration_inputs=x)
     assert set(pruned.removed) == {names[0], names[1]}
@@ -331,7 +331,7 @@ def test_compress_starts_from_a_given_model_and_leaves_it_alone(tmp_path):
     mine = timm.create_model("cifar_resnet20", num_classes=2, in_chans=1).eval()
     before = {k: v.clone() for k, v in mine.state_dict().items()}
     config = CompressionConfig(model="cifar_resnet20", epochs=0, sparsity_epochs=1, finetune_epochs=0, batch_size=32,
-                               pruning_ratio=0.25, importance="magnitude", level="layer", output=tmp_path / "run",
+                               gate_ratio=0.25, importance="magnitude", level="layer", output=tmp_path / "run",
                                latency_repeats=2, plots=False, progress=False)
     report = compress(config, data=data, model=mine)
     assert report["stages"][0]["stage"] == "baseline" and report["stages"][0]["top1"] == evaluate(mine, data)

@@ -69,7 +69,8 @@ def channel_pruner(
         model: the model (converted, depth-pruned and/or fused: anything torch-pruning can trace).
         example_inputs: inputs for tracing.
         pruner_class: a torch-pruning pruner class, e.g. ``tp.pruner.BNScalePruner``.
-        importance: defaults to ``BNScaleImportance`` for ``BNScalePruner``, else ``MagnitudeImportance(p=2)``.
+        importance: a torch-pruning importance; defaults to ``BNScaleImportance`` for ``BNScalePruner``, else
+            ``tp.importance.MagnitudeImportance(p=2)``.
         ignored_layers: names, modules or module classes (expanded to modules); the classifier is always added.
         **kwargs: passed to the pruner (``pruning_ratio``, ``global_pruning``, ``round_to``, ``reg``, ...).
 

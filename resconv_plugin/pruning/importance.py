@@ -2,16 +2,19 @@
 
 Each criterion is a small callable class; :class:`~resconv_plugin.LayerPruner` takes one (or its name) as
 ``importance=``. A new criterion is a subclass of :class:`GateImportance` with ``__call__`` (and, if it learns from
-training, ``observe``).
+training, ``observe``). They score *gates* (``importance(model, gates, ...) -> {name: score}``), not torch-pruning's
+channel groups, hence their own names (``Gate...``): a ``torch_pruning.importance`` object is refused with a
+``TypeError``. The names of the previous release (``MagnitudeImportance``, ``RemovalImportance``,
+``TaylorImportance``, which read like torch-pruning's) still work for one release, with a ``FutureWarning``.
 
-* :class:`MagnitudeImportance` (``"magnitude"``): ``|gamma|``, the paper's criterion. It knows nothing before
+* :class:`GateMagnitudeImportance` (``"magnitude"``): ``|gamma|``, the paper's criterion. It knows nothing before
   sparsity training has separated the gates (all start at 1).
-* :class:`RemovalImportance` (``"removal"``): what setting the gate to 0 does on the calibration batch: the increase
+* :class:`GateRemovalImportance` (``"removal"``): what setting the gate to 0 does on the calibration batch: the increase
   of the task loss when ``calibration_targets`` are given, else the label-free KL divergence of the softmax from the
   unpruned model's outputs (mean squared difference for outputs that are not logits). ``iterative=True``
   re-measures after each chosen gate (the pruner then selects greedily, seeing interactions between removals).
-* :class:`TaylorImportance` (``"taylor"``): the first-order estimate ``|gamma * dL/dgamma|`` of the loss change when
-  the gate goes to 0, averaged over the training steps seen by :meth:`~TaylorImportance.observe` (free: the
+* :class:`GateTaylorImportance` (``"taylor"``): the first-order estimate ``|gamma * dL/dgamma|`` of the loss change when
+  the gate goes to 0, averaged over the training steps seen by :meth:`~GateTaylorImportance.observe` (free: the
   gradients are there after ``loss.backward()``); before any step, one backward pass on the calibration batch (with
   its targets, else the model's own predictions as labels).
 
@@ -21,7 +24,7 @@ Example:
     >>> x = torch.randn(8, 1, 28, 28)
     >>> _ = resconv_plugin.convert(model, x)
     >>> gates = resconv_plugin.gated_modules(model)
-    >>> scores = RemovalImportance()(model, gates, inputs=(x,))
+    >>> scores = GateRemovalImportance()(model, gates, inputs=(x,))
     >>> len(scores) == len(gates)
     True
 """
@@ -36,13 +39,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from resconv_plugin._deprecation import renamed_attributes
 from resconv_plugin._utils import eval_mode
 from resconv_plugin.pruning.calibration import (
     batchnorm_statistics_kept, calibration_loss, output_divergence, recalibrate_batchnorm,
 )
 
-__all__ = ["GateImportance", "MagnitudeImportance", "RemovalImportance", "TaylorImportance", "FixedSetImportance",
-           "IMPORTANCES", "make_importance"]
+__all__ = ["GateImportance", "GateMagnitudeImportance", "GateRemovalImportance", "GateTaylorImportance",
+           "FixedSetImportance", "IMPORTANCES", "make_importance"]
 
 Gates = Mapping[str, nn.Module]
 Inputs = Optional[Tuple[torch.Tensor, ...]]
@@ -81,12 +85,12 @@ class GateImportance:
         return f"{type(self).__name__}()"
 
 
-class MagnitudeImportance(GateImportance):
+class GateMagnitudeImportance(GateImportance):
     """``|gamma|`` (the paper's criterion).
 
     Example:
         >>> from resconv_plugin import BlockGate
-        >>> MagnitudeImportance()(None, {"b": BlockGate(torch.nn.BatchNorm2d(2), init_gamma=0.5)})
+        >>> GateMagnitudeImportance()(None, {"b": BlockGate(torch.nn.BatchNorm2d(2), init_gamma=0.5)})
         {'b': 0.5}
     """
 
@@ -115,7 +119,7 @@ def _inside_any(name: str, blocks: Sequence[str]) -> bool:
     return any(name.startswith(f"{b}.") for b in blocks)
 
 
-class RemovalImportance(GateImportance):
+class GateRemovalImportance(GateImportance):
     """The measured effect of setting each gate to 0 on the calibration batch (eval mode).
 
     With ``targets``: the increase of the cross-entropy loss. Without: ``KL(softmax(unpruned) || softmax(pruned))``
@@ -143,7 +147,7 @@ class RemovalImportance(GateImportance):
     @torch.no_grad()
     def __call__(self, model, gates, *, inputs=None, targets=None, removed=()):
         if not inputs:
-            raise ValueError("RemovalImportance measures the model: pass calibration_inputs (a batch of real "
+            raise ValueError("GateRemovalImportance measures the model: pass calibration_inputs (a batch of real "
                              "inputs) to the LayerPruner")
         removed = [n for n in removed if n in gates]
         with eval_mode(model):
@@ -168,10 +172,10 @@ class RemovalImportance(GateImportance):
         return scores
 
     def __repr__(self) -> str:
-        return f"RemovalImportance(iterative={self.iterative}, recalibrate={self.recalibrate})"
+        return f"GateRemovalImportance(iterative={self.iterative}, recalibrate={self.recalibrate})"
 
 
-class TaylorImportance(GateImportance):
+class GateTaylorImportance(GateImportance):
     """First-order Taylor estimate of the loss change when a gate goes to 0: ``|gamma * dL/dgamma|``.
 
     Averaged over the ``observe()`` calls since the last :meth:`reset` (the pruner calls ``observe`` in every
@@ -206,7 +210,7 @@ class TaylorImportance(GateImportance):
         if self._count:
             return {n: self._sums.get(n, 0.0) / self._count for n in gates}
         if not inputs:
-            raise ValueError("TaylorImportance has seen no training step yet: pass calibration_inputs to the "
+            raise ValueError("GateTaylorImportance has seen no training step yet: pass calibration_inputs to the "
                              "LayerPruner (or call regularize() during training first)")
         gammas = [g.gamma for g in gates.values()]
         with eval_mode(model), torch.enable_grad():
@@ -228,7 +232,7 @@ class TaylorImportance(GateImportance):
 class FixedSetImportance(GateImportance):
     """The gates you name score 0 (they go first), every other gate 1: budget selection then takes the named set
     (when it meets the budget; ties among the rest go to the larger saving). For training a set chosen elsewhere,
-    e.g. ``JointPruner``'s plan.
+    e.g. ``JointPlanner``'s plan.
 
     Args:
         names: the gates to remove.
@@ -252,21 +256,49 @@ class FixedSetImportance(GateImportance):
 
 
 #: Criterion names accepted by ``LayerPruner(importance=...)``.
-IMPORTANCES = {"magnitude": MagnitudeImportance, "removal": RemovalImportance, "taylor": TaylorImportance}
+IMPORTANCES = {"magnitude": GateMagnitudeImportance, "removal": GateRemovalImportance,
+               "taylor": GateTaylorImportance}
+#: The previous release's class names (torch-pruning's, with another call signature), served with a warning.
+_RENAMED = {"MagnitudeImportance": "GateMagnitudeImportance", "RemovalImportance": "GateRemovalImportance",
+           "TaylorImportance": "GateTaylorImportance"}
+__getattr__ = renamed_attributes(__name__, {old: (__name__, new) for old, new in _RENAMED.items()})
+
+
+def _from_torch_pruning(importance: object) -> bool:
+    """Whether ``importance`` is a torch-pruning importance (checked by its classes' module: no import of it)."""
+    return any(cls.__module__.split(".")[0] == "torch_pruning" for cls in type(importance).__mro__)
 
 
 #: Names of configured criteria, accepted as well.
-VARIANTS = {"removal-iterative": lambda: RemovalImportance(iterative=True),
-            "removal-bn": lambda: RemovalImportance(recalibrate=True)}
+VARIANTS = {"removal-iterative": lambda: GateRemovalImportance(iterative=True),
+            "removal-bn": lambda: GateRemovalImportance(recalibrate=True)}
 
 
 def make_importance(importance: Union[str, GateImportance]) -> GateImportance:
-    """The criterion for a name in :data:`IMPORTANCES` or :data:`VARIANTS`, or an instance."""
+    """The criterion for a name in :data:`IMPORTANCES` or :data:`VARIANTS`, or a :class:`GateImportance`.
+
+    Raises:
+        ValueError: an unknown name.
+        TypeError: anything else, e.g. a ``torch_pruning.importance`` object (it scores channel groups, not gates).
+
+    Example:
+        >>> make_importance("removal-iterative")
+        GateRemovalImportance(iterative=True, recalibrate=False)
+    """
     if isinstance(importance, GateImportance):
         return importance
+    names = sorted(IMPORTANCES) + list(VARIANTS)
     if isinstance(importance, str) and importance in VARIANTS:
         return VARIANTS[importance]()
     if isinstance(importance, str) and importance in IMPORTANCES:
         return IMPORTANCES[importance]()
-    raise ValueError(f"importance must be one of {sorted(IMPORTANCES) + list(VARIANTS)} or a "
-                     f"GateImportance instance, got {importance!r}")
+    if isinstance(importance, str):
+        raise ValueError(f"importance must be one of {names} or a GateImportance instance, got {importance!r}")
+    if _from_torch_pruning(importance):
+        raise TypeError(f"importance={type(importance).__name__}(...) is a torch-pruning importance: it scores "
+                        f"channel groups, LayerPruner scores gates. Pass a name ({', '.join(map(repr, names))}) or "
+                        "a resconv_plugin.pruning.GateImportance such as GateMagnitudeImportance(), "
+                        "GateTaylorImportance() or GateRemovalImportance() (torch-pruning's importances stay with "
+                        "torch-pruning's pruners, e.g. channel_pruner(..., importance=...))")
+    raise TypeError(f"importance must be one of {names} or a GateImportance instance, got "
+                    f"{type(importance).__name__}")

@@ -1,28 +1,36 @@
 """``LayerPruner``: depth pruning in torch-pruning's pruner protocol, composed of an importance criterion, a cost
-table, a selection rule, the budget cap schedule and the L1 regulariser."""
+table, a selection rule (with the latency fit), the budget cap schedule and the L1 regulariser.
+
+The pruner holds the state and the protocol (``regularize`` / ``step`` / ``state_dict``); the parts that decide
+live in their own modules: :mod:`~resconv_plugin.pruning.importance` (scores), :mod:`~resconv_plugin.pruning.cost`
+(savings), :mod:`~resconv_plugin.pruning.select` (the set for a goal, :class:`~resconv_plugin.pruning.BudgetChooser`),
+:mod:`~resconv_plugin.pruning.latency_fit` (the goal of a latency budget, by measurement),
+:mod:`~resconv_plugin.pruning.schedule` (the cap) and :mod:`~resconv_plugin.pruning.regularizer` (the L1, after the
+optimizer's step).
+"""
 
 from __future__ import annotations
 
 import math
 import statistics
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
+from resconv_plugin._deprecation import warn_renamed
 from resconv_plugin.nn.resconv import ResConv
 from resconv_plugin.fx.graph import trace
 from resconv_plugin.fx.surgery import Removal, gated_modules, remove
 from resconv_plugin._utils import ExampleInputs, as_input_tuple, check_module, eval_mode, run_example
 from resconv_plugin.pruning.calibration import recalibrate_batchnorm
 from resconv_plugin.pruning.cost import flops_savings, latency_table, measured_saving
-from resconv_plugin.pruning.importance import GateImportance, MagnitudeImportance, make_importance
-from resconv_plugin.pruning.regularizer import MODES, L1Regularizer, OptimizerHook
+from resconv_plugin.pruning.importance import GateImportance, GateMagnitudeImportance, make_importance
+from resconv_plugin.pruning.latency_fit import fit_latency_goal
+from resconv_plugin.pruning.regularizer import MODES, L1Regularizer, L1Step
 from resconv_plugin.pruning.schedule import CapSchedule
-from resconv_plugin.pruning.select import (
-    METHODS, _short, select_count, select_iteratively, select_within_budget, set_saving,
-)
+from resconv_plugin.pruning.select import METHODS, BudgetChooser, _short, select_count, set_saving
 
 __all__ = ["LayerPruner", "StepReport", "MODES", "BUDGETS", "given_budget"]
 
@@ -57,6 +65,37 @@ class StepReport:
         return text
 
 
+@torch.no_grad()
+def remove_measured(model: nn.Module, names: Sequence[str], inputs: Tuple[torch.Tensor, ...], *,
+                    recalibrate_bn: bool = False) -> StepReport:
+    """Remove the gates ``names`` from ``model`` (in place) and measure the output change on ``inputs`` (eval mode).
+
+    Args:
+        model: the gated model.
+        names: the gates to remove (:func:`~resconv_plugin.fx.surgery.remove`).
+        inputs: the batch the change is measured on (and BatchNorm statistics re-estimated on).
+        recalibrate_bn: after removing gates that were not 0, re-estimate every BatchNorm's running statistics.
+
+    Example:
+        >>> report = remove_measured(model, ["layer1.0.conv1"], (x,))  # doctest: +SKIP
+        >>> report.max_abs_change  # doctest: +SKIP
+        0.0
+    """
+    with eval_mode(model):
+        before = run_example(model, inputs)
+        removed = remove(model, names)
+        after = model(*inputs)
+    scale = before.abs().max().item() or 1.0
+    report = StepReport(removed=removed, max_abs_change=(after - before).abs().max().item())
+    report.relative_change = report.max_abs_change / scale
+    if recalibrate_bn and any(r.gamma != 0.0 for r in removed):
+        recalibrate_batchnorm(model, inputs)
+        with eval_mode(model):
+            report.change_after_recalibration = (model(*inputs) - before).abs().max().item()
+        report.recalibrated = True
+    return report
+
+
 def _check_fraction(name: str, value: Optional[float], upper_inclusive: bool = False) -> Optional[float]:
     if value is None:
         return None
@@ -68,22 +107,101 @@ def _check_fraction(name: str, value: Optional[float], upper_inclusive: bool = F
     return float(value)
 
 
-def _inside(name: str, block: str) -> bool:
-    return name.startswith(f"{block}.")
+def _check_positive_int(name: str, value: object, *, allow_none: bool = True, or_none: str = "") -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int{or_none}, got {value!r}")
 
 
-_FIT_ROUNDS = 6  # measured corrections of a latency budget's goal (LayerPruner._fit_latency_goal)
-#: Accepted overshoot of a latency budget, as a fraction of the latency; a first timing short of the budget by no
-#: more than this is timed again (LayerPruner._fit_latency_goal).
-_FIT_TOLERANCE = 0.02
+def _check_arguments(calibration_inputs: Optional[ExampleInputs], calibration_targets: Optional[torch.Tensor],
+                     sparsity_steps: Optional[int], selection: str, reselect_every: Optional[int],
+                     hysteresis: float, latency_repeats: int, ignored_layers: List[object]) -> None:
+    """The checks of :class:`LayerPruner`'s plain arguments: a TypeError or ValueError naming the argument, the value
+    and what is allowed."""
+    if calibration_targets is not None and not isinstance(calibration_targets, torch.Tensor):
+        raise TypeError(f"calibration_targets must be a tensor of class indices, got "
+                        f"{type(calibration_targets).__name__}")
+    if calibration_targets is not None and calibration_inputs is None:
+        raise ValueError("calibration_targets are the labels of calibration_inputs: pass both")
+    _check_positive_int("sparsity_steps", sparsity_steps)
+    if selection not in METHODS:
+        raise ValueError(f"selection must be one of {METHODS}, got {selection!r}")
+    _check_positive_int("reselect_every", reselect_every, or_none=" or None")
+    if isinstance(hysteresis, bool) or not isinstance(hysteresis, (int, float)) or not 0 <= hysteresis < 1:
+        raise ValueError(f"hysteresis must be in [0, 1), got {hysteresis!r}")
+    _check_positive_int("latency_repeats", latency_repeats, allow_none=False)
+    for item in ignored_layers:
+        if not isinstance(item, (str, nn.Module, type)):
+            raise TypeError(f"ignored_layers entries must be names, modules or module classes, got "
+                            f"{type(item).__name__}")
+
+
+def _check_reachable(saved: Dict[str, float], total: float, fraction: float, names: List[str], kind: str,
+                     measure: Callable[[List[str]], float]) -> None:
+    """Raise a ValueError when removing every gate of ``names`` saves less than ``fraction`` of ``total`` (``kind``:
+    ``"flops"`` or ``"latency"``). A latency table is scaled to one timing of removing every gate: one disturbed
+    timing must not refuse the budget (on a busy machine cifar_resnet20's 7 blocks read 0.47 of its latency, where 6
+    of them measured 0.63 in another run): the median of three more (``measure(names)``, a fraction) decides."""
+    target = fraction * total
+    reachable = set_saving(saved, names)
+    if _short(reachable, target) and kind == "latency":
+        whole = statistics.median(measure(names) for _ in range(3))
+        if whole >= fraction:
+            return
+        reachable = whole * total
+    if _short(reachable, target):  # the selection's own test: a goal at the maximum is reachable
+        raise ValueError(f"{kind}_reduction={target / total:.3g} is unreachable: removing every prunable gate "
+                         f"({len(names)}) removes at most {reachable / total:.3f} of the model's "
+                         f"{'FLOPs' if kind == 'flops' else 'latency'}")
+
+
+def _prunable_gates(model: nn.Module, ignored_layers: Sequence[object]) -> Tuple[Dict[str, nn.Module], List[str]]:
+    """``({name: gate} of the gates that may go, every gate's name in module order)``."""
+    all_gates = gated_modules(model, trace(model))
+    if not all_gates:
+        raise ValueError(f"{type(model).__name__} has no ResConv layer or gated block: call "
+                         "resconv_plugin.convert(model, example_inputs) (level='layer' or 'block') first")
+    return {n: g for n, g in all_gates.items() if not _is_ignored(model, n, g, ignored_layers)}, list(all_gates)
+
+
+def _is_ignored(model: nn.Module, name: str, gate: nn.Module, ignored_layers: Sequence[object]) -> bool:
+    """Whether ``ignored_layers`` (names, modules, module classes) cover the gate ``name``: its owner (the ResConv,
+    or the block), the gate, a ResConv's conv, or a module that encloses them."""
+    owner = model.get_submodule(name)
+    related = [owner, gate] + ([owner.conv] if isinstance(owner, ResConv) else [])
+    enclosing = [model.get_submodule(name.rsplit(".", k)[0]) for k in range(1, name.count(".") + 1)]
+    for item in ignored_layers:
+        if isinstance(item, str) and (item == name or name.startswith(f"{item}.")):
+            return True
+        if isinstance(item, type) and any(isinstance(m, item) for m in related + enclosing):
+            return True
+        if isinstance(item, nn.Module) and any(m is item for m in related + enclosing):
+            return True
+    return False
+
 
 #: The ways to say what to remove; a pruner takes at most one (none: ``threshold=0.0``).
-BUDGETS = ("threshold", "pruning_ratio", "flops_reduction", "latency_reduction")
+BUDGETS = ("threshold", "gate_ratio", "flops_reduction", "latency_reduction")
+
+
+def _renamed_ratio(gate_ratio: Optional[float], pruning_ratio: Optional[float]) -> Optional[float]:
+    """``gate_ratio``, or the deprecated ``pruning_ratio`` (its name before: torch-pruning's name for a fraction of
+    *channels*), with a FutureWarning."""
+    if pruning_ratio is None:
+        return gate_ratio
+    warn_renamed("pruning_ratio (a fraction of the gates)", "gate_ratio (torch-pruning's pruning_ratio is a fraction "
+                 "of the channels)", stacklevel=4)
+    if gate_ratio is not None:
+        raise ValueError(f"pass gate_ratio only (pruning_ratio is its deprecated name), got gate_ratio={gate_ratio!r} "
+                         f"and pruning_ratio={pruning_ratio!r}")
+    return pruning_ratio
 
 
 def given_budget(**budgets: Optional[float]) -> Optional[Tuple[str, float]]:
     """The one budget among ``budgets`` (keyword: value, None = not given) that is given, as ``(name, value)``;
     None when none is. The single check of the one-budget rule (:class:`LayerPruner`, the ``resconv`` command).
+    ``pruning_ratio`` is read as ``gate_ratio``, with a FutureWarning (its name before this release).
 
     Raises:
         ValueError: a name outside :data:`BUDGETS`, or more than one budget given.
@@ -92,12 +210,15 @@ def given_budget(**budgets: Optional[float]) -> Optional[Tuple[str, float]]:
         >>> given_budget(flops_reduction=0.5, threshold=None)
         ('flops_reduction', 0.5)
     """
+    if "pruning_ratio" in budgets:
+        budgets = dict(budgets)
+        budgets["gate_ratio"] = _renamed_ratio(budgets.get("gate_ratio"), budgets.pop("pruning_ratio"))
     unknown = sorted(set(budgets) - set(BUDGETS))
     if unknown:
         raise ValueError(f"unknown budget {', '.join(unknown)}: the budgets are {', '.join(BUDGETS)}")
     given = [(k, v) for k, v in budgets.items() if v is not None]
     if len(given) > 1:
-        raise ValueError(f"give exactly one selection mode (threshold, pruning_ratio, flops_reduction or "
+        raise ValueError(f"give exactly one selection mode (threshold, gate_ratio, flops_reduction or "
                          f"latency_reduction), got {len(given)}: {', '.join(k for k, _ in given)}")
     return given[0] if given else None
 
@@ -105,75 +226,45 @@ def given_budget(**budgets: Optional[float]) -> Optional[Tuple[str, float]]:
 class LayerPruner:
     """Depth pruner for models converted with :func:`resconv_plugin.convert`, in torch-pruning's pruner protocol.
 
-    During sparsity training, call ``regularize(model)`` after ``loss.backward()`` (as with torch-pruning's
-    ``BNScalePruner``); then ``step()`` removes the selected layers (ResConv) and blocks (BlockGate) and returns their
-    names. Both kinds of gates are handled alike: ``gamma`` in [0, 1], 1 = the layer as it was, 0 = the identity.
+    During sparsity training call ``regularize(model)`` after ``loss.backward()`` and before ``optimizer.step()`` (as
+    with torch-pruning's ``BNScalePruner``); then ``step()`` removes the selected layers (ResConv) and blocks
+    (BlockGate) and returns their names. Every gate is a ``gamma`` in [0, 1]: 1 = the layer as it was, 0 = the
+    identity. The Python guide (its *Depth pruning* page) tells each part at length.
 
-    The pruner composes small parts, each in its own module of :mod:`resconv_plugin.pruning`: an **importance**
-    criterion (gates -> scores), a **cost** table (what each removal saves), a **selection** rule (which gates meet
-    the budget at least importance), the **cap schedule** and the **L1 regulariser**.
-
-    **Selection** (exactly one; default ``threshold=0.0``, i.e. exactly-zero gates): ``threshold`` on ``|gamma|``;
-    ``pruning_ratio`` = fraction of the (not ignored) gates, lowest importance first; ``flops_reduction`` = fraction of
-    the deployed model's FLOPs (fvcore, gates fused and BatchNorms folded); ``latency_reduction`` = fraction of the
-    deployed model's latency, from a lookup table measured on this machine at the example input's batch size
-    (:func:`~resconv_plugin.pruning.latency_table`), the chosen set then timed as a whole and the table's goal
-    corrected until the measured saving meets the budget (:attr:`latency_fit`). Budgets are met at the least total
-    importance: exactly by dynamic programming over the savings (``selection="dp"``, default), or greedily by importance
-    per unit saved (``"greedy"``; always with nested gates). An iterative criterion (``importance="removal-iterative"``)
-    is re-measured after each chosen gate and selected greedily. Ties go to the gate that saves more, then module order.
-
-    **Importance** (``importance=``): ``"magnitude"`` (``|gamma|``, the paper's criterion), ``"removal"`` (the measured
-    loss increase when the gate is set to 0 on ``calibration_inputs``: cross-entropy with ``calibration_targets``,
-    else the KL divergence from the unpruned outputs), ``"removal-iterative"`` (the same, re-measured after each
-    choice), ``"taylor"`` (``|gamma * dL/dgamma|`` averaged over the sparsity-training steps), or any
+    **Selection** (one at most; default ``threshold=0.0``: the gates at exactly 0): ``threshold`` on ``|gamma|``;
+    ``gate_ratio``, a fraction of the (not ignored) gates (``pruning_ratio``, its deprecated name, counts *channels*
+    in torch-pruning); ``flops_reduction``, a fraction of the deployed model's FLOPs; ``latency_reduction``, a
+    fraction of its latency measured on this machine (:attr:`latency_fit`: the set's timing corrects the table's
+    goal). Budgets are met at the least total importance (``selection="dp"`` exactly, or ``"greedy"``) by a criterion
+    (``importance=``): ``"magnitude"`` (``|gamma|``), ``"removal"`` (the loss increase when the gate is set to 0 on
+    ``calibration_inputs``), ``"removal-iterative"``, ``"taylor"``, or a
     :class:`~resconv_plugin.pruning.GateImportance`.
 
-    **Budget-driven sparsity.** With a budget (``pruning_ratio``, ``flops_reduction`` or ``latency_reduction``) and
-    ``sparsity_steps`` (the number of ``regularize()`` calls you will make), the selected set is capped: the cap stays
-    1 for the first ``cap_start`` of sparsity training (default 0), then falls linearly to exactly 0 at ``zero_at``,
-    and the rest of the training lets the network adapt. The set is chosen when the cap starts (with
-    ``cap_start=0``: when the pruner is built, from the model as given) and re-ranked every
-    ``reselect_every`` steps until the cap reaches 0 (default: every step for ``"magnitude"``, whose ranking only
-    training can separate, as before; once for the other criteria, which rank before training); with
-    ``hysteresis`` h, a gate outside the set must score (1 - h) times less per saving than one inside to replace it.
-    ``reg`` (L1 on every gate) defaults to 1e-2 for magnitude (it provides that ranking) and for threshold
-    selection, and to 0 when another criterion ranks the gates (the L1 would only shrink layers that stay).
+    **Budget-driven sparsity**: with a budget and ``sparsity_steps`` (the ``regularize()`` calls you will make), the
+    selected gates are capped by 1 until ``cap_start``, falling to exactly 0 at ``zero_at`` (fractions of the steps);
+    the set is re-ranked every ``reselect_every`` steps until then (default: every step for magnitude, else never).
 
-    **Regularisation modes.** ``mode="proximal"`` (default): after each optimiser step, ``gamma <- clamp(gamma - lr
-    * reg, 0, 1)`` (exact zeros). ``mode="subgradient"``: ``grad += reg * sign(gamma)`` as ``BNScalePruner``. The
-    budget cap (the selected gates clamped to [0, cap]) is applied after the optimiser step in both modes, so it
-    needs the optimizer (``optimizer=`` or :meth:`attach`).
+    **Regularisation**: ``mode="proximal"`` (default) soft-thresholds ``gamma <- clamp(gamma - lr * reg, 0, 1)`` after
+    the ``optimizer.step()`` that follows ``regularize()`` (exact zeros), at the learning rate of the ``optimizer=``
+    given (or :meth:`attach` ed), else of whichever optimizer steps the gates; the budget cap acts there too.
+    ``mode="subgradient"`` adds ``reg * sign(gamma)`` to the gradients, as ``BNScalePruner``. ``reg`` defaults to 1e-2
+    for magnitude and threshold selection, else 0.
 
     Args:
-        model: a model holding ResConv layers and/or BlockGates.
-        example_inputs: inputs for FLOP counting and latency (the deployment input: batch 1 by default).
-        importance: the criterion: ``"magnitude"``, ``"removal"``, ``"removal-iterative"``, ``"taylor"`` or an
-            instance of :class:`~resconv_plugin.pruning.GateImportance`.
-        reg: L1 strength on every gate (per unit learning rate in proximal mode); default as above.
-        mode: ``"proximal"`` or ``"subgradient"``.
-        threshold, pruning_ratio, flops_reduction, latency_reduction: the selection (one at most).
-        ignored_layers: gates never removed nor regularised: names, modules or module classes; each covers the
+        model, example_inputs: a model holding ResConv layers and/or BlockGates; the deployment input.
+        importance, reg, mode: the criterion, the L1 strength (per unit learning rate) and mode (above).
+        threshold, gate_ratio, flops_reduction, latency_reduction: the selection (one at most).
+        ignored_layers: gates never removed nor regularised: names, modules or module classes, each covering the
             module and everything inside it (as in torch-pruning).
-        optimizer: the optimizer that updates the gates.
-        sparsity_steps: planned number of ``regularize()`` calls, for budget-driven sparsity.
-        zero_at: fraction of ``sparsity_steps`` by which the budgeted gates reach 0.
-        cap_start: fraction of ``sparsity_steps`` before the budget cap starts to fall.
-        calibration_inputs: a batch of real inputs for data-driven importance and for the output-change
-            measurement of ``step()`` (default: ``example_inputs``).
-        calibration_targets: class labels of ``calibration_inputs`` (loss-based importance).
-        selection: ``"dp"`` or ``"greedy"``.
-        reselect_every: steps between re-rankings during budget-driven sparsity (None: the criterion's default).
-        hysteresis: advantage kept by the current set at a re-ranking, in [0, 1).
-        latency_repeats: timing rounds of the latency table.
-        latency_channels_last: time the latency table in channels-last memory format.
-        latency_device: the device the latency table is measured on (the one you deploy to; default: the example
-            inputs' device).
-        state: a :meth:`state_dict` of a pruner built with the same model and settings (e.g. rank 0's in a
-            distributed run), restored as the pruner is built: its cost tables and latency fit are used instead of
-            measuring again, so every process follows one clock and none can disagree about the budget. A state
-            without a selection (e.g. of a pruner that only checked the budget) keeps the one made as this pruner
-            is built.
+        optimizer: the optimizer that updates the gates (optional: see Regularisation).
+        sparsity_steps, zero_at, cap_start, reselect_every: budget-driven sparsity (above).
+        calibration_inputs, calibration_targets: real inputs (and their class labels) for data-driven importance and
+            the output-change measure of ``step()`` (default: ``example_inputs``).
+        selection, hysteresis: ``"dp"`` or ``"greedy"``; the advantage in [0, 1) the current set keeps at a re-ranking.
+        latency_repeats, latency_channels_last, latency_device: how and where the latency table is timed.
+        state: a :meth:`state_dict` of a pruner of the same model and settings (e.g. rank 0's in a distributed run):
+            its cost tables and latency fit are used instead of measuring again.
+        pruning_ratio: the deprecated name of ``gate_ratio``.
 
     Example:
         >>> import timm, torch, resconv_plugin
@@ -181,97 +272,54 @@ class LayerPruner:
         >>> x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
         >>> _ = resconv_plugin.convert(model, x)
         >>> opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-        >>> pruner = resconv_plugin.LayerPruner(model, x[:1], importance="removal", flops_reduction=0.3,
-        ...                                     calibration_inputs=x, optimizer=opt, sparsity_steps=100)
+        >>> pruner = resconv_plugin.LayerPruner(model, x[:1], flops_reduction=0.3, sparsity_steps=100)
         >>> for _ in range(100):  # your training loop
         ...     loss = torch.nn.functional.cross_entropy(model(x), y)
         ...     opt.zero_grad(); loss.backward()
-        ...     pruner.regularize(model)
+        ...     pruner.regularize(model)  # no optimizer given: the proximal step follows opt.step()
         ...     opt.step()
         >>> removed = pruner.step()  # the layers meeting the budget, all at gamma == 0
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        example_inputs: ExampleInputs,
-        *,
-        importance: Union[str, GateImportance] = "magnitude",
-        reg: Optional[float] = None,
-        mode: str = "proximal",
-        threshold: Optional[float] = None,
-        pruning_ratio: Optional[float] = None,
-        flops_reduction: Optional[float] = None,
-        latency_reduction: Optional[float] = None,
-        ignored_layers: Optional[IgnoredLayers] = None,
-        optimizer: Optional[torch.optim.Optimizer] = None,
-        sparsity_steps: Optional[int] = None,
-        zero_at: float = 0.75,
-        cap_start: float = 0.0,
-        calibration_inputs: Optional[ExampleInputs] = None,
-        calibration_targets: Optional[torch.Tensor] = None,
-        selection: str = "dp",
-        reselect_every: Optional[int] = None,
-        hysteresis: float = 0.0,
-        latency_repeats: int = 20,
-        latency_channels_last: bool = False,
-        latency_device: Union[str, torch.device, None] = None,
-        state: Optional[Dict[str, Any]] = None,
-    ) -> None:
+    def __init__(self, model: nn.Module, example_inputs: ExampleInputs, *,
+                 importance: Union[str, GateImportance] = "magnitude", reg: Optional[float] = None,
+                 mode: str = "proximal", threshold: Optional[float] = None, gate_ratio: Optional[float] = None,
+                 flops_reduction: Optional[float] = None, latency_reduction: Optional[float] = None,
+                 ignored_layers: Optional[IgnoredLayers] = None, optimizer: Optional[torch.optim.Optimizer] = None,
+                 sparsity_steps: Optional[int] = None, zero_at: float = 0.75, cap_start: float = 0.0,
+                 calibration_inputs: Optional[ExampleInputs] = None, calibration_targets: Optional[torch.Tensor] = None,
+                 selection: str = "dp", reselect_every: Optional[int] = None, hysteresis: float = 0.0,
+                 latency_repeats: int = 20, latency_channels_last: bool = False,
+                 latency_device: Union[str, torch.device, None] = None, state: Optional[Dict[str, Any]] = None,
+                 pruning_ratio: Optional[float] = None) -> None:
         self.model = check_module(model)
         self.example_inputs = as_input_tuple(example_inputs)
+        self.ignored_layers = list(ignored_layers or [])
+        _check_arguments(calibration_inputs, calibration_targets, sparsity_steps, selection, reselect_every,
+                         hysteresis, latency_repeats, self.ignored_layers)
         self.calibration_inputs = as_input_tuple(calibration_inputs) if calibration_inputs is not None else None
-        if calibration_targets is not None and not isinstance(calibration_targets, torch.Tensor):
-            raise TypeError(f"calibration_targets must be a tensor of class indices, got "
-                            f"{type(calibration_targets).__name__}")
-        if calibration_targets is not None and calibration_inputs is None:
-            raise ValueError("calibration_targets are the labels of calibration_inputs: pass both")
         self.calibration_targets = calibration_targets
         self.importance = make_importance(importance)
-        given = given_budget(threshold=threshold, pruning_ratio=pruning_ratio, flops_reduction=flops_reduction,
+        gate_ratio = _renamed_ratio(gate_ratio, pruning_ratio)
+        given = given_budget(threshold=threshold, gate_ratio=gate_ratio, flops_reduction=flops_reduction,
                              latency_reduction=latency_reduction)
-        self.threshold = _check_fraction("threshold", threshold, upper_inclusive=True)
-        self.pruning_ratio = _check_fraction("pruning_ratio", pruning_ratio)
-        self.flops_reduction = _check_fraction("flops_reduction", flops_reduction)
-        self.latency_reduction = _check_fraction("latency_reduction", latency_reduction)
-        if not given:
-            self.threshold = 0.0
-        magnitude = isinstance(self.importance, MagnitudeImportance)
+        self.threshold = _check_fraction("threshold", threshold, upper_inclusive=True) if given else 0.0
+        self.gate_ratio, self.flops_reduction, self.latency_reduction = (_check_fraction(k, v) for k, v in (
+            ("gate_ratio", gate_ratio), ("flops_reduction", flops_reduction),
+            ("latency_reduction", latency_reduction)))
+        magnitude = isinstance(self.importance, GateMagnitudeImportance)
         if reg is None:
             reg = 1e-2 if magnitude or self._budget_kind() is None else 0.0
         self.regularizer = L1Regularizer(mode, reg)
-        if sparsity_steps is not None and (isinstance(sparsity_steps, bool) or not isinstance(sparsity_steps, int)
-                                           or sparsity_steps < 1):
-            raise ValueError(f"sparsity_steps must be a positive int, got {sparsity_steps!r}")
+        self._l1 = L1Step(self.regularizer, self._gammas, self._after_optimizer_step)
         self.schedule = CapSchedule(sparsity_steps or 1, zero_at, cap_start)
-        self.sparsity_steps = sparsity_steps
-        if selection not in METHODS:
-            raise ValueError(f"selection must be one of {METHODS}, got {selection!r}")
-        self.selection = selection
-        if reselect_every is not None and (isinstance(reselect_every, bool) or not isinstance(reselect_every, int)
-                                           or reselect_every < 1):
-            raise ValueError(f"reselect_every must be a positive int or None, got {reselect_every!r}")
+        self.sparsity_steps, self.selection, self.hysteresis = sparsity_steps, selection, float(hysteresis)
         self.reselect_every = reselect_every if reselect_every is not None else (1 if magnitude else None)
-        if isinstance(hysteresis, bool) or not isinstance(hysteresis, (int, float)) or not 0 <= hysteresis < 1:
-            raise ValueError(f"hysteresis must be in [0, 1), got {hysteresis!r}")
-        self.hysteresis = float(hysteresis)
-        if isinstance(latency_repeats, bool) or not isinstance(latency_repeats, int) or latency_repeats < 1:
-            raise ValueError(f"latency_repeats must be a positive int, got {latency_repeats!r}")
         self.latency_repeats, self.latency_channels_last = latency_repeats, bool(latency_channels_last)
         self.latency_device = torch.device(latency_device) if latency_device is not None else None
-        self.ignored_layers = list(ignored_layers or [])
-        for item in self.ignored_layers:
-            if not isinstance(item, (str, nn.Module, type)):
-                raise TypeError(f"ignored_layers entries must be names, modules or module classes, got "
-                                f"{type(item).__name__}")
-        self.steps_done = 0
-        self.last_step: Optional[StepReport] = None
-        self.reselections: List[Dict[str, Any]] = []
-        self._history: List[Removal] = []
+        self.steps_done, self.last_step, self.reselections, self._history = 0, None, [], []
         self._selected: Optional[List[str]] = None
         self._selected_at: Optional[int] = None
-        self._hook: Optional[OptimizerHook] = None
-        self._pending_reg: Optional[float] = None
         self.update_regularizer()
         if not self._gates:
             raise ValueError(f"ignored_layers cover all {len(self._order)} gates of {type(model).__name__}: nothing "
@@ -303,27 +351,9 @@ class LayerPruner:
 
     def update_regularizer(self) -> None:
         """Re-collect the gates after the model's structure changed (called by :meth:`step` itself)."""
-        all_gates = gated_modules(self.model, trace(self.model))
-        if not all_gates:
-            raise ValueError(f"{type(self.model).__name__} has no ResConv layer or gated block: call "
-                             "resconv_plugin.convert(model, example_inputs) (level='layer' or 'block') first")
-        self._gates = {n: g for n, g in all_gates.items() if not self._is_ignored(n, g)}
-        self._order = list(all_gates)
+        self._gates, self._order = _prunable_gates(self.model, self.ignored_layers)
         self._costs: Dict[str, tuple] = {}
         self.latency_fit: Optional[Dict[str, Any]] = None  # the measured correction of a latency budget (rank())
-
-    def _is_ignored(self, name: str, gate: nn.Module) -> bool:
-        owner = self.model.get_submodule(name)  # the ResConv, or the block
-        related = [owner, gate] + ([owner.conv] if isinstance(owner, ResConv) else [])
-        enclosing = [self.model.get_submodule(name.rsplit(".", k)[0]) for k in range(1, name.count(".") + 1)]
-        for item in self.ignored_layers:
-            if isinstance(item, str) and (item == name or _inside(name, item)):
-                return True
-            if isinstance(item, type) and any(isinstance(m, item) for m in related + enclosing):
-                return True
-            if isinstance(item, nn.Module) and any(m is item for m in related + enclosing):
-                return True
-        return False
 
     @property
     def gates(self) -> Dict[str, float]:
@@ -332,21 +362,20 @@ class LayerPruner:
 
     def penalty(self, reg: Optional[float] = None) -> torch.Tensor:
         """The L1 term ``reg * sum(|gamma|)``, to add to the loss instead of calling :meth:`regularize`."""
-        return self.regularizer.penalty([g.gamma for g in self._gates.values()], reg)
+        return self.regularizer.penalty(self._gammas(), reg)
+
+    def _gammas(self) -> List[nn.Parameter]:
+        return [g.gamma for g in self._gates.values()]
 
     # ------------------------------------------------------------------------------------- regularisation
     def attach(self, optimizer: torch.optim.Optimizer) -> None:
         """Apply the per-step work (proximal step, budget cap) after each ``optimizer.step()`` that follows a
-        ``regularize()`` call."""
-        if self._hook is not None:
-            self._hook.remove()
-        self._hook = OptimizerHook(optimizer, self._after_optimizer_step)
+        ``regularize()`` call (without it: after the step of whichever optimizer holds the gates)."""
+        self._l1.attach(optimizer)
 
     def detach(self) -> None:
-        """Stop acting after the attached optimizer's steps (e.g. once sparsity training ends)."""
-        if self._hook is not None:
-            self._hook.remove()
-        self._hook = None
+        """Stop acting after the optimizer's steps (e.g. once sparsity training ends)."""
+        self._l1.detach()
 
     @property
     def budget_cap(self) -> Optional[float]:
@@ -369,45 +398,19 @@ class LayerPruner:
         if model is not None:
             check_module(model)
         self.importance.observe(self._gates)
-        self.regularizer.before_step([g.gamma for g in self._gates.values()], reg)
-        needs_hook = self.mode == "proximal" or self._budget_driven()
-        if not needs_hook:
-            self.steps_done += 1
-            return
-        if self._hook is None:
-            raise ValueError(f"mode={self.mode!r}{' with a budget cap' if self._budget_driven() else ''} acts after "
-                             "optimizer.step(): pass optimizer=... to LayerPruner or call pruner.attach(optimizer) "
-                             "once")
-        self._pending_reg = self.reg if reg is None else float(reg)
-        self._hook.arm()
+        if not self._l1.regularize(reg, after_optimizer=self.mode == "proximal" or self._budget_driven()):
+            self.steps_done += 1  # nothing to do after the optimizer's step
 
-    @torch.no_grad()
     def _after_optimizer_step(self) -> None:
-        gammas = [g.gamma for g in self._gates.values()]
-        self.regularizer.after_step(gammas, self._hook.lr_of, self._pending_reg)
-        self._apply_budget_cap()
+        """The budget cap after the optimizer's step (after the proximal step; called by :class:`L1Step`)."""
+        cap = self.schedule.cap(self.steps_done + 1) if self._budget_driven() else None  # the cap after this step
+        if cap is not None:  # None: no cap, or before cap_start (training alone)
+            chosen_at = None if self._selected is None else self._selected_at
+            if self.schedule.reranks(self.steps_done, chosen_at, self.reselect_every):
+                self._reselect()
+            for name in self._selected:
+                self._gates[name].gamma.clamp_(0.0, cap)
         self.steps_done += 1
-        for gamma in gammas:
-            if gamma.item() == 0.0:
-                self._hook.clear_state(gamma)
-
-    def _apply_budget_cap(self) -> None:
-        if not self._budget_driven():
-            return
-        cap = self.schedule.cap(self.steps_done + 1)  # the cap after this step (steps_done counts the ones before)
-        if cap is None:
-            return  # before cap_start: training alone
-        if self._due_for_selection(cap):
-            self._reselect()
-        for name in self._selected:
-            self._gates[name].gamma.clamp_(0.0, cap)
-
-    def _due_for_selection(self, cap: float) -> bool:
-        if self._selected is None:
-            return True
-        if cap <= 0.0 or self.reselect_every is None:
-            return False
-        return self.steps_done - self._selected_at >= self.reselect_every
 
     def _reselect(self) -> None:
         previous = self._selected
@@ -425,7 +428,7 @@ class LayerPruner:
             return "flops"
         if self.latency_reduction is not None:
             return "latency"
-        return "ratio" if self.pruning_ratio is not None else None
+        return "ratio" if self.gate_ratio is not None else None
 
     def savings(self, kind: str = "flops") -> tuple:
         """``({name: what removing it saves}, total)`` in FLOPs or seconds of the deployed model (cached).
@@ -452,23 +455,10 @@ class LayerPruner:
         return saved, total, fraction * total
 
     def _check_reachable(self) -> None:
-        saved, total, target = self._target()
         kind = self._budget_kind()
-        names = list(self._gates)
-        reachable = set_saving(saved, names)
-        if _short(reachable, target) and kind == "latency":
-            # the table is scaled to one timing of removing every gate: one disturbed timing must not refuse the
-            # budget (on a busy machine cifar_resnet20's 7 blocks read 0.47 of its latency, where 6 of them
-            # measured 0.63 in another run): the median of three more decides
-            whole = statistics.median(self._measure_saving(names) for _ in range(3))
-            if whole >= self.latency_reduction:
-                return
-            reachable = whole * total
-        if _short(reachable, target):  # the selection's own test: a goal at the maximum is reachable
-            what = "flops_reduction" if kind == "flops" else "latency_reduction"
-            raise ValueError(f"{what}={target / total:.3g} is unreachable: removing every prunable gate "
-                             f"({len(names)}) removes at most {reachable / total:.3f} of the model's "
-                             f"{'FLOPs' if kind == 'flops' else 'latency'}")
+        saved, total = self.savings(kind)
+        fraction = self.flops_reduction if kind == "flops" else self.latency_reduction
+        _check_reachable(saved, total, fraction, list(self._gates), kind, self._measure_saving)
 
     def scores(self, removed: Sequence[str] = ()) -> Dict[str, float]:
         """The importance of every prunable gate (higher = keep), with ``removed`` taken as already at 0."""
@@ -485,155 +475,28 @@ class LayerPruner:
         bonus = bonus or {}
         if kind is None:
             return [n for n in self._order if n in self._gates and abs(self._gates[n].gamma.item()) <= self.threshold]
-        saved = self.savings("latency" if kind == "latency" else "flops")[0]
 
         def scored(removed: Sequence[str] = ()) -> Dict[str, float]:
             return {n: s * bonus.get(n, 1.0) for n, s in self.scores(removed).items()}
 
         if kind == "ratio":
-            return select_count(scored(), math.floor(self.pruning_ratio * len(self._gates) + 1e-9), saved,
-                                order=self._order)
-        saved, _, target = self._target()
-        if self.importance.iterative:
-            memo: Dict[tuple, Dict[str, float]] = {}  # the model does not change within one ranking
-            order = self._gate_order()
-
-            def remembered(removed: Sequence[str] = ()) -> Dict[str, float]:
-                key = tuple(sorted(removed))
-                if key not in memo:
-                    memo[key] = scored(removed)
-                return memo[key]
-
-            def choose(goal: float) -> List[str]:
-                return select_iteratively(remembered, saved, goal, order=order)
-        else:
-            scores = scored()
-
-            def choose(goal: float) -> List[str]:
-                return select_within_budget(scores, saved, goal, order=self._order, method=self.selection)
-        if kind == "latency":
-            ranked_rest: Dict[tuple, List[str]] = {}  # the fit extends the same set several times: scored once
-
-            def extended(goal: float, extra: int) -> List[str]:
-                """``choose(goal)`` and the ``extra`` least important of the other gates (scored with that set
-                removed; ties in module order): the latency fit's last resort when the table's whole saving
-                measures short."""
-                chosen = choose(goal)
-                if extra <= 0:
-                    return chosen
-                taken = set(chosen)
-                rest = [n for n in self._gate_order() if n not in taken]
-                if extra >= len(rest):  # all of them: no order needed
-                    return chosen + rest
-                key = tuple(chosen)
-                if key not in ranked_rest:
-                    scores = scored(chosen)
-                    ranked_rest[key] = sorted(rest, key=lambda n: scores.get(n, 0.0))
-                return chosen + ranked_rest[key][:extra]
-
-            target, extra = self._fit_latency_goal(extended)
-            return extended(target, extra)
-        return choose(target)
-
-    def _gate_order(self) -> List[str]:
-        """The prunable gates in module order."""
-        return [n for n in self._order if n in self._gates]
-
-    def _fit_latency_goal(self, extended) -> Tuple[float, int]:
-        """(The goal, in the latency table's units, and a number of extra gates) whose set, ``extended(goal,
-        extra)``, meets ``latency_reduction`` as *measured*.
-
-        The table's per-gate entries are small next to timing noise on a busy machine and not additive, so their
-        sum can miss by a lot (cifar_resnet20 at batch 1: 0.40 asked, 0.28 delivered; cifar_resnet56: the sets chosen
-        measured 0.7-0.8 of their entries' sum). The first ranking closes the loop: it times the chosen set's
-        deployed model against the full one (:func:`~resconv_plugin.pruning.measured_saving`) and chooses again with
-        a corrected goal (at most ``_FIT_ROUNDS`` times) until the measured saving lies in [budget, budget + 0.02]:
-        aiming at the middle of that window, by the table's error on the last set while every set measured fell on
-        one side of it, then by linear interpolation between the closest sets on either side (a table whose error
-        differs between sets, as for the largest entries, would make the first rule oscillate). One disturbed timing
-        must not decide on which side of the budget a set falls, either way: a set whose first timing meets the
-        budget or misses it by at most 0.02 is timed twice more and counts by the median of the three (on a
-        busy machine one timing of five cifar_resnet20 layers once read 0.685 of the latency saved, the final model
-        then measured 0.221; one timing of four cifar_resnet20 blocks read 0.397 of 0.40 asked, and the fit took a
-        fifth block, ~0.1 of the latency, where the same four blocks timed 0.400 and 0.430 in another run). When the
-        table's whole saving is chosen and still measures short (entries noise left at 0), the gates the table did
-        not need are added, least important first: all of them are measured, and when that overshoots the window,
-        their number is interpolated between the short set and all of them on the measured savings
-        (``latency_fit["extra"]``; ``"every"``: all of them; a cifar_resnet56 run once measured the table's 34 gates at
-        0.521 of 0.55 asked and all 52 at 0.832, and kept all 52 before this step existed). It keeps the smallest
-        measured saving that met the budget (else the set that came closest; its index is ``latency_fit["best"]``).
-        The goal's scale and the extra gates' number are kept in :attr:`latency_fit` (and :meth:`state_dict`) and
-        reused by later rankings of the same budget, so re-ranking during sparsity training costs no timing and
-        every process of a distributed run follows rank 0.
-        """
+            return select_count(scored(), math.floor(self.gate_ratio * len(self._gates) + 1e-9),
+                                self.savings("flops")[0], order=self._order)
         saved, total, target = self._target()
-        fraction = self.latency_reduction
-        reachable = set_saving(saved, list(self._gates))
-        fit = self.latency_fit
-        gates = len(self._gates)
-        if fit is not None and fit["fraction"] == fraction:
-            extra = fit.get("extra", gates if fit.get("every") else 0)  # "every" alone: a fit saved before "extra"
-            return min(target * fit["scale"], reachable), extra
-        aim = fraction + _FIT_TOLERANCE / 2
-        rounds: List[Dict[str, Any]] = []
-        goal, extra, adding_from = min(target, reachable), 0, None  # the round whose set the extra gates extend
-        for _ in range(_FIT_ROUNDS):
-            chosen = extended(goal, extra)
-            if not chosen or any(r["removed"] == sorted(chosen) for r in rounds):
-                break  # the correction lands on a set already measured
-            measurements = [self._measure_saving(chosen)]
-            if measurements[0] >= fraction - _FIT_TOLERANCE:  # near the budget or above: one disturbed timing
-                measurements += [self._measure_saving(chosen) for _ in range(2)]  # must not decide: the median
-            measured, predicted = statistics.median(measurements), set_saving(saved, chosen) / total
-            rounds.append({"scale": goal / target, "extra": extra, "removed": sorted(chosen), "predicted": predicted,
-                           "measured": measured, "measurements": measurements, "every": len(chosen) == gates})
-            if fraction <= measured <= fraction + _FIT_TOLERANCE:
-                break
-            if adding_from is not None:  # the gates the table did not need, least important first: their number
-                below = [r for r in rounds[adding_from:] if r["measured"] < fraction]
-                above = [r for r in rounds[adding_from:] if r["measured"] >= fraction]
-                if not above:
-                    break  # all of them measured short too: the closest set counts
-                lo = max(below, key=lambda r: r["extra"])
-                hi = min(above, key=lambda r: r["extra"])
-                if hi["extra"] - lo["extra"] <= 1:
-                    break
-                t = (aim - lo["measured"]) / max(hi["measured"] - lo["measured"], 1e-9)
-                extra = min(max(lo["extra"] + math.ceil(t * (hi["extra"] - lo["extra"])), lo["extra"] + 1),
-                            hi["extra"] - 1)
-                continue
-            if predicted * total >= reachable * (1 - 1e-9) and measured < fraction:
-                # the table's whole saving chosen and still short: gates whose entries noise left at 0 were not
-                # needed by the table; add them (all first, then as many as the budget needs)
-                adding_from, extra = len(rounds) - 1, gates - len(chosen)
-                continue
-            goal = min(self._next_goal(rounds, aim) * total, reachable)
-        if not rounds:
-            return target, 0
-        met = [r for r in rounds if r["measured"] >= fraction]
-        best = min(met, key=lambda r: r["measured"]) if met else max(rounds, key=lambda r: r["measured"])
-        self.latency_fit = {"fraction": fraction, "scale": best["scale"], "extra": best["extra"], "rounds": rounds,
-                            "every": best["every"], "best": rounds.index(best)}
-        return min(target * best["scale"], reachable), best["extra"]
+        choose = BudgetChooser(scored, saved, candidates=[n for n in self._order if n in self._gates],
+                               order=self._order, iterative=self.importance.iterative, method=self.selection)
+        if kind == "latency":
+            target, extra, self.latency_fit = fit_latency_goal(choose, self._measure_saving, saved, total,
+                                                               self.latency_reduction, self.latency_fit,
+                                                               names=list(self._gates))
+            return choose(target, extra)
+        return choose(target)
 
     def _measure_saving(self, chosen: List[str]) -> float:
         """The measured latency saving of removing ``chosen`` together, as a fraction of the deployed model's."""
         seconds, full = measured_saving(self.model, chosen, self.example_inputs, repeats=self.latency_repeats,
                                         channels_last=self.latency_channels_last, device=self.latency_device)
         return seconds / full
-
-    @staticmethod
-    def _next_goal(rounds: List[Dict[str, Any]], aim: float) -> float:
-        """The table's prediction (a fraction) whose set should measure ``aim``, from the rounds measured so far."""
-        below = [r for r in rounds if r["measured"] < aim]
-        above = [r for r in rounds if r["measured"] >= aim]
-        if below and above:  # bracketed: interpolate between the closest sets on either side
-            lo = max(below, key=lambda r: r["measured"])
-            hi = min(above, key=lambda r: r["measured"])
-            t = (aim - lo["measured"]) / max(hi["measured"] - lo["measured"], 1e-9)
-            return lo["predicted"] + t * (hi["predicted"] - lo["predicted"])
-        last = rounds[-1]
-        return aim * last["predicted"] / max(last["measured"], 1e-3)  # the table's error on the last set
 
     def select(self) -> List[str]:
         """Names of the gates the next :meth:`step` removes.
@@ -654,12 +517,10 @@ class LayerPruner:
     # ------------------------------------------------------------------------------------------- removal
     @torch.no_grad()
     def step(self, *, calibration_inputs: Optional[ExampleInputs] = None, recalibrate_bn: bool = False) -> List[str]:
-        """Remove the selected layers / blocks from the model (in place) and return the names removed.
-
-        A selected layer inside a selected block goes with the block and is not listed separately.
-
-        The output change is measured on the calibration inputs (``calibration_inputs``, else the pruner's, else
-        ``example_inputs``) in eval mode and kept in :attr:`last_step`: exactly 0 when every removed gate was 0.
+        """Remove the selected layers / blocks from the model (in place) and return the names removed (a selected
+        layer inside a selected block goes with the block). The output change, measured on the calibration inputs
+        (these, else the pruner's, else ``example_inputs``) in eval mode, is kept in :attr:`last_step`: exactly 0
+        when every removed gate was 0.
 
         Args:
             calibration_inputs: a batch for the output-change measurement (and BatchNorm re-estimation).
@@ -668,20 +529,8 @@ class LayerPruner:
         """
         calib = as_input_tuple(calibration_inputs) if calibration_inputs is not None else (
             self.calibration_inputs or self.example_inputs)
-        names = self.select()
-        with eval_mode(self.model):
-            before = run_example(self.model, calib)
-            removed = remove(self.model, names)
-            after = self.model(*calib)
-        scale = before.abs().max().item() or 1.0
-        report = StepReport(removed=removed, max_abs_change=(after - before).abs().max().item())
-        report.relative_change = report.max_abs_change / scale
-        if recalibrate_bn and any(r.gamma != 0.0 for r in removed):
-            recalibrate_batchnorm(self.model, calib)
-            with eval_mode(self.model):
-                report.change_after_recalibration = (self.model(*calib) - before).abs().max().item()
-            report.recalibrated = True
-        self.last_step = report
+        self.last_step = report = remove_measured(self.model, self.select(), calib, recalibrate_bn=recalibrate_bn)
+        removed = report.removed
         self._history.extend(removed)
         self._selected = self._selected_at = None
         if gated_modules(self.model):

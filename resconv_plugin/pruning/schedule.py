@@ -1,4 +1,5 @@
-"""The budget cap of budget-driven sparsity training: how far the selected gates may open at each step."""
+"""The budget cap of budget-driven sparsity training: how far the selected gates may open at each step, and when the
+capped set is ranked again."""
 
 from __future__ import annotations
 
@@ -44,3 +45,17 @@ class CapSchedule:
         if progress < self.cap_start:
             return None
         return max(0.0, 1.0 - (progress - self.cap_start) / (self.zero_at - self.cap_start))
+
+    def reranks(self, step: int, chosen_at: Optional[int], every: Optional[int]) -> bool:
+        """Whether the capped set is chosen after step ``step`` (when the cap of ``step + 1`` applies): when none is
+        chosen yet (``chosen_at`` None), then every ``every`` steps (None: never again) while that cap is above 0.
+
+        Example:
+            >>> schedule = CapSchedule(10, zero_at=0.5)
+            >>> schedule.reranks(0, None, None), schedule.reranks(2, 0, 2), schedule.reranks(6, 0, 2)
+            (True, True, False)
+        """
+        if chosen_at is None:
+            return True
+        cap = self.cap(step + 1)
+        return every is not None and cap is not None and cap > 0.0 and step - chosen_at >= every

@@ -14,6 +14,8 @@ least importance, i.e. a covering knapsack: minimise ``sum(score)`` subject to `
   layers: their savings are not additive) or when the rounded DP finds no solution.
 * :func:`select_iteratively`: the greedy with re-measurement. After each chosen gate the scores of the rest are
   measured again with the chosen ones removed (interactions between removals are seen; the DP cannot do that).
+* :class:`BudgetChooser`: one ranking of a pruner: a criterion's scores and a cost table, asked for the set of
+  several goals (the latency fit asks for a few), with an iterative criterion measured once per removed set.
 
 Ties (equal score per saving) go to the gate that saves more, then to module order. Scores below 0 (removing the
 gate helped) count as 0.
@@ -26,11 +28,11 @@ Example:
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-__all__ = ["select_within_budget", "select_iteratively", "select_count", "set_saving", "METHODS"]
+__all__ = ["select_within_budget", "select_iteratively", "select_count", "set_saving", "BudgetChooser", "METHODS"]
 
 METHODS = ("dp", "greedy")
 
@@ -216,3 +218,60 @@ def select_count(scores: Mapping[str, float], count: int, savings: Optional[Mapp
     savings = savings or {}
     ranked = sorted(scores, key=lambda n: (scores[n], -savings.get(n, 0.0), rank.get(n, len(rank))))
     return ranked[:count]
+
+
+class BudgetChooser:
+    """The sets one ranking chooses: ``chooser(goal)`` = the least important gates that save ``goal``.
+
+    Non-iterative criteria are scored once, as the chooser is built, and chosen by :func:`select_within_budget`;
+    an iterative one (``iterative=True``) by :func:`select_iteratively`, each set of removed gates scored once
+    however many goals are asked. ``chooser(goal, extra)`` adds the ``extra`` least important of the other gates
+    (scored with the chosen set removed; ties in module order): the latency fit's last resort when the table's whole
+    saving measures short (:func:`~resconv_plugin.pruning.latency_fit.fit_latency_goal`).
+
+    Args:
+        score_fn: ``removed -> {name: score}``: the criterion, with the gates of ``removed`` taken as gone.
+        savings: ``{name: saving}`` of every candidate.
+        candidates: the gates that may go, in module order.
+        order: every gate in module order (ties), the ignored ones included.
+        iterative: re-measure the scores after each chosen gate.
+        method: ``"dp"`` or ``"greedy"`` (:func:`select_within_budget`).
+
+    Example:
+        >>> scores = {"a": 3.0, "b": 1.0, "c": 1.2}
+        >>> choose = BudgetChooser(lambda removed: scores, {"a": 10.0, "b": 6.0, "c": 4.0}, candidates=list(scores))
+        >>> choose(10.0), choose(6.0, extra=1)
+        (['b', 'c'], ['b', 'c'])
+    """
+
+    def __init__(self, score_fn: Callable[[Sequence[str]], Dict[str, float]], savings: Mapping[str, float], *,
+                 candidates: Sequence[str], order: Optional[Sequence[str]] = None, iterative: bool = False,
+                 method: str = "dp") -> None:
+        self.score_fn, self.savings, self.iterative, self.method = score_fn, savings, iterative, method
+        self.candidates, self.order = list(candidates), list(order if order is not None else candidates)
+        self._memo: Dict[Tuple[str, ...], Dict[str, float]] = {}  # the model does not change within one ranking
+        self._ranked_rest: Dict[Tuple[str, ...], List[str]] = {}  # a set extended several times: scored once
+        self._scores = None if iterative else score_fn(())
+
+    def _remembered(self, removed: Sequence[str] = ()) -> Dict[str, float]:
+        key = tuple(sorted(removed))
+        if key not in self._memo:
+            self._memo[key] = self.score_fn(removed)
+        return self._memo[key]
+
+    def __call__(self, goal: float, extra: int = 0) -> List[str]:
+        if self.iterative:
+            chosen = select_iteratively(self._remembered, self.savings, goal, order=self.candidates)
+        else:
+            chosen = select_within_budget(self._scores, self.savings, goal, order=self.order, method=self.method)
+        if extra <= 0:
+            return chosen
+        taken = set(chosen)
+        rest = [n for n in self.candidates if n not in taken]
+        if extra >= len(rest):  # all of them: no order needed
+            return chosen + rest
+        key = tuple(chosen)
+        if key not in self._ranked_rest:
+            scores = self.score_fn(chosen)
+            self._ranked_rest[key] = sorted(rest, key=lambda n: scores.get(n, 0.0))
+        return chosen + self._ranked_rest[key][:extra]

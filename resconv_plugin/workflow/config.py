@@ -27,6 +27,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Union, get_typ
 
 from resconv_plugin._checks import FRACTION, NON_NEGATIVE, POSITIVE, Interval, check_value
 from resconv_plugin.data import DATASETS
+from resconv_plugin._deprecation import warn_renamed
 from resconv_plugin.models.weights import ADAPTER_MODELS
 
 __all__ = ["CompressionConfig", "ConfigError", "DEFAULT_BUDGET", "DEFAULT_IMPORTANCE", "DATASETS", "IMPORTANCE_CHOICES",
@@ -89,7 +90,8 @@ class CompressionConfig:
     (``channel_pruning``) -> fine-tuning (``finetune_epochs``, gates frozen, before fusion) -> fuse -> save ->
     report. ``distill``: sparsity training and fine-tuning learn from the baseline too (None: on whenever there are
     such epochs, the default the ablation chose). Budgets (one of; default ``flops_reduction=0.5``):
-    ``flops_reduction``, ``latency_reduction``, ``threshold``, ``pruning_ratio``.
+    ``flops_reduction``, ``latency_reduction``, ``threshold``, ``gate_ratio`` (a fraction of the gates;
+    ``pruning_ratio``, its name before, is read as it with a FutureWarning, for one release).
 
     The recipe fields left at ``"auto"`` / ``None`` take the measured-best recipe of the level the model is
     converted at (:data:`resconv_plugin.workflow.defaults.RECIPES`: block gates, magnitude, 1 + 5 epochs on networks
@@ -138,8 +140,11 @@ class CompressionConfig:
                                                       "--latency-device, default the training device)")
     threshold: Optional[float] = setting(None, group=_BUDGET, range=FRACTION,
                                          help="remove every gate with |gamma| <= this")
+    gate_ratio: Optional[float] = setting(None, group=_BUDGET, range=FRACTION,
+                                          help="fraction of the gates to remove (not of the channels: see "
+                                               "--channel-pruning)")
     pruning_ratio: Optional[float] = setting(None, group=_BUDGET, range=FRACTION,
-                                             help="fraction of the gates to remove")
+                                             help="deprecated name of --gate-ratio")
     importance: str = setting(DEFAULT_IMPORTANCE, group=_BUDGET, choices=IMPORTANCE_CHOICES,
                               help="which gates go (LayerPruner importance): |gamma|, the measured loss increase "
                                    "when the gate is removed (re-measured after each choice with -iterative; with "
@@ -231,7 +236,7 @@ class CompressionConfig:
         """The one budget given, ``(name, value)``, or None (checked by the pruner's single rule)."""
         from resconv_plugin.pruning.pruner import given_budget
 
-        return given_budget(threshold=self.threshold, pruning_ratio=self.pruning_ratio,
+        return given_budget(threshold=self.threshold, gate_ratio=self.gate_ratio,
                             flops_reduction=self.flops_reduction, latency_reduction=self.latency_reduction)
 
     def validated(self, world: int = 1) -> "CompressionConfig":
@@ -263,7 +268,12 @@ class CompressionConfig:
             if (interval is not None or choices) and not (value is None and _optional(hints[f.name])):
                 flag = option_flag(f)
                 check_value(f"{f.name} ({flag})" if flag else f.name, value, interval, choices)
-        budgets = ("flops_reduction", "latency_reduction", "threshold", "pruning_ratio")
+        if c.pruning_ratio is not None:  # gate_ratio's deprecated name (checked as itself above)
+            warn_renamed("pruning_ratio (--pruning-ratio)", "gate_ratio (--gate-ratio)", stacklevel=4)
+            if c.gate_ratio is not None:
+                raise ConfigError("give --gate-ratio only (--pruning-ratio is its deprecated name)")
+            c.gate_ratio, c.pruning_ratio = c.pruning_ratio, None
+        budgets = ("flops_reduction", "latency_reduction", "threshold", "gate_ratio")
         try:
             budget = c.budget()
         except ValueError:  # the pruner's one-budget rule, told in the command's option names

@@ -91,6 +91,8 @@ class Run:
         saved = torch.load(self.path, map_location="cpu", weights_only=False)
         # a setting newer than the checkpoint's version compares as its default
         defaults = CompressionConfig().resume_settings()
+        if "gate_ratio" not in saved["settings"]:  # a run saved when gate_ratio was called pruning_ratio
+            saved["settings"]["gate_ratio"] = saved["settings"].pop("pruning_ratio", None)
         saved["settings"] = {**{k: v for k, v in defaults.items() if k not in saved["settings"]}, **saved["settings"]}
         differ = sorted((k for k in set(saved["settings"]) | set(self.settings)
                          if saved["settings"].get(k) != self.settings.get(k)),
@@ -269,7 +271,7 @@ class Pipeline:
             share = c.sparsity_epochs / max(1, c.sparsity_epochs + c.finetune_epochs) * 0.75  # the cap's zero_at
             gates = len(gated_modules(model))
             pruner = LayerPruner(model, self.example, importance=FixedSetImportance(candidate.depth_names), reg=0.0,
-                                 pruning_ratio=len(candidate.depth_names) / gates, sparsity_steps=steps,
+                                 gate_ratio=len(candidate.depth_names) / gates, sparsity_steps=steps,
                                  zero_at=min(1.0, max(share, 1.0 / steps)))
         teacher = load(self.run_state.out / "baseline.safetensors").to(self.device) if c.distill else None
         settings = dataclasses.replace(self.stage_settings("convert", epochs, c.finetune_lr,
@@ -293,14 +295,14 @@ class Pipeline:
         """The LayerPruner of the config's budget and importance (with ``--channel-pruning auto``: the planned
         depth set)."""
         c, model = self.config, self.model
-        budget = dict(threshold=c.threshold, pruning_ratio=c.pruning_ratio, flops_reduction=c.flops_reduction,
+        budget = dict(threshold=c.threshold, gate_ratio=c.gate_ratio, flops_reduction=c.flops_reduction,
                       latency_reduction=c.latency_reduction)
         importance, reg = c.importance, c.reg
         depth_set = self._depth_set()
         if depth_set is not None:  # --channel-pruning auto: depth takes the planned set, channels the rest
             gates = len(gated_modules(model))
             importance = FixedSetImportance(depth_set)
-            budget = dict(pruning_ratio=len(depth_set) / gates) if depth_set else dict(threshold=0.0)
+            budget = dict(gate_ratio=len(depth_set) / gates) if depth_set else dict(threshold=0.0)
             reg = 0.0 if reg is None else reg
 
         def build(state: Optional[dict] = None) -> LayerPruner:
@@ -477,7 +479,7 @@ class Pipeline:
             level = convert(probe, self.cpu_example, level=c.level, init_gamma=c.init_gamma).level
             # the budget's reachability does not depend on the criterion: magnitude measures nothing
             check = LayerPruner(probe, self.cpu_example, importance="magnitude", threshold=c.threshold,
-                                pruning_ratio=c.pruning_ratio, flops_reduction=c.flops_reduction,
+                                gate_ratio=c.gate_ratio, flops_reduction=c.flops_reduction,
                                 latency_reduction=c.latency_reduction, latency_device=self.latency_device,
                                 latency_channels_last=c.channels_last, ignored_layers=c.ignored_layers or None)
         except ValueError as exc:  # this model cannot take this config (no eligible conv, unreachable budget)
