@@ -73,7 +73,7 @@ def runner(runtime: str, model: torch.nn.Module, onnx_path: Path, batch: int, x:
             compiled(x)  # compile now, not inside the timing
         return lambda: compiled(x)
     if runtime == "onnxruntime":
-        session = resconv_plugin.onnx_session(onnx_path, threads=threads)
+        session = resconv_plugin.deploy.onnx_session(onnx_path, threads=threads)
         name, array = session.get_inputs()[0].name, x.numpy()
         return lambda: session.run(None, {name: array})
     if runtime == "openvino":

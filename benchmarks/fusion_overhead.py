@@ -57,12 +57,12 @@ def main() -> None:
         x1 = torch.randn(1, 3, size, size)
         base = randomize_bn(timm.create_model(arch, num_classes=classes))
         plain = copy.deepcopy(base).eval()
-        resconv_plugin.fold_batchnorms(plain)
+        resconv_plugin.deploy.fold_batchnorms(plain)
         converted = copy.deepcopy(base)
         report = resconv_plugin.convert(converted, x1)
         randomize_gates(converted)
         fused = resconv_plugin.fuse(converted.eval())
-        resconv_plugin.fold_batchnorms(fused)
+        resconv_plugin.deploy.fold_batchnorms(fused)
         fp, ff = resconv_plugin.count_flops(plain, x1), resconv_plugin.count_flops(fused, x1)
         record = {"arch": arch, "input": size, "converted_layers": len(report.converted), "flops_plain": fp.total,
                   "flops_fused": ff.total, "params_plain": fp.params, "params_fused": ff.params,

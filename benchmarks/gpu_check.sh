@@ -153,7 +153,7 @@ if report.is_file():
                                                 for s in r["stages"]]}
     files = {s["stage"]: runs / "demo" / "stages" / f"{s['stage']}.safetensors" for s in r["stages"]}
     shapes = [step["input_shapes"][0][1:] for f in files.values()
-              for step in resconv_plugin.read_recipe(f).get("steps", []) if step.get("input_shapes")]
+              for step in resconv_plugin.deploy.read_recipe(f).get("steps", []) if step.get("input_shapes")]
     shape = tuple(shapes[0]) if shapes else (r["settings"]["in_chans"] or 1, 28, 28)  # the input it converted at
     models = {name: resconv_plugin.load(f).to(device).eval() for name, f in files.items()}
     for batch in (1, 32):

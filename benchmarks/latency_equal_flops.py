@@ -77,7 +77,7 @@ def channel_pruned(base: torch.nn.Module, x: torch.Tensor, ratio: float, round_t
     pruner = channel_pruner(model, x, tp.pruner.MetaPruner, importance=tp.importance.MagnitudeImportance(p=2),
                             pruning_ratio=ratio, global_pruning=True, **kwargs)
     pruner.step()
-    resconv_plugin.fold_batchnorms(model)
+    resconv_plugin.deploy.fold_batchnorms(model)
     return model.eval()
 
 
@@ -179,7 +179,7 @@ def main() -> None:
         base = timm.create_model(arch, num_classes=spec["num_classes"]).eval()
         x = torch.randn(1, 3, size, size)
         deployed_base = copy.deepcopy(base)
-        resconv_plugin.fold_batchnorms(deployed_base)
+        resconv_plugin.deploy.fold_batchnorms(deployed_base)
         base_flops = resconv_plugin.count_flops(deployed_base, x)
         for budget in args.budgets:
             depth = depth_pruned(base, x, spec["level"], budget, args.seed)

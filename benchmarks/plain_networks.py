@@ -58,7 +58,7 @@ def main() -> None:
                                      progress=False)
             progress = train_stage(model, data, settings)
             if variant == "resconv":
-                gammas = [g.gamma.item() for g in resconv_plugin.resconv_layers(model).values()]
+                gammas = [g.gamma.item() for g in resconv_plugin.deploy.resconv_layers(model).values()]
                 model = resconv_plugin.fuse(model.eval())
             flops = resconv_plugin.count_flops(deployed(model), x)
             record = {"arch": arch, "variant": variant, "converted": converted, "epochs": args.epochs,

@@ -53,14 +53,14 @@ def main() -> None:
     report = resconv_plugin.convert(model, x)
     t_convert = time.perf_counter() - t0
     print(report if len(report.converted) + len(report.skipped) <= 60 else report.__str__().split("\n\n")[0])
-    stages.append(("converted", resconv_plugin.count_flops(model, x), len(resconv_plugin.resconv_layers(model))))
+    stages.append(("converted", resconv_plugin.count_flops(model, x), len(resconv_plugin.deploy.resconv_layers(model))))
 
     trained_like(model, args.seed)
     t0 = time.perf_counter()
     fused = resconv_plugin.fuse(model)
     t_fuse = time.perf_counter() - t0
     after = resconv_plugin.count_flops(fused, x)
-    stages.append(("fused", after, len(resconv_plugin.resconv_layers(fused))))
+    stages.append(("fused", after, len(resconv_plugin.deploy.resconv_layers(fused))))
     with torch.no_grad():
         y_converted, y_fused = model(x), fused(x)
     diff = (y_fused - y_converted).abs().max().item()

@@ -4,6 +4,12 @@ Each eligible conv -> BatchNorm of a CNN becomes a :class:`ResConv`, ``gamma * b
 training with L1 on the gates drives unneeded layers to the identity, they are removed, and every remaining ResConv
 fuses back into one plain conv.
 
+The top level holds what a user's code calls (convert, the pruners and importance criteria, fuse / save / load /
+export, FLOPs and latency, ``compress``); the parts live in the subpackages: :mod:`resconv_plugin.nn` (the gate
+modules and their fusion maths), :mod:`resconv_plugin.fx` (conversion and removal), :mod:`resconv_plugin.pruning`,
+:mod:`resconv_plugin.deploy`, :mod:`resconv_plugin.measure`, :mod:`resconv_plugin.workflow`. A name the top level
+held before and no longer does still works for one release, with a ``FutureWarning`` that names its new place.
+
 Example:
     >>> import timm, torch, resconv_plugin
     >>> model = timm.create_model("resnet18", num_classes=10)
@@ -40,51 +46,67 @@ def _source_checkout_integrations() -> None:
 
 _source_checkout_integrations()
 
-from resconv_plugin.nn import BlockGate, ResConv, identity_compatibility
-from resconv_plugin.fx import (
-    ConversionReport, ConvertedLayer, Removal, SkippedConv, convert, freeze_gates, gated_modules,
-)
-from resconv_plugin.deploy import (
-    OnnxExport, deployed, export_onnx, fold_batchnorms, fuse, load, onnx_session, read_recipe, resconv_layers, save,
-)
+from typing import TYPE_CHECKING
+
+from resconv_plugin._deprecation import renamed_attributes
+from resconv_plugin.nn import BlockGate, ResConv
+from resconv_plugin.fx import ConversionReport, convert, freeze_gates, gated_modules
+from resconv_plugin.deploy import deployed, export_onnx, fuse, load, save
 from resconv_plugin.measure import FlopReport, count_flops, count_params, interleaved_latencies, median_latency
-from resconv_plugin.models import create_model
-from resconv_plugin.distill import DistillationLoss, distillation_loss
-from resconv_plugin.pruning import LayerPruner, StepReport, recalibrate_batchnorm
+from resconv_plugin.models import create_resconv_model
+from resconv_plugin.pruning import (GateImportance, GateMagnitudeImportance, GateRemovalImportance,
+                                    GateTaylorImportance, JointPlanner, LayerPruner)
 from resconv_plugin import deploy, fx, measure, models, nn, pruning  # noqa: F401  (models registers the CIFAR
 # networks with timm)
 
+if TYPE_CHECKING:  # imported on first use (below): the workflow imports the core, not the reverse
+    from resconv_plugin.workflow import compress
+
 __all__ = [
-    "ResConv",
-    "BlockGate",
-    "convert",
-    "create_model",
-    "ConversionReport",
-    "ConvertedLayer",
-    "SkippedConv",
-    "fuse",
-    "fold_batchnorms",
-    "deployed",
-    "resconv_layers",
-    "count_flops",
-    "count_params",
-    "FlopReport",
-    "identity_compatibility",
-    "LayerPruner",
-    "StepReport",
-    "Removal",
-    "gated_modules",
-    "freeze_gates",
-    "recalibrate_batchnorm",
-    "distillation_loss",
-    "DistillationLoss",
-    "interleaved_latencies",
-    "median_latency",
-    "export_onnx",
-    "onnx_session",
-    "OnnxExport",
-    "save",
-    "load",
-    "read_recipe",
+    # convert a timm model: gates on its layers / residual blocks
+    "convert", "create_resconv_model", "ResConv", "BlockGate", "ConversionReport", "gated_modules", "freeze_gates",
+    # prune: the depth pruner, the depth + width planner, the gate importance criteria
+    "LayerPruner", "JointPlanner", "GateImportance", "GateMagnitudeImportance", "GateRemovalImportance",
+    "GateTaylorImportance",
+    # deploy
+    "fuse", "deployed", "save", "load", "export_onnx",
+    # measure
+    "count_flops", "FlopReport", "count_params", "median_latency", "interleaved_latencies",
+    # the whole workflow (the resconv command)
+    "compress",
     "__version__",
 ]
+
+#: Names the top level had before this release, with where they live now: served with a FutureWarning.
+_MOVED = {
+    "identity_compatibility": ("resconv_plugin.nn", "identity_compatibility"),
+    "ConvertedLayer": ("resconv_plugin.fx", "ConvertedLayer"),
+    "SkippedConv": ("resconv_plugin.fx", "SkippedConv"),
+    "Removal": ("resconv_plugin.fx", "Removal"),
+    "fold_batchnorms": ("resconv_plugin.deploy", "fold_batchnorms"),
+    "resconv_layers": ("resconv_plugin.deploy", "resconv_layers"),
+    "onnx_session": ("resconv_plugin.deploy", "onnx_session"),
+    "OnnxExport": ("resconv_plugin.deploy", "OnnxExport"),
+    "read_recipe": ("resconv_plugin.deploy", "read_recipe"),
+    "distillation_loss": ("resconv_plugin.distill", "distillation_loss"),
+    "DistillationLoss": ("resconv_plugin.distill", "DistillationLoss"),
+    "StepReport": ("resconv_plugin.pruning", "StepReport"),
+    "recalibrate_batchnorm": ("resconv_plugin.pruning", "recalibrate_batchnorm"),
+    "create_model": ("resconv_plugin", "create_resconv_model"),
+    # the previous release's importance names (torch-pruning's class names, another call signature)
+    "MagnitudeImportance": ("resconv_plugin", "GateMagnitudeImportance"),
+    "RemovalImportance": ("resconv_plugin", "GateRemovalImportance"),
+    "TaylorImportance": ("resconv_plugin", "GateTaylorImportance"),
+}
+_moved = renamed_attributes(__name__, _MOVED)
+
+
+def __getattr__(name: str) -> object:
+    """``compress`` on first use (it imports the workflow: timm's training pieces); the names moved to the
+    subpackages, with a FutureWarning (PEP 562)."""
+    if name == "compress":
+        from resconv_plugin.workflow import compress
+
+        globals()["compress"] = compress
+        return compress
+    return _moved(name)

@@ -75,7 +75,7 @@ def test_saved_model_loads_and_reports(quick_run):
     out, _ = quick_run
     report = json.loads((out / "report.json").read_text())
     model = resconv_plugin.load(out / "model.safetensors")
-    assert not resconv_plugin.resconv_layers(model)
+    assert not resconv_plugin.deploy.resconv_layers(model)
     removed = set(report["removed"])
     modules = dict(model.named_modules())
     assert removed and all(isinstance(modules.get(n, torch.nn.Identity()), torch.nn.Identity) for n in removed)
@@ -134,7 +134,7 @@ def test_yaml_config_and_command_line_override(tmp_path):
     assert list(by) == ["baseline", "sparsity", "pruned", "channel_pruned", "finetuned", "fused"]
     assert by["channel_pruned"]["flops"] < by["pruned"]["flops"]
     assert by["channel_pruned"]["params"] < by["pruned"]["params"]
-    steps = [s["op"] for s in resconv_plugin.read_recipe(out / "model.safetensors")["steps"]]
+    steps = [s["op"] for s in resconv_plugin.deploy.read_recipe(out / "model.safetensors")["steps"]]
     assert steps == ["convert", "remove", "channel_prune", "fuse"]
     from resconv_plugin.deploy.fold import deployed
 
@@ -295,8 +295,8 @@ def test_torchrun_two_processes_same_structure(quick_run, tmp_path):
     assert [s["flops"] for s in r1["stages"]] == [s["flops"] for s in r2["stages"]]
     # the L1 regulariser acted once per global step in both: every removed gate reached exactly 0 in both runs
     assert all(r["gates"][n] == 0.0 for r in (r1["gamma_trace"][-1], r2["gamma_trace"][-1]) for n in r1["removed"])
-    assert resconv_plugin.read_recipe(single / "model.safetensors")["steps"] == \
-        resconv_plugin.read_recipe(double / "model.safetensors")["steps"]
+    assert resconv_plugin.deploy.read_recipe(single / "model.safetensors")["steps"] == \
+        resconv_plugin.deploy.read_recipe(double / "model.safetensors")["steps"]
 
 
 # ------------------------------------------------------------------------------------------ pretrained files

@@ -76,7 +76,7 @@ def test_converted_layers_follow_the_rule(converted):
     name, model, _, _, expected, report = converted
     assert expected, f"{name}: the independent rule finds no eligible layer"
     assert {c.name for c in report.converted} == expected
-    assert set(resconv_plugin.resconv_layers(model)) == expected
+    assert set(resconv_plugin.deploy.resconv_layers(model)) == expected
     skipped = {s.name for s in report.skipped}
     all_convs = {n for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and not n.endswith(".conv")}
     assert skipped | expected >= all_convs - {f"{n}.conv" for n in expected}
@@ -104,11 +104,11 @@ def test_fused_matches_unfused_with_random_gates(converted):
     with torch.no_grad():
         reference = model(x)
         fused = resconv_plugin.fuse(model)
-        assert resconv_plugin.resconv_layers(model), "fuse(inplace=False) must not touch the input model"
-        assert not resconv_plugin.resconv_layers(fused)
+        assert resconv_plugin.deploy.resconv_layers(model), "fuse(inplace=False) must not touch the input model"
+        assert not resconv_plugin.deploy.resconv_layers(fused)
         assert rel_err(fused(x), reference) <= 1e-4
         timm_fused = reparameterize_model(model)
-        assert not resconv_plugin.resconv_layers(timm_fused)
+        assert not resconv_plugin.deploy.resconv_layers(timm_fused)
         assert rel_err(timm_fused(x), reference) <= 1e-4
 
 
@@ -154,7 +154,7 @@ def test_filter_fn_and_init_gamma():
                                                   "layer1.1.conv2"]
     assert all(t is nn.Conv2d for t, _ in seen) and len(seen) == 13
     assert sum("excluded by filter_fn" in s.reason for s in report.skipped) == 9
-    assert all(b.gamma.item() == 0.5 for b in resconv_plugin.resconv_layers(model).values())
+    assert all(b.gamma.item() == 0.5 for b in resconv_plugin.deploy.resconv_layers(model).values())
 
 
 def test_convert_keeps_training_mode_and_bn_statistics():

@@ -23,7 +23,7 @@ def test_fold_every_batchnorm(name, folded, tmp_path):
     expected = model(x)
     before = resconv_plugin.count_flops(model, x[:1])
     plain = copy.deepcopy(model)
-    names = resconv_plugin.fold_batchnorms(plain)
+    names = resconv_plugin.deploy.fold_batchnorms(plain)
     assert len(names) == folded
     assert not [m for m in plain.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     assert rel_err(plain(x), expected) < 1e-5
@@ -40,11 +40,11 @@ def test_fold_every_batchnorm(name, folded, tmp_path):
 
 
 def test_fold_after_depth_pruning_and_fusion():
-    model = randomize_bn(resconv_plugin.create_model("cifar_resnet20", num_classes=10, in_chans=1)).eval()
+    model = randomize_bn(resconv_plugin.create_resconv_model("cifar_resnet20", num_classes=10, in_chans=1)).eval()
     x = torch.randn(4, 1, 28, 28)
     resconv_plugin.LayerPruner(model, x, gate_ratio=0.5).step()
     fused = resconv_plugin.fuse(model)
     expected = fused(x)
-    assert resconv_plugin.fold_batchnorms(fused)  # the stem and the stage-transition convs keep their BN until here
+    assert resconv_plugin.deploy.fold_batchnorms(fused)  # the stem and stage-transition convs kept their BN until here
     assert rel_err(fused(x), expected) < 1e-5
-    assert resconv_plugin.fold_batchnorms(fused) == []  # nothing left
+    assert resconv_plugin.deploy.fold_batchnorms(fused) == []  # nothing left

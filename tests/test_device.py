@@ -369,7 +369,7 @@ def test_channels_last_run_on_cuda(tmp_path):
 def test_export_onnx_of_a_cuda_model(tmp_path):
     """export_onnx of a model on the GPU: exported and checked from a CPU copy; the model stays on the GPU."""
     torch.manual_seed(0)
-    model = randomize_bn(resconv_plugin.create_model("cifar_resnet20", num_classes=10, in_chans=1,
+    model = randomize_bn(resconv_plugin.create_resconv_model("cifar_resnet20", num_classes=10, in_chans=1,
                                                      example_inputs=torch.zeros(1, 1, 28, 28))).cuda().eval()
     result = resconv_plugin.export_onnx(model, torch.randn(1, 1, 28, 28, device="cuda"), tmp_path / "m.onnx")
     assert result.max_relative_error <= 1e-4 and result.checked_batches == [1, 5]

@@ -49,7 +49,7 @@ def test_bad_example_inputs(resnet, fn, inputs, error, match):
 def test_bad_example_inputs_leave_model_unchanged(resnet):
     with pytest.raises(ValueError):
         resconv_plugin.convert(resnet, torch.randn(1, 3, 64))
-    assert not resconv_plugin.resconv_layers(resnet)
+    assert not resconv_plugin.deploy.resconv_layers(resnet)
 
 
 def test_no_eligible_layer():
@@ -62,7 +62,7 @@ def test_filter_result_must_be_bool(result):
     model = timm.create_model("resnet18", num_classes=10)
     with pytest.raises(TypeError, match=r"filter_fn must return a bool for each conv, got .* for 'layer1.0.conv1'"):
         resconv_plugin.convert(model, X, filter_fn=lambda conv, name: result)
-    assert not resconv_plugin.resconv_layers(model)
+    assert not resconv_plugin.deploy.resconv_layers(model)
 
 
 def test_filter_must_be_callable(resnet):
@@ -103,7 +103,7 @@ def test_fuse_in_training_mode():
     with pytest.raises(ValueError, match=r"13 ResConv blocks are in training mode \(first: 'layer1.0.conv1'\)"):
         resconv_plugin.fuse(model.train())
     fused = resconv_plugin.fuse(model, training_ok=True)
-    assert not resconv_plugin.resconv_layers(fused) and fused.training
+    assert not resconv_plugin.deploy.resconv_layers(fused) and fused.training
     with pytest.raises(ValueError, match="training mode"):
         timm.utils.reparameterize_model(model)
 

@@ -138,7 +138,7 @@ def test_gates_stay_float32_in_a_half_precision_model(dtype):
 
     assert (torch.tensor(1.0, dtype=torch.float16) - 2e-4).item() == 1.0
     x = torch.randn(2, 1, 12, 12)
-    model = resconv_plugin.create_model("cifar_resnet20", num_classes=2, in_chans=1, example_inputs=x[:1],
+    model = resconv_plugin.create_resconv_model("cifar_resnet20", num_classes=2, in_chans=1, example_inputs=x[:1],
                                         level="auto").eval()
     for m in (copy.deepcopy(model).to(dtype), copy.deepcopy(model).half().to(dtype)):
         gates = list(resconv_plugin.gated_modules(m).values())
@@ -153,7 +153,7 @@ def test_gates_stay_float32_in_a_half_precision_model(dtype):
     if dtype == torch.bfloat16:  # CPU kernels: bfloat16 convs everywhere
         with torch.no_grad():
             assert block(torch.randn(2, C, 5, 5, dtype=dtype)).dtype == dtype
-        converted = resconv_plugin.create_model("cifar_resnet20", num_classes=2, in_chans=1).to(dtype).eval()
+        converted = resconv_plugin.create_resconv_model("cifar_resnet20", num_classes=2, in_chans=1).to(dtype).eval()
         resconv_plugin.convert(converted, x[:1].to(dtype))
         assert all(g.gamma.dtype == torch.float32 for g in resconv_plugin.gated_modules(converted).values())
         assert resconv_plugin.deployed(converted)(x.to(dtype)).dtype == dtype

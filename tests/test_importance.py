@@ -402,12 +402,13 @@ def test_distillation_loss_equals_hand_computed_kl():
     p = torch.softmax(t / temperature, 1)
     q = torch.softmax(s / temperature, 1)
     by_hand = (p * (p.log() - q.log())).sum(1).mean() * temperature ** 2
-    assert resconv_plugin.distillation_loss(s, t, temperature).item() == pytest.approx(by_hand.item(), rel=1e-5)
+    assert resconv_plugin.distill.distillation_loss(s, t, temperature).item() == pytest.approx(by_hand.item(), rel=1e-5)
     teacher = nn.Linear(4, 4)
     x, y = torch.randn(5, 4, generator=g), torch.randint(0, 4, (5,), generator=g)
-    mixed = resconv_plugin.DistillationLoss(teacher, alpha=0.25, temperature=temperature)(s, y, x)
+    mixed = resconv_plugin.distill.DistillationLoss(teacher, alpha=0.25, temperature=temperature)(s, y, x)
     with torch.no_grad():
-        expected = 0.75 * F.cross_entropy(s, y) + 0.25 * resconv_plugin.distillation_loss(s, teacher(x), temperature)
+        expected = (0.75 * F.cross_entropy(s, y)
+                    + 0.25 * resconv_plugin.distill.distillation_loss(s, teacher(x), temperature))
     assert mixed.item() == pytest.approx(expected.item(), rel=1e-6)
 
 
@@ -417,8 +418,8 @@ def test_distillation_loss_equals_hand_computed_kl():
 ])
 def test_distillation_errors(kwargs, error, match):
     with pytest.raises(error, match=match):
-        resconv_plugin.DistillationLoss(nn.Linear(2, 2), **kwargs)
+        resconv_plugin.distill.DistillationLoss(nn.Linear(2, 2), **kwargs)
     with pytest.raises(TypeError, match="teacher must be a torch.nn.Module"):
-        resconv_plugin.DistillationLoss("teacher")
+        resconv_plugin.distill.DistillationLoss("teacher")
     with pytest.raises(ValueError, match="differ in shape"):
-        resconv_plugin.distillation_loss(torch.zeros(2, 3), torch.zeros(2, 4))
+        resconv_plugin.distill.distillation_loss(torch.zeros(2, 3), torch.zeros(2, 4))

@@ -44,7 +44,7 @@ def test_depth_pruned_roundtrip(tmp_path):
     model = depth_pruned()
     path = resconv_plugin.save(model, tmp_path / "depth.safetensors")
     assert reload_in_subprocess(path, tmp_path, model)[0] == "True"
-    ops = [s["op"] for s in resconv_plugin.read_recipe(path)["steps"]]
+    ops = [s["op"] for s in resconv_plugin.deploy.read_recipe(path)["steps"]]
     assert ops == ["convert", "convert", "remove"]
 
 
@@ -53,7 +53,7 @@ def test_depth_and_channel_pruned_roundtrip(tmp_path):
     pruner = channel_pruner(model, X, pruning_ratio=0.3)
     pruner.step()
     path = resconv_plugin.save(model, tmp_path / "both.safetensors")
-    recipe = resconv_plugin.read_recipe(path)
+    recipe = resconv_plugin.deploy.read_recipe(path)
     assert [s["op"] for s in recipe["steps"]] == ["convert", "convert", "remove", "fuse", "channel_prune"]
     assert recipe["model"] == {"name": "resnet18", "kwargs": {"num_classes": 10, "in_chans": 3}}
     assert len(recipe["steps"][-1]["history"]) > 0
@@ -119,7 +119,7 @@ def test_load_errors(tmp_path):
         save_file(state if state is not None else load_file(str(good)), str(path), metadata=meta)
         return path
 
-    recipe = resconv_plugin.read_recipe(good)
+    recipe = resconv_plugin.deploy.read_recipe(good)
     unknown = rewrite(tmp_path / "unknown.safetensors", dict(recipe, model={"name": "resnet_9000", "kwargs": {}}))
     with pytest.raises(ValueError, match="'resnet_9000', which timm does not know.*close: resnet"):
         resconv_plugin.load(unknown)

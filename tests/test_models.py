@@ -1,4 +1,4 @@
-"""The paper's networks in timm's registry, and ``resconv_plugin.create_model``."""
+"""The paper's networks in timm's registry, and ``resconv_plugin.create_resconv_model``."""
 
 from __future__ import annotations
 
@@ -53,9 +53,9 @@ def test_plain_network_has_no_residual_add():
 
 @pytest.mark.parametrize("name, converted", [("cifar_resnet20", 16), ("cifar_plain56", 52), ("cifar_vgg16_bn", 9),
                                              ("resnet18", 13)])
-def test_create_model_converts_and_keeps_the_function(name, converted):
+def test_create_resconv_model_converts_and_keeps_the_function(name, converted):
     torch.manual_seed(0)
-    model = resconv_plugin.create_model(name, num_classes=10)
+    model = resconv_plugin.create_resconv_model(name, num_classes=10)
     torch.manual_seed(0)
     plain = timm.create_model(name, num_classes=10)
     assert len(model.resconv_report.converted) == converted
@@ -67,6 +67,6 @@ def test_create_model_converts_and_keeps_the_function(name, converted):
     torch.testing.assert_close(resconv_plugin.fuse(model)(x), expected, rtol=1e-4, atol=1e-5)
 
 
-def test_create_model_unknown_name():
+def test_create_resconv_model_unknown_name():
     with pytest.raises(ValueError, match=r"unknown model 'cifar_vgg16'; did you mean: cifar_vgg16_bn"):
-        resconv_plugin.create_model("cifar_vgg16")
+        resconv_plugin.create_resconv_model("cifar_vgg16")

@@ -56,7 +56,7 @@ def test_imports_work_from_a_plain_source_checkout():
 
 
 def test_core_never_imports_the_integrations():
-    code = ("import sys, torch, resconv_plugin; m = resconv_plugin.create_model('cifar_resnet20', in_chans=1); "
+    code = ("import sys, torch, resconv_plugin; m = resconv_plugin.create_resconv_model('cifar_resnet20', in_chans=1); "
             "f = resconv_plugin.deployed(m); resconv_plugin.count_flops(f, torch.zeros(1, 1, 32, 32)); "
             "resconv_plugin.save(f, sys.argv[1]); resconv_plugin.load(sys.argv[1]); "
             "resconv_plugin.LayerPruner(m, torch.zeros(1, 1, 32, 32), flops_reduction=0.2).select(); "

@@ -119,7 +119,7 @@ def test_timm_reparameterize_model_round_trip(tmp_path):
     loaded = resconv_plugin.load(path)
     with torch.no_grad():
         torch.testing.assert_close(loaded(X), model(X), rtol=0, atol=0)
-    assert not resconv_plugin.resconv_layers(loaded)
+    assert not resconv_plugin.deploy.resconv_layers(loaded)
 
 
 class Scale(nn.Module):
@@ -178,7 +178,7 @@ def test_onnx_export_agrees_with_pytorch_at_two_batch_sizes(tmp_path):
         result = resconv_plugin.export_onnx(model, X[:1], tmp_path / f"{name}.onnx")
         assert result.max_relative_error <= 1e-4 and result.checked_batches == [1, 5], name
         assert os.stat(result.path).st_mode & 0o777 == 0o666 & ~mask
-        session = resconv_plugin.onnx_session(result.path)
+        session = resconv_plugin.deploy.onnx_session(result.path)
         for batch in (1, 5):
             x = torch.randn(batch, 3, 64, 64)
             got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
@@ -202,7 +202,7 @@ def test_onnx_export_bad_input(tmp_path, monkeypatch):
 def test_resconv_export_command(tmp_path, capsys):
     from resconv_plugin.cli import main
 
-    model = resconv_plugin.create_model("cifar_resnet20", num_classes=10, in_chans=1,
+    model = resconv_plugin.create_resconv_model("cifar_resnet20", num_classes=10, in_chans=1,
                                         example_inputs=torch.zeros(1, 1, 28, 28)).eval()
     path = resconv_plugin.save(model, tmp_path / "model.safetensors")  # records the 1x28x28 input it was converted at
     assert main(["export", str(path), "--onnx", str(tmp_path / "m.onnx")]) == 0

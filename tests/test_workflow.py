@@ -80,7 +80,7 @@ def test_sparsity_steps_counts_full_global_batches():
 
 
 def converted_r20():
-    model = resconv_plugin.create_model("cifar_resnet20", num_classes=2, in_chans=1,
+    model = resconv_plugin.create_resconv_model("cifar_resnet20", num_classes=2, in_chans=1,
                                         example_inputs=torch.zeros(1, 1, 12, 12))
     return model.eval()
 

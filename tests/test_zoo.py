@@ -57,7 +57,7 @@ def test_zoo_fusion_is_exact(name):
         randomize_bn(model, seed=3)
         reference = model(x)
         fused = resconv_plugin.fuse(model)
-        assert not resconv_plugin.resconv_layers(fused)
+        assert not resconv_plugin.deploy.resconv_layers(fused)
         assert rel_err(fused(x), reference) <= 1e-4
         assert rel_err(reparameterize_model(model)(x), reference) <= 1e-4
     flops = resconv_plugin.count_flops(fused, x)

@@ -270,7 +270,7 @@ def _load_checkpoint(args: argparse.Namespace):
     path = args.checkpoint / "model.safetensors" if args.checkpoint.is_dir() else args.checkpoint
     try:
         model = resconv_plugin.load(path)
-        recipe = resconv_plugin.read_recipe(path)
+        recipe = resconv_plugin.deploy.read_recipe(path)
     except ValueError as exc:  # not a file resconv_plugin.save wrote, or one this environment cannot rebuild
         raise ConfigError(str(exc)) from exc
     if args.input_size:

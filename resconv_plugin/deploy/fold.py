@@ -42,7 +42,7 @@ def fold_batchnorms(model: nn.Module, names: List[str] = None) -> List[str]:
     Example:
         >>> import timm, torch, resconv_plugin
         >>> model = timm.create_model("resnet18").eval()
-        >>> len(resconv_plugin.fold_batchnorms(model))
+        >>> len(resconv_plugin.deploy.fold_batchnorms(model))
         20
     """
     check_module(model)
@@ -84,7 +84,7 @@ def deployed(model: nn.Module) -> nn.Module:
     Example:
         >>> import timm, torch, resconv_plugin
         >>> from resconv_plugin.deploy.fold import deployed
-        >>> model = resconv_plugin.create_model("cifar_resnet20", num_classes=10, in_chans=1)
+        >>> model = resconv_plugin.create_resconv_model("cifar_resnet20", num_classes=10, in_chans=1)
         >>> type(deployed(model).layer1[0].conv1).__name__
         'Conv2d'
     """

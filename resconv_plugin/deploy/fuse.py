@@ -44,7 +44,7 @@ def fuse(model: nn.Module, inplace: bool = False, *, training_ok: bool = False) 
         >>> model = timm.create_model("resnet18", num_classes=10)
         >>> _ = resconv_plugin.convert(model, torch.randn(1, 3, 64, 64))
         >>> fused = resconv_plugin.fuse(model.eval())
-        >>> len(resconv_plugin.resconv_layers(fused))
+        >>> len(resconv_plugin.deploy.resconv_layers(fused))
         0
     """
     blocks = resconv_layers(model)

@@ -106,7 +106,7 @@ def export_onnx(model: nn.Module, example_inputs: ExampleInputs, path: Union[str
 
     Example:
         >>> import timm, torch, resconv_plugin
-        >>> model = resconv_plugin.create_model("cifar_resnet20", num_classes=10, in_chans=1).eval()
+        >>> model = resconv_plugin.create_resconv_model("cifar_resnet20", num_classes=10, in_chans=1).eval()
         >>> result = resconv_plugin.export_onnx(model, torch.randn(1, 1, 28, 28), "/tmp/r20.onnx")  # doctest: +SKIP
         >>> result.max_relative_error < 1e-4  # doctest: +SKIP
         True

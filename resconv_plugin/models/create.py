@@ -1,4 +1,8 @@
-"""``create_model``: a timm model, converted to ResConv layers (or gated blocks) in one call."""
+"""``create_resconv_model``: a timm model, converted to ResConv layers (or gated blocks) in one call.
+
+Named apart from ``timm.create_model``, which returns the model unconverted; ``create_model``, its name before, still
+works for one release with a ``FutureWarning``.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +11,10 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from resconv_plugin._deprecation import renamed_attributes
 from resconv_plugin._utils import ExampleInputs
 
-__all__ = ["create_model", "default_example_input", "check_model_name"]
+__all__ = ["create_resconv_model", "default_example_input", "check_model_name"]
 
 
 def check_model_name(name: str) -> str:
@@ -40,7 +45,7 @@ def default_example_input(model: nn.Module, batch: int = 1) -> torch.Tensor:
     return torch.zeros(batch, channels, height, width)
 
 
-def create_model(model_name: str, *, level: str = "layer", init_gamma: float = 1.0,
+def create_resconv_model(model_name: str, *, level: str = "layer", init_gamma: float = 1.0,
                  example_inputs: Optional[ExampleInputs] = None, **timm_kwargs: Any) -> nn.Module:
     """``timm.create_model(model_name, **timm_kwargs)`` followed by :func:`resconv_plugin.convert`.
 
@@ -58,7 +63,7 @@ def create_model(model_name: str, *, level: str = "layer", init_gamma: float = 1
 
     Example:
         >>> import resconv_plugin
-        >>> model = resconv_plugin.create_model("cifar_resnet20", num_classes=10, in_chans=1)
+        >>> model = resconv_plugin.create_resconv_model("cifar_resnet20", num_classes=10, in_chans=1)
         >>> len(model.resconv_report.converted)  # stem and stage-transition convs change shape: not eligible
         16
     """
@@ -71,3 +76,6 @@ def create_model(model_name: str, *, level: str = "layer", init_gamma: float = 1
     report = convert(model, inputs, level=level, init_gamma=init_gamma)
     object.__setattr__(model, "resconv_report", report)
     return model
+
+
+__getattr__ = renamed_attributes(__name__, {"create_model": (__name__, "create_resconv_model")})
