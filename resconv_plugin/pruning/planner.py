@@ -244,6 +244,15 @@ class JointPlanner:
         saved, total = probe.savings(kind)
         reachable = set_saving(saved, probe.gates) / total
         setattr(probe, f"{kind}_reduction", min(self.reduction, reachable * 0.999))
+        measure, remembered = probe.scores, {}
+
+        def scores(removed: Sequence[str] = ()) -> dict:  # the probe's model does not change: measured once
+            key = tuple(sorted(removed))
+            if key not in remembered:
+                remembered[key] = measure(removed)
+            return dict(remembered[key])
+
+        probe.scores = scores
         chosen = probe.rank()
         scores = probe.scores()
         return sorted(chosen, key=lambda n: scores.get(n, 0.0))

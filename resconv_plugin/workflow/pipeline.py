@@ -357,8 +357,10 @@ class Pipeline:
         log.info("converted %d layers (%s level); %d convs skipped", len(report.converted), report.level,
                  len(report.skipped))
         if c.channel_pruning == "auto":  # measured on rank 0's clock: every process follows the same plan
+            planner = self._planner()  # built on every rank (no timing); rank 0 plans with it
+
             def plan_it() -> dict:
-                plan = self._planner().plan()
+                plan = planner.plan()
                 return {"target_rel": plan.target_rel, "best": dataclasses.asdict(plan.best),
                         "candidates": [dataclasses.asdict(x) for x in plan.candidates],
                         "unreachable": plan.unreachable}
@@ -375,7 +377,7 @@ class Pipeline:
             log.info("joint plan: %s chosen (%d layers, channel ratio %.3f)", best["kind"], len(best["depth_names"]),
                      best["channel_ratio"])
             # trained at its final widths: the channels go now, the layers fade out in sparsity training
-            self.model = self._planner().build(best["depth_names"], best["channel_ratio"]).to(self.device)
+            self.model = planner.build(best["depth_names"], best["channel_ratio"]).to(self.device)
 
     def sparsity(self) -> None:
         """Sparsity training with the LayerPruner (budget cap, importance), distilled with ``--distill``."""
