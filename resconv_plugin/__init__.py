@@ -52,7 +52,8 @@ from resconv_plugin._deprecation import renamed_attributes
 from resconv_plugin.nn import BlockGate, ResConv
 from resconv_plugin.fx import ConversionReport, convert, freeze_gates, gated_modules
 from resconv_plugin.deploy import deployed, export_onnx, fuse, load, save
-from resconv_plugin.measure import FlopReport, count_flops, count_params, interleaved_latencies, median_latency
+from resconv_plugin.measure import (FlopReport, LatencyCost, count_flops, count_params, interleaved_latencies,
+                                    median_latency)
 from resconv_plugin.models import create_resconv_model
 from resconv_plugin.pruning import (GateImportance, GateMagnitudeImportance, GateRemovalImportance,
                                     GateTaylorImportance, JointPlanner, LayerPruner)
@@ -71,7 +72,7 @@ __all__ = [
     # deploy
     "fuse", "deployed", "save", "load", "export_onnx",
     # measure
-    "count_flops", "FlopReport", "count_params", "median_latency", "interleaved_latencies",
+    "count_flops", "FlopReport", "count_params", "LatencyCost", "median_latency", "interleaved_latencies",
     # the whole workflow (the resconv command)
     "compress",
     "__version__",

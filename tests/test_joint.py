@@ -190,7 +190,7 @@ def test_fixed_set_importance_trains_a_chosen_set():
 
 @pytest.mark.parametrize("kwargs, error, match", [
     (dict(reduction=1.0), ValueError, r"reduction must be in \(0, 1\), got 1.0"),
-    (dict(reduction=0.3, cost="energy"), ValueError, "cost must be 'latency', 'flops' or a callable"),
+    (dict(reduction=0.3, cost="energy"), ValueError, "cost must be 'latency', 'flops', a LatencyCost or a callable"),
     (dict(reduction=0.3, top_ups=-1), ValueError, "top_ups must be an int >= 0, got -1"),
     (dict(reduction=0.3, score="loss"), TypeError, "score must be a callable"),
     (dict(reduction=0.3, calibration_targets=[1, 2]), TypeError, "calibration_targets must be a tensor"),

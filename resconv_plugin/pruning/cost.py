@@ -4,8 +4,9 @@ One denominator everywhere: budgets, reports and benchmarks all count the deploy
 
 * :func:`flops_savings`: fvcore FLOPs of the fused layer (or the whole fused block) plus the activation its removal
   also drops, minus an activation a removed block leaves behind.
-* :func:`latency_table`: a lookup table measured on the deployed model at the given input (its batch size) and
-  memory format: for each gate, the deployed model *with that gate removed* is timed against the full deployed model
+* :func:`latency_table`: a lookup table measured on the deployed model in the runtime, at the batch size and with
+  the threads of a :class:`~resconv_plugin.LatencyCost` (default: eager PyTorch at the given input's batch size and
+  memory format): for each gate, the deployed model *with that gate removed* is timed against the full deployed model
   in turns, one pair at a time (median of ``repeats`` rounds); the saving is the difference. Unlike timing a layer
   alone, this sees what removal really changes in the whole forward pass (a dropped activation, memory traffic,
   kernel launches). Three corrections make the entries usable by a selection, which picks exactly the entries noise
@@ -29,20 +30,21 @@ from __future__ import annotations
 
 import copy
 import statistics
-from typing import Dict, Iterable, Tuple, Union
+from typing import Dict, Iterable, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
-from resconv_plugin._utils import eval_mode, run_example
+from resconv_plugin._utils import as_input_tuple, eval_mode, run_example
 from resconv_plugin.deploy.fold import deployed
 from resconv_plugin.measure.flops import count_flops
 from resconv_plugin.fx.graph import trace
-from resconv_plugin.measure.latency import interleaved_latencies, median_latency
+from resconv_plugin.measure.latency_cost import LatencyCost
 from resconv_plugin.fx.surgery import plan_removal, remove
 from resconv_plugin.pruning.select import set_saving
 
-__all__ = ["flops_savings", "latency_table", "measured_saving", "predicted_saving", "removal_signatures", "COST_KINDS"]
+__all__ = ["flops_savings", "latency_table", "measured_saving", "predicted_saving", "removal_signatures", "COST_KINDS",
+           "timing_cost"]
 
 COST_KINDS = ("flops", "latency")
 _ALL = "\0every gate"  # the variant with every measured gate removed (not a module name)
@@ -68,30 +70,34 @@ def flops_savings(model: nn.Module, names: Iterable[str], example_inputs: Tuple[
 
 @torch.no_grad()
 def latency_table(model: nn.Module, names: Iterable[str], example_inputs: Tuple[torch.Tensor, ...], *,
-                  repeats: int = 20, channels_last: bool = False,
-                  device: Union[str, torch.device, None] = None, pool_identical: bool = True) -> Savings:
+                  repeats: Optional[int] = None, channels_last: bool = False,
+                  device: Union[str, torch.device, None] = None, pool_identical: bool = True,
+                  cost: Optional[LatencyCost] = None) -> Savings:
     """``({name: seconds saved by removing it}, seconds of the deployed model)``, measured in turns on this machine.
 
     Args:
         model: the converted model (not changed).
         names: the gates to measure.
-        example_inputs: the deployment input (its batch size is the one measured).
-        repeats: timing rounds (median).
-        channels_last: time the models and inputs in ``torch.channels_last`` memory format.
-        device: the device to time on (the one you deploy to; default: the inputs' device). On CUDA every timed
-            forward is synchronised.
+        example_inputs: the deployment input (its batch size is the one measured, unless ``cost`` sets one).
+        repeats, channels_last, device: without ``cost``, time in eager PyTorch: ``repeats`` timing rounds
+            (median; default 20), in ``torch.channels_last`` memory format or not, on ``device`` (the one you deploy to;
+            default: the inputs' device; on CUDA every timed forward is synchronised).
         pool_identical: give the gates whose removals take out the same computation
             (:func:`removal_signatures`) the median of their measured savings.
+        cost: the runtime, batch size, threads, device and repeats to time with (a
+            :class:`~resconv_plugin.LatencyCost`; the other timing arguments must then be left out). The full
+            model is built in the runtime once (an ONNX runtime: exported once), each removal once.
 
     Example:
-        >>> table, seconds = latency_table(model, list(gated_modules(model)), (x[:1],))  # doctest: +SKIP
+        >>> table, seconds = latency_table(model, list(gated_modules(model)), (x[:1],),
+        ...                                cost=LatencyCost("onnxruntime"))  # doctest: +SKIP
     """
     names = list(names)
     variants = {name: [name] for name in names}
     if len(names) > 1:
         variants[_ALL] = names
-    times = _timed_removals(model, variants, example_inputs, repeats=repeats, channels_last=channels_last,
-                            device=device)
+    cost = timing_cost(example_inputs, cost, repeats=repeats, channels_last=channels_last, device=device)
+    times = _timed_removals(model, variants, example_inputs, cost=cost)
     full = times.pop("")
     every = times.pop(_ALL, None)
     single = {name: full - times[name] for name in names}
@@ -168,38 +174,64 @@ def removal_signatures(model: nn.Module, names: Iterable[str],
 
 @torch.no_grad()
 def measured_saving(model: nn.Module, names: Iterable[str], example_inputs: Tuple[torch.Tensor, ...], *,
-                    repeats: int = 20, channels_last: bool = False,
-                    device: Union[str, torch.device, None] = None) -> Tuple[float, float]:
+                    repeats: Optional[int] = None, channels_last: bool = False,
+                    device: Union[str, torch.device, None] = None,
+                    cost: Optional[LatencyCost] = None) -> Tuple[float, float]:
     """``(seconds saved by removing names together, seconds of the deployed model)``, both deployed models timed in
     turns on this machine (arguments as :func:`latency_table`; the saving may be negative within noise)."""
-    times = _timed_removals(model, {"set": list(names)}, example_inputs, repeats=repeats,
-                            channels_last=channels_last, device=device)
+    cost = timing_cost(example_inputs, cost, repeats=repeats, channels_last=channels_last, device=device)
+    times = _timed_removals(model, {"set": list(names)}, example_inputs, cost=cost, reuse=True)
     return times[""] - times["set"], times[""]
 
 
+def timing_cost(example_inputs: Tuple[torch.Tensor, ...], cost: Optional[LatencyCost] = None, *,
+                repeats: Optional[int] = None, channels_last: bool = False,
+                device: Union[str, torch.device, None] = None, prefix: str = "") -> LatencyCost:
+    """``cost``, or the eager-PyTorch :class:`~resconv_plugin.LatencyCost` of the older timing arguments (what the
+    library timed before runtimes: the example input's own batch, ``repeats`` rounds, default 20, on ``device``,
+    default the inputs' device). ``prefix``: of the caller's names of those arguments, for the error.
+
+    Raises:
+        ValueError: ``cost`` given together with ``repeats``, ``channels_last`` or ``device`` that differ from it.
+    """
+    if cost is None:
+        device = device if device is not None else as_input_tuple(example_inputs)[0].device
+        return LatencyCost("eager", batch_size=None, repeats=20 if repeats is None else repeats,
+                           channels_last=channels_last, device=device)
+    if not isinstance(cost, LatencyCost):
+        raise TypeError(f"latency_cost must be a resconv_plugin.LatencyCost, got {type(cost).__name__}")
+    clashes = [prefix + name for name, clash in (("repeats", repeats is not None and repeats != cost.repeats),
+                                        ("channels_last", channels_last and not cost.channels_last),
+                                        ("device", device is not None and torch.device(device) != cost.device))
+               if clash]
+    if clashes:
+        raise ValueError(f"{', '.join(clashes)} and a LatencyCost ({cost.describe()}) both say how to time: set "
+                         f"{'it' if len(clashes) == 1 else 'them'} on the LatencyCost")
+    return cost
+
+
 def _timed_removals(model: nn.Module, variants: Dict[str, list], example_inputs: Tuple[torch.Tensor, ...], *,
-                    repeats: int, channels_last: bool, device) -> Dict[str, float]:
+                    cost: LatencyCost, reuse: bool = False) -> Dict[str, float]:
     """Median seconds of the deployed model (key ``""``) and of each variant (the model with its gates removed).
 
     Each variant is timed in turns with the deployed model, one pair at a time (the state of the caches of a
     deployment that runs one model; dozens of models in turns are each timed with their weights evicted by the
-    others), and reported as the deployed model's median seconds minus the pair's own difference.
+    others), and reported as the deployed model's median seconds minus the pair's own difference. ``cost`` builds
+    the full model in its runtime once for all the pairs; ``reuse``: a variant timed before (the same gates of the
+    same, unchanged model: a set measured again) is built once too (:meth:`~resconv_plugin.LatencyCost.derived`).
     """
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    device = torch.device(device) if device is not None else example_inputs[0].device
-    inputs = tuple((t.contiguous(memory_format=fmt) if t.dim() == 4 else t).to(device) for t in example_inputs)
-    full = deployed(model).to(device, memory_format=fmt)
     fulls, savings = [], {}
     for key, removed in variants.items():
-        variant = copy.deepcopy(model)
-        remove(variant, removed)
-        plain = deployed(variant).to(device, memory_format=fmt)
-        times = interleaved_latencies({"": lambda: full(*inputs), "v": lambda: plain(*inputs)}, repeats=repeats,
-                                      device=device)
+        def without(removed: list = removed) -> nn.Module:
+            variant = copy.deepcopy(model)
+            remove(variant, removed)
+            return variant
+
+        variant = cost.derived(model, ("without", tuple(sorted(removed))), without) if reuse else without()
+        times = cost.compare({"": model, "v": variant}, example_inputs)
         fulls.append(times[""])
         savings[key] = times[""] - times["v"]
-    seconds = statistics.median(fulls) if fulls else median_latency(lambda: full(*inputs), repeats=repeats,
-                                                                    device=device)
+    seconds = statistics.median(fulls) if fulls else cost(model, example_inputs)
     return {"": seconds, **{key: seconds - saved for key, saved in savings.items()}}
 
 

@@ -18,7 +18,8 @@ Every candidate is built the same way, and so is the model the workflow trains: 
 the converted (unpruned) model at the candidate's ``channel_ratio`` (the same ratio on the same weights and
 calibration batch gives the same structure), then its ``depth_names`` are removed. The ratio is bisected on the
 cost of that deployed structure (:func:`~resconv_plugin.pruning.bisect_ratio`; latency read at the median of three
-timings per try), so the plan is trained at its final widths and never re-bisected after training.
+timings per try, in the runtime of ``latency_cost``), so the plan is trained at its final widths and never
+re-bisected after training.
 
 ``score(candidate, model)`` ranks the candidates (lower is better). Without one, the one-shot proxy: the
 calibration loss of the candidate's structure (its depth gates at 0, BatchNorm statistics re-estimated on the
@@ -50,15 +51,16 @@ from resconv_plugin._utils import ExampleInputs, as_input_tuple, check_module, e
 from resconv_plugin.deploy.fold import deployed
 from resconv_plugin.fx.surgery import gated_modules, remove
 from resconv_plugin.measure.flops import count_flops
-from resconv_plugin.measure.latency import interleaved_latencies
+from resconv_plugin.measure.latency_cost import LatencyCost
 from resconv_plugin.pruning.bisect import bisect_ratio
+from resconv_plugin.pruning.cost import timing_cost
 from resconv_plugin.pruning.calibration import calibration_loss, output_divergence, recalibrate_batchnorm
 from resconv_plugin.pruning.importance import GateImportance
 from resconv_plugin.pruning.select import set_saving
 
 __all__ = ["JointPlanner", "JointPlan", "PlanCandidate", "KINDS"]
 
-Cost = Union[str, Callable[[nn.Module], float]]
+Cost = Union[str, LatencyCost, Callable[[nn.Module], float]]
 #: The kinds of candidate a plan holds.
 KINDS = ("depth", "depth+width", "width")
 
@@ -116,7 +118,8 @@ class JointPlanner:
         reduction: the fraction of the cost to remove, in (0, 1).
         calibration_inputs: a batch of real inputs (importance, channel importance, one-shot score).
         calibration_targets: their labels (task loss; without, the model's own predictions serve as labels).
-        cost: ``"latency"``, ``"flops"`` or ``callable(deployed_model) -> float``.
+        cost: ``"latency"``, ``"flops"``, a :class:`~resconv_plugin.LatencyCost` (latency timed with it) or
+            ``callable(deployed_model) -> float``.
         importance: the depth criterion (as ``LayerPruner(importance=...)``; the default recipe's for block gates).
         channel_importance: torch-pruning importance of the channel part (default ``GroupTaylorImportance``, whose
             gradients come from one backward pass on the calibration batch).
@@ -127,9 +130,13 @@ class JointPlanner:
         score: ``callable(candidate, model) -> float`` (lower is better), where ``model`` is the candidate built as
             it is trained (:meth:`build`); default: the one-shot proxy.
         tolerance: the channel ratio is bisected until the cost is within this fraction below the target.
-        latency_repeats: timing rounds per measurement with ``cost="latency"``.
+        latency_repeats: timing rounds per measurement with ``cost="latency"`` (default 20).
         latency_device: the device latency is measured on (default: the example inputs' device).
         latency_channels_last: time the models in channels-last memory format.
+        latency_cost: how latency is timed with ``cost="latency"``: runtime, batch size, threads, device, repeats
+            (:class:`~resconv_plugin.LatencyCost`; default: eager PyTorch built from the three arguments above,
+            which are then left out). The depth plan's lookup table is timed with it too, and every try of the
+            channel bisection is built in the runtime once (an ONNX runtime: one export) however often it is timed.
     """
 
     def __init__(self, model: nn.Module, example_inputs: ExampleInputs, reduction: float, *,
@@ -137,8 +144,8 @@ class JointPlanner:
                  cost: Cost = "latency", importance: Union[str, GateImportance] = "removal-bn",
                  channel_importance=None, round_to: Optional[int] = None, top_ups: int = 2, width: bool = True,
                  score: Optional[Callable[[PlanCandidate, nn.Module], float]] = None, tolerance: float = 0.02,
-                 latency_repeats: int = 20, latency_device: Union[str, torch.device, None] = None,
-                 latency_channels_last: bool = False) -> None:
+                 latency_repeats: Optional[int] = None, latency_device: Union[str, torch.device, None] = None,
+                 latency_channels_last: bool = False, latency_cost: Optional[LatencyCost] = None) -> None:
         self.model = check_module(model)
         self.example_inputs = as_input_tuple(example_inputs)
         self.calibration_inputs = as_input_tuple(calibration_inputs)
@@ -148,8 +155,13 @@ class JointPlanner:
         self.calibration_targets = calibration_targets
         if isinstance(reduction, bool) or not isinstance(reduction, (int, float)) or not 0.0 < reduction < 1.0:
             raise ValueError(f"reduction must be in (0, 1), got {reduction!r}")
+        if isinstance(cost, LatencyCost):
+            if latency_cost is not None and latency_cost is not cost:
+                raise ValueError("cost is a LatencyCost and latency_cost is another: give one")
+            cost, latency_cost = "latency", cost
         if not (cost in ("latency", "flops") or callable(cost)):
-            raise ValueError(f"cost must be 'latency', 'flops' or a callable(deployed_model) -> float, got {cost!r}")
+            raise ValueError(f"cost must be 'latency', 'flops', a LatencyCost or a callable(deployed_model) -> float, "
+                             f"got {cost!r}")
         if isinstance(top_ups, bool) or not isinstance(top_ups, int) or top_ups < 0:
             raise ValueError(f"top_ups must be an int >= 0, got {top_ups!r}")
         if score is not None and not callable(score):
@@ -158,11 +170,12 @@ class JointPlanner:
             raise ValueError(f"{type(model).__name__} has no gates: call resconv_plugin.convert(model, x) first")
         self.reduction, self.cost, self.importance = float(reduction), cost, importance
         self.channel_importance, self.round_to, self.top_ups, self.width = channel_importance, round_to, top_ups, width
-        self.score_fn, self.tolerance, self.latency_repeats = score, tolerance, latency_repeats
-        self.latency_device = torch.device(latency_device) if latency_device is not None else None
-        self.latency_channels_last = bool(latency_channels_last)
+        self.score_fn, self.tolerance = score, tolerance
+        #: How latency is timed (runtime, batch size, threads, device, repeats).
+        self.latency_cost = timing_cost(self.example_inputs, latency_cost, repeats=latency_repeats,
+                                        channels_last=latency_channels_last, device=latency_device,
+                                        prefix="latency_")
         self._base = deployed(model)
-        self._timed_base: Optional[nn.Module] = None
         self._grads: Optional[dict] = None  # the calibration batch's gradients (Taylor channel importance)
         self._references: Optional[tuple] = None  # the unpruned model's calibration outputs (one-shot score)
         self.last_search = None
@@ -170,20 +183,14 @@ class JointPlanner:
     # ------------------------------------------------------------------------------------------------ costs
     def cost_rel(self, candidate: nn.Module) -> float:
         """The cost of ``candidate`` (any model; measured as deployed) relative to the deployed baseline's."""
-        plain = deployed(candidate)
         if callable(self.cost):
-            return self.cost(plain) / self.cost(self._base)
+            return self.cost(deployed(candidate)) / self.cost(self._base)
         if self.cost == "flops":
-            return count_flops(plain, self.example_inputs).total / count_flops(self._base, self.example_inputs).total
-        device = self.latency_device or self.example_inputs[0].device
-        fmt = torch.channels_last if self.latency_channels_last else torch.contiguous_format
-        x = tuple((t.contiguous(memory_format=fmt) if t.dim() == 4 else t).to(device) for t in self.example_inputs)
-        if self._timed_base is None:  # a copy only where the baseline is timed elsewhere or in another format
-            moved = device != self.example_inputs[0].device or self.latency_channels_last
-            self._timed_base = copy.deepcopy(self._base).to(device, memory_format=fmt) if moved else self._base
-        plain, base = plain.to(device, memory_format=fmt), self._timed_base
-        times = interleaved_latencies({"c": lambda: plain(*x), "b": lambda: base(*x)}, repeats=self.latency_repeats,
-                                      device=device)
+            return (count_flops(deployed(candidate), self.example_inputs).total
+                    / count_flops(self._base, self.example_inputs).total)
+        # the candidate itself, not its deployed copy: the runtime builds it once for the repeated measurements of
+        # a bisection's try (an ONNX runtime: one export), the baseline once for every candidate
+        times = self.latency_cost.compare({"c": candidate, "b": self._base}, self.example_inputs)
         return times["c"] / times["b"]
 
     # ------------------------------------------------------------------------------------------------ building
@@ -234,8 +241,7 @@ class JointPlanner:
         kind = "latency" if self.cost == "latency" else "flops"
         return LayerPruner(copy.deepcopy(self.model), self.example_inputs, importance=self.importance,
                            **{f"{kind}_reduction": 0.0}, calibration_inputs=self.calibration_inputs,
-                           calibration_targets=self.calibration_targets, latency_device=self.latency_device,
-                           latency_channels_last=self.latency_channels_last), kind
+                           calibration_targets=self.calibration_targets, latency_cost=self.latency_cost), kind
 
     def depth_plan(self) -> List[str]:
         """The depth recipe's gates for the whole budget (every gate when it cannot reach it), most important

@@ -25,7 +25,8 @@ from resconv_plugin.fx.graph import trace
 from resconv_plugin.fx.surgery import Removal, gated_modules, remove
 from resconv_plugin._utils import ExampleInputs, as_input_tuple, check_module, eval_mode, run_example
 from resconv_plugin.pruning.calibration import recalibrate_batchnorm
-from resconv_plugin.pruning.cost import flops_savings, latency_table, measured_saving
+from resconv_plugin.measure.latency_cost import LatencyCost
+from resconv_plugin.pruning.cost import flops_savings, latency_table, measured_saving, timing_cost
 from resconv_plugin.pruning.importance import GateImportance, GateMagnitudeImportance, make_importance
 from resconv_plugin.pruning.latency_fit import fit_latency_goal
 from resconv_plugin.pruning.regularizer import MODES, L1Regularizer, L1Step
@@ -116,7 +117,7 @@ def _check_positive_int(name: str, value: object, *, allow_none: bool = True, or
 
 def _check_arguments(calibration_inputs: Optional[ExampleInputs], calibration_targets: Optional[torch.Tensor],
                      sparsity_steps: Optional[int], selection: str, reselect_every: Optional[int],
-                     hysteresis: float, latency_repeats: int, ignored_layers: List[object]) -> None:
+                     hysteresis: float, latency_repeats: Optional[int], ignored_layers: List[object]) -> None:
     """The checks of :class:`LayerPruner`'s plain arguments: a TypeError or ValueError naming the argument, the value
     and what is allowed."""
     if calibration_targets is not None and not isinstance(calibration_targets, torch.Tensor):
@@ -130,7 +131,7 @@ def _check_arguments(calibration_inputs: Optional[ExampleInputs], calibration_ta
     _check_positive_int("reselect_every", reselect_every, or_none=" or None")
     if isinstance(hysteresis, bool) or not isinstance(hysteresis, (int, float)) or not 0 <= hysteresis < 1:
         raise ValueError(f"hysteresis must be in [0, 1), got {hysteresis!r}")
-    _check_positive_int("latency_repeats", latency_repeats, allow_none=False)
+    _check_positive_int("latency_repeats", latency_repeats)
     for item in ignored_layers:
         if not isinstance(item, (str, nn.Module, type)):
             raise TypeError(f"ignored_layers entries must be names, modules or module classes, got "
@@ -234,8 +235,9 @@ class LayerPruner:
     **Selection** (one at most; default ``threshold=0.0``: the gates at exactly 0): ``threshold`` on ``|gamma|``;
     ``gate_ratio``, a fraction of the (not ignored) gates (``pruning_ratio``, its deprecated name, counts *channels*
     in torch-pruning); ``flops_reduction``, a fraction of the deployed model's FLOPs; ``latency_reduction``, a
-    fraction of its latency measured on this machine (:attr:`latency_fit`: the set's timing corrects the table's
-    goal). Budgets are met at the least total importance (``selection="dp"`` exactly, or ``"greedy"``) by a criterion
+    fraction of its latency measured on this machine in the runtime of ``latency_cost`` (a
+    :class:`~resconv_plugin.LatencyCost`; default: eager PyTorch) (:attr:`latency_fit`: the set's timing corrects the
+    table's goal). Budgets are met at the least total importance (``selection="dp"`` exactly, or ``"greedy"``) by a criterion
     (``importance=``): ``"magnitude"`` (``|gamma|``), ``"removal"`` (the loss increase when the gate is set to 0 on
     ``calibration_inputs``), ``"removal-iterative"``, ``"taylor"``, or a
     :class:`~resconv_plugin.pruning.GateImportance`.
@@ -261,7 +263,11 @@ class LayerPruner:
         calibration_inputs, calibration_targets: real inputs (and their class labels) for data-driven importance and
             the output-change measure of ``step()`` (default: ``example_inputs``).
         selection, hysteresis: ``"dp"`` or ``"greedy"``; the advantage in [0, 1) the current set keeps at a re-ranking.
-        latency_repeats, latency_channels_last, latency_device: how and where the latency table is timed.
+        latency_cost: how latency is timed: the runtime you deploy to (eager, ``torch.compile``, ONNX Runtime,
+            OpenVINO, TensorRT), its batch size, threads, device and repeats (:class:`~resconv_plugin.LatencyCost`);
+            default: eager PyTorch built from the three arguments below, which are then left out.
+        latency_repeats, latency_channels_last, latency_device: how and where eager PyTorch times the latency table
+            (default 20 repeats) when ``latency_cost`` is not given.
         state: a :meth:`state_dict` of a pruner of the same model and settings (e.g. rank 0's in a distributed run):
             its cost tables and latency fit are used instead of measuring again.
         pruning_ratio: the deprecated name of ``gate_ratio``.
@@ -289,8 +295,9 @@ class LayerPruner:
                  sparsity_steps: Optional[int] = None, zero_at: float = 0.75, cap_start: float = 0.0,
                  calibration_inputs: Optional[ExampleInputs] = None, calibration_targets: Optional[torch.Tensor] = None,
                  selection: str = "dp", reselect_every: Optional[int] = None, hysteresis: float = 0.0,
-                 latency_repeats: int = 20, latency_channels_last: bool = False,
-                 latency_device: Union[str, torch.device, None] = None, state: Optional[Dict[str, Any]] = None,
+                 latency_repeats: Optional[int] = None, latency_channels_last: bool = False,
+                 latency_device: Union[str, torch.device, None] = None, latency_cost: Optional[LatencyCost] = None,
+                 state: Optional[Dict[str, Any]] = None,
                  pruning_ratio: Optional[float] = None) -> None:
         self.model = check_module(model)
         self.example_inputs = as_input_tuple(example_inputs)
@@ -315,8 +322,13 @@ class LayerPruner:
         self.schedule = CapSchedule(sparsity_steps or 1, zero_at, cap_start)
         self.sparsity_steps, self.selection, self.hysteresis = sparsity_steps, selection, float(hysteresis)
         self.reselect_every = reselect_every if reselect_every is not None else (1 if magnitude else None)
-        self.latency_repeats, self.latency_channels_last = latency_repeats, bool(latency_channels_last)
-        self.latency_device = torch.device(latency_device) if latency_device is not None else None
+        #: How latency is timed (runtime, batch size, threads, device, repeats).
+        self.latency_cost = timing_cost(self.example_inputs, latency_cost, repeats=latency_repeats,
+                                        channels_last=latency_channels_last, device=latency_device,
+                                        prefix="latency_")
+        self.latency_repeats, self.latency_channels_last = self.latency_cost.repeats, self.latency_cost.channels_last
+        given = latency_cost is not None or latency_device is not None
+        self.latency_device = self.latency_cost.device if given else None
         self.steps_done, self.last_step, self.reselections, self._history = 0, None, [], []
         self._selected: Optional[List[str]] = None
         self._selected_at: Optional[int] = None
@@ -443,9 +455,7 @@ class LayerPruner:
                 self._costs[kind] = flops_savings(self.model, list(self._gates), self.example_inputs)
             else:
                 self._costs[kind] = latency_table(self.model, list(self._gates), self.example_inputs,
-                                                  repeats=self.latency_repeats,
-                                                  channels_last=self.latency_channels_last,
-                                                  device=self.latency_device)
+                                                  cost=self.latency_cost)
         return self._costs[kind]
 
     def _target(self) -> tuple:
@@ -489,13 +499,14 @@ class LayerPruner:
             target, extra, self.latency_fit = fit_latency_goal(choose, self._measure_saving, saved, total,
                                                                self.latency_reduction, self.latency_fit,
                                                                names=list(self._gates))
+            if self.latency_fit is not None:  # the fit holds for the runtime it timed in
+                self.latency_fit.setdefault("latency", self.latency_cost.as_dict())
             return choose(target, extra)
         return choose(target)
 
     def _measure_saving(self, chosen: List[str]) -> float:
         """The measured latency saving of removing ``chosen`` together, as a fraction of the deployed model's."""
-        seconds, full = measured_saving(self.model, chosen, self.example_inputs, repeats=self.latency_repeats,
-                                        channels_last=self.latency_channels_last, device=self.latency_device)
+        seconds, full = measured_saving(self.model, chosen, self.example_inputs, cost=self.latency_cost)
         return seconds / full
 
     def select(self) -> List[str]:
@@ -559,6 +570,7 @@ class LayerPruner:
         process and every resumption uses the same measured latencies), the criterion's accumulators."""
         return {"steps_done": self.steps_done, "selected": self._selected, "selected_at": self._selected_at,
                 "costs": {k: (dict(v[0]), v[1]) for k, v in self._costs.items()},
+                "latency": self.latency_cost.as_dict() if "latency" in self._costs else None,
                 "importance": self.importance.state_dict(), "reselections": list(self.reselections),
                 "latency_fit": self.latency_fit}
 
@@ -578,6 +590,11 @@ class LayerPruner:
         unknown = [n for n in (state.get("selected") or []) if n not in self._gates]
         if unknown:
             raise ValueError(f"the saved selection names gates this pruner does not have: {unknown[:5]}")
+        timed, own = state.get("latency") or {}, self.latency_cost.as_dict()
+        differ = [k for k in ("runtime", "batch_size") if k in timed and timed[k] != own[k]]
+        if differ:  # a table timed elsewhere is another budget
+            raise ValueError(f"the saved latency table was timed with {', '.join(f'{k} {timed[k]!r}' for k in differ)}"
+                             f"; this pruner times with {', '.join(f'{k} {own[k]!r}' for k in differ)}")
 
     def _take_measurements(self, state: Dict[str, Any]) -> None:
         """The cost tables and the latency fit of ``state`` (what this pruner would otherwise measure)."""
