@@ -423,7 +423,8 @@ def test_latency_is_measured_on_the_training_device_unless_latency_device_says(t
             return {}
 
     def recorder(kind):
-        return lambda *args, **kw: built.append((kind, kw["latency_device"], kw["latency_channels_last"])) or Recorded()
+        return lambda *args, **kw: built.append((kind, kw["latency_cost"].device, kw["latency_cost"].channels_last)) \
+            or Recorded()
 
     monkeypatch.setattr(pipeline_module, "LayerPruner", recorder("layer"))
     monkeypatch.setattr(pipeline_module, "JointPlanner", recorder("joint"))

@@ -6,7 +6,7 @@ Examples::
     resconv compress --model cifar_resnet56 --data fashion-mnist --flops-reduction 0.5 --output runs/r56
     resconv compress --config my_run.yaml --channel-pruning 0.2
     torchrun --nproc_per_node=2 -m resconv_plugin.cli compress --model cifar_resnet20 ...
-    resconv report runs/r56/model.safetensors --data fashion-mnist
+    resconv report runs/r56/model.safetensors --data fashion-mnist --runtime onnxruntime
     resconv export runs/r56/model.safetensors --onnx r56.onnx
 
 Settings come from the command line and/or a YAML file (``--config``; keys are the long option names, with ``-`` or
@@ -30,6 +30,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
+from resconv_plugin.measure.latency_cost import RUNTIMES
 from resconv_plugin.workflow.config import (
     DATASETS, CompressionConfig, ConfigError, option_flag, setting_types,
 )
@@ -138,7 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_compress_options(p)
     p = sub.add_parser("demo", help="compress the trained cifar_resnet20 shipped with the package (Fashion-MNIST)")
     _add_compress_options(p, demo=True)
-    p = sub.add_parser("report", help="accuracy, FLOPs, params, CPU latency and per-layer table of a saved model")
+    p = sub.add_parser("report", help="accuracy, FLOPs, params, latency (in a chosen runtime) and per-layer table of "
+                                      "a saved model")
     p.add_argument("checkpoint", type=Path, help="a model.safetensors written by resconv / resconv_plugin.save, "
                                                  "or its run folder")
     p.add_argument("--data", choices=DATASETS,
@@ -149,6 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-size", type=int, nargs=3, metavar=("C", "H", "W"),
                    help="input for FLOPs / latency (default: the one the model was converted with)")
     p.add_argument("--latency-repeats", type=int, default=50)
+    p.add_argument("--runtime", "--latency-runtime", dest="runtime", choices=RUNTIMES, default="eager",
+                   help="the runtime latency is timed in (resconv_plugin.LatencyCost; default eager PyTorch)")
+    p.add_argument("--latency-batch-size", type=int, default=1, help="the batch size latency is timed at")
+    p.add_argument("--latency-threads", type=int, help="CPU threads of the runtime (default: its own)")
     p.add_argument("--max-rows", type=int, default=60, help="rows of the per-layer table")
     p.add_argument("--json", type=Path, help="also write the figures here")
     p = sub.add_parser("export", help="export a saved model to ONNX (fused, BatchNorms folded), checked in ONNX "
@@ -299,7 +305,7 @@ def _run_export(args: argparse.Namespace) -> int:
 def _run_report(args: argparse.Namespace) -> int:
     import resconv_plugin
     from resconv_plugin._utils import format_table
-    from resconv_plugin.workflow.report import measure
+    from resconv_plugin.workflow.report import latency_column, measure
 
     model, recipe, path, example = _load_checkpoint(args)
     top1 = None
@@ -310,11 +316,16 @@ def _run_report(args: argparse.Namespace) -> int:
         data = build_datasets(args.data, args.data_dir, img_size=args.img_size or example.shape[-1],
                               in_chans=example.shape[1], val_subset=args.val_subset)
         top1 = evaluate(model, data)
-    figures = measure(model, example, accuracy=top1, latency_repeats=args.latency_repeats)
+    try:
+        cost = resconv_plugin.LatencyCost(args.runtime, batch_size=args.latency_batch_size,
+                                          threads=args.latency_threads, repeats=args.latency_repeats)
+    except (ValueError, RuntimeError) as exc:
+        raise ConfigError(f"--runtime {args.runtime}: {exc}") from exc
+    figures = measure(model, example, accuracy=top1, latency_cost=cost)
     flops = resconv_plugin.count_flops(model, example)
     print(f"{path}: {recipe['model']['name']} {recipe['model'].get('kwargs', {})}, steps: "
           + " -> ".join(s["op"] for s in recipe.get("steps", [])))
-    print(format_table(["top-1 %", "FLOPs", "params", "CPU latency ms (batch 1)", "input"],
+    print(format_table(["top-1 %", "FLOPs", "params", latency_column(figures["latency"]), "input"],
                        [("-" if top1 is None else f"{top1:.2f}", f"{figures['flops'] / 1e6:.2f}M",
                          f"{figures['params'] / 1e3:.1f}k", f"{figures['latency_ms']:.3f}",
                          "x".join(map(str, example.shape)))]))

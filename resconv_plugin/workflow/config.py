@@ -28,6 +28,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Union, get_typ
 from resconv_plugin._checks import FRACTION, NON_NEGATIVE, POSITIVE, Interval, check_value
 from resconv_plugin.data import DATASETS
 from resconv_plugin._deprecation import warn_renamed
+from resconv_plugin.measure.latency_cost import RUNTIMES
 from resconv_plugin.models.weights import ADAPTER_MODELS
 
 __all__ = ["CompressionConfig", "ConfigError", "DEFAULT_BUDGET", "DEFAULT_IMPORTANCE", "DATASETS", "IMPORTANCE_CHOICES",
@@ -88,8 +89,10 @@ class CompressionConfig:
     (``level``: "auto" (default), "layer" or "block") -> sparsity training (``sparsity_epochs``; the LayerPruner
     with one budget and ``importance``) -> prune (every gate at exactly 0 goes) -> channel pruning
     (``channel_pruning``) -> fine-tuning (``finetune_epochs``, gates frozen, before fusion) -> fuse -> save ->
-    report. ``distill``: sparsity training and fine-tuning learn from the baseline too (None: on whenever there are
-    such epochs, the default the ablation chose). Budgets (one of; default ``flops_reduction=0.5``):
+    report. Latency (the budget, the joint plan, the report) is timed in ``latency_runtime`` at
+    ``latency_batch_size`` with ``latency_threads`` (:class:`resconv_plugin.LatencyCost`). ``distill``: sparsity
+    training and fine-tuning learn from the baseline too (None: on whenever there are such epochs, the default the
+    ablation chose). Budgets (one of; default ``flops_reduction=0.5``):
     ``flops_reduction``, ``latency_reduction``, ``threshold``, ``gate_ratio`` (a fraction of the gates;
     ``pruning_ratio``, its name before, is read as it with a FutureWarning, for one release).
 
@@ -222,6 +225,15 @@ class CompressionConfig:
     latency_device: Optional[str] = setting(None, group=_DEVICE,
                                             help="device the latency table of --latency-reduction is measured on "
                                                  "(the one you deploy to; default: the training device)")
+    latency_runtime: str = setting("eager", group=_DEVICE, choices=RUNTIMES,
+                                   help="the runtime you deploy to, in which the latency budget, the joint plan and "
+                                        "the report are timed (resconv_plugin.LatencyCost): eager PyTorch (default), "
+                                        "compile (torch.compile), onnxruntime / openvino (the ONNX export, on the "
+                                        "CPU; extras deploy / openvino), tensorrt (a CUDA GPU; extra tensorrt)")
+    latency_batch_size: int = setting(1, group=_DEVICE, range=_COUNT,
+                                      help="the batch size latency is timed at (default %(default)s)")
+    latency_threads: Optional[int] = setting(None, group=_DEVICE, range=_COUNT,
+                                             help="CPU threads of the latency runtime (default: its own)")
     # run
     output: Optional[Path] = setting(None, group=_RUN, help="run folder (default: runs/<model>-<data>)")
     restart: bool = setting(False, group=_RUN, help="start over even if the output folder holds a run")

@@ -40,7 +40,8 @@ from resconv_plugin.workflow.pretrained import create_baseline_model
 from resconv_plugin.measure.flops import count_flops
 from resconv_plugin.fx.surgery import gated_modules
 from resconv_plugin.deploy.fold import deployed
-from resconv_plugin.workflow.report import latency_label, stage_latencies, stage_table, write_report
+from resconv_plugin.measure.latency_cost import LatencyCost
+from resconv_plugin.workflow.report import stage_latencies, stage_table, write_report
 from resconv_plugin._utils import atomic_file, check_module
 from resconv_plugin.workflow.rules import finetune, remove_pruned, sparsity_steps
 from resconv_plugin.workflow.training import StageSettings, check_amp, evaluate, train_stage
@@ -175,6 +176,7 @@ class Pipeline:
         self.device = self.dist.device
         if c.latency_device:
             resolve_device(c.latency_device, "--latency-device")  # a wrong one fails here, before any work
+        self.latency_cost()  # a runtime that cannot run here (not installed, no CUDA) fails here too
         self.cpu_example = torch.zeros(1, self.data.in_chans, self.data.img_size, self.data.img_size)
         self.example = self.cpu_example.to(self.device)
         # training images: no test image decides what goes
@@ -187,9 +189,29 @@ class Pipeline:
     def latency_device(self) -> torch.device:
         """Where latency is measured (the budget's table and fit, the joint plan, the report's timings):
         ``--latency-device``, else the training device (on CUDA, batch-1 latency is launch-bound: a table timed on
-        the CPU would not be the budget the run meets)."""
+        the CPU would not be the budget the run meets); ONNX Runtime and OpenVINO time on the CPU."""
         c = self.config
-        return resolve_device(c.latency_device, "--latency-device") if c.latency_device else self.device
+        if c.latency_device:
+            return resolve_device(c.latency_device, "--latency-device")
+        return torch.device("cpu") if c.latency_runtime in ("onnxruntime", "openvino") else self.device
+
+    def latency_cost(self, repeats: int = 20) -> LatencyCost:
+        """How the run times latency (:class:`~resconv_plugin.LatencyCost`): ``--latency-runtime``,
+        ``--latency-batch-size``, ``--latency-threads`` on :attr:`latency_device`, in the run's memory format
+        (PyTorch runtimes), ``repeats`` rounds (the budget's and the joint plan's 20, the report's
+        ``--latency-repeats``).
+
+        Raises:
+            ConfigError: the runtime cannot time on this device or machine (e.g. ``tensorrt`` without CUDA).
+            ImportError: the runtime's package is missing (the message names the pip extra).
+        """
+        c = self.config
+        try:
+            return LatencyCost(c.latency_runtime, batch_size=c.latency_batch_size, threads=c.latency_threads,
+                               channels_last=c.channels_last and c.latency_runtime in ("eager", "compile"),
+                               device=self.latency_device, repeats=repeats)
+        except (ValueError, RuntimeError) as exc:
+            raise ConfigError(f"--latency-runtime {c.latency_runtime}: {exc}") from exc
 
     @property
     def model(self) -> Optional[nn.Module]:
@@ -251,7 +273,7 @@ class Pipeline:
                             calibration_targets=self.calib[1],
                             cost="latency" if c.latency_reduction is not None else "flops", importance=c.importance,
                             score=self._recovered_loss if c.joint_recovery_steps else None,
-                            latency_device=self.latency_device, latency_channels_last=c.channels_last)
+                            latency_cost=self.latency_cost())
 
     def _recovered_loss(self, candidate: PlanCandidate, model: nn.Module) -> float:
         """A joint candidate's score: ``model`` (built at the candidate's widths, gates kept) trained for
@@ -309,8 +331,8 @@ class Pipeline:
             return LayerPruner(model, self.example, importance=importance, reg=reg, **budget,
                                sparsity_steps=sparsity_steps, cap_start=c.cap_start,
                                calibration_inputs=self.calib[0], calibration_targets=self.calib[1],
-                               ignored_layers=c.ignored_layers or None, latency_device=self.latency_device,
-                               latency_channels_last=c.channels_last, state=state)
+                               ignored_layers=c.ignored_layers or None, latency_cost=self.latency_cost(),
+                               state=state)
 
         if c.latency_reduction is None:
             pruner = build()
@@ -362,6 +384,7 @@ class Pipeline:
             def plan_it() -> dict:
                 plan = planner.plan()
                 return {"target_rel": plan.target_rel, "best": dataclasses.asdict(plan.best),
+                        "latency": self.latency_cost().as_dict() if c.latency_reduction is not None else None,
                         "candidates": [dataclasses.asdict(x) for x in plan.candidates],
                         "unreachable": plan.unreachable}
 
@@ -482,8 +505,8 @@ class Pipeline:
             # the budget's reachability does not depend on the criterion: magnitude measures nothing
             check = LayerPruner(probe, self.cpu_example, importance="magnitude", threshold=c.threshold,
                                 gate_ratio=c.gate_ratio, flops_reduction=c.flops_reduction,
-                                latency_reduction=c.latency_reduction, latency_device=self.latency_device,
-                                latency_channels_last=c.channels_last, ignored_layers=c.ignored_layers or None)
+                                latency_reduction=c.latency_reduction, latency_cost=self.latency_cost(),
+                                ignored_layers=c.ignored_layers or None)
         except ValueError as exc:  # this model cannot take this config (no eligible conv, unreachable budget)
             hint = ""
             if c.level == "auto" and level == "block" and "unreachable" in str(exc):
@@ -510,12 +533,12 @@ class Pipeline:
     def _finish(self) -> Dict[str, Any]:
         run, c = self.run_state, self.config
         records = run.state["records"]
+        cost = self.latency_cost(c.latency_repeats)
         if self.dist.main:
             models = {r["stage"]: load(run.out / "stages" / f"{r['stage']}.safetensors") for r in records}
-            log.info("timing the %d stages' models in turns on %s (batch 1, %d rounds)", len(models),
-                     self.latency_device, c.latency_repeats)
-            timed = stage_latencies(models, self.cpu_example, c.latency_repeats, device=self.latency_device,
-                                    channels_last=c.channels_last)
+            log.info("timing the %d stages' models in turns (%s, %d rounds)", len(models), cost.describe(),
+                     c.latency_repeats)
+            timed = stage_latencies(models, self.cpu_example, cost=cost)
             for r, ms in zip(records, timed.values()):
                 r["latency_ms"] = ms
         records = run.state["records"] = self.dist.broadcast(records)
@@ -531,14 +554,14 @@ class Pipeline:
                   "restarts": run.state.get("restarts", []),
                   "recipe": run.state.get("recipe_defaults"),
                   "latency_fit": run.state.get("latency_fit"), "joint_plan": run.state.get("joint_plan"),
-                  "latency_device": str(self.latency_device),
+                  "latency_device": str(self.latency_device), "latency": cost.as_dict(),
                   "model_file": str(run.out / "model.safetensors")}
         if self.dist.main:
             write_report(report, run.out, plots=c.plots)
-            print("\n" + stage_table(records, latency_device=self.latency_device))
+            print("\n" + stage_table(records, latency_device=self.latency_device, latency=cost.as_dict()))
             print(f"\n{c.model} on {c.data}: top-1 {first['top1']:.2f}% -> {last['top1']:.2f}% "
                   f"({summary['top1_change']:+.2f}), FLOPs -{100 * summary['flops_reduction']:.1f}%, params "
-                  f"-{100 * summary['params_reduction']:.1f}%, {latency_label(self.latency_device)} latency "
+                  f"-{100 * summary['params_reduction']:.1f}%, latency ({cost.describe()}) "
                   f"{-100 * summary['latency_reduction']:+.1f}%, "
                   f"{summary['layers_removed']} layers removed.\nreport: {run.out / 'report.md'}; model: "
                   f"{run.out / 'model.safetensors'}", flush=True)

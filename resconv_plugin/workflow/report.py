@@ -7,16 +7,18 @@ Definitions (also written into every report):
   batch 1: on a copy, gates fused (``fuse``) and every conv -> BatchNorm pair folded (``fold_batchnorms``), so every
   stage, the baseline included, is counted as the plain network it stands for.
 * ``params``: parameters of that model.
-* ``latency_ms``: median wall time of a batch-1 forward of that model on the run's latency device (the one its
-  latency budget is measured on: ``--latency-device``, else the training device; on the CPU with
-  ``torch.get_num_threads()`` threads), in the run's memory format, eval mode, after a warm-up; all stages timed in
-  turns at the end of the run (so a slow spell of a shared machine hits them alike). The report's
-  ``latency_device`` names the device.
+* ``latency_ms``: median wall time of one forward of that model in the run's latency runtime (the one its latency
+  budget is measured in: ``--latency-runtime``, default eager PyTorch; ONNX Runtime and OpenVINO run the model's
+  ONNX export), at its latency batch size (``--latency-batch-size``, default 1) with its threads
+  (``--latency-threads``, default the runtime's), on the run's latency device (``--latency-device``, else the
+  training device; the CPU for ONNX Runtime and OpenVINO), in the run's memory format, eval mode, after a warm-up;
+  all stages timed in turns at the end of the run (so a slow spell of a shared machine hits them alike). The
+  report's ``latency`` records the runtime, its version, threads, batch size and device
+  (:meth:`resconv_plugin.LatencyCost.as_dict`); ``latency_device`` names the device.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
@@ -26,21 +28,22 @@ from torch import nn
 
 from resconv_plugin.deploy.fold import deployed
 from resconv_plugin.measure.flops import count_flops
-from resconv_plugin.measure.latency import median_latency
+from resconv_plugin.measure.latency_cost import LatencyCost, describe_latency
 from resconv_plugin.fx.surgery import gated_modules
 from resconv_plugin._utils import atomic_file, format_table
 
 __all__ = ["measure", "stage_latencies", "DEFINITIONS", "stage_table", "write_report", "format_table",
-           "write_text_atomic", "latency_label"]
+           "write_text_atomic", "latency_label", "latency_column"]
 
 DEFINITIONS = {
     "top1": "top-1 accuracy (%) on the validation split",
     "flops": "fvcore FLOPs (1 multiply-add = 1, resconv_plugin op handles) at batch 1 of the model as deployed "
              "(gates fused, every conv-BN pair folded)",
     "params": "parameters of the model as deployed",
-    "latency_ms": "median wall time of a batch-1 forward of the model as deployed on latency_device (the device "
-                  "of the latency budget: --latency-device, else the training device; eval, after warm-up; stages "
-                  "timed in turns)",
+    "latency_ms": "median wall time of a forward of the model as deployed in the runtime, at the batch size and with "
+                  "the threads recorded in latency (those of the latency budget: --latency-runtime, default eager "
+                  "PyTorch; --latency-batch-size, default 1; --latency-threads) on latency_device (--latency-device, "
+                  "else the training device); eval, after warm-up; stages timed in turns",
 }
 
 
@@ -50,39 +53,54 @@ def latency_label(device: Union[str, torch.device, None]) -> str:
 
 
 def measure(model: nn.Module, example: torch.Tensor, *, accuracy: Optional[float] = None,
-            latency_repeats: int = 50) -> Dict[str, Any]:
-    """FLOPs, params and latency (on the example's device) of ``model`` as deployed, plus the given accuracy."""
-    was_training = model.training
-    plain = deployed(model)
-    flops = count_flops(plain, example)
-    with torch.no_grad():
-        latency = median_latency(lambda: plain(example), repeats=latency_repeats, device=example.device)
-    model.train(was_training)
-    return {"top1": accuracy, "flops": int(flops.total), "params": int(flops.params), "latency_ms": 1e3 * latency,
-            "gates": len(gated_modules(model))}
-
-
-def stage_latencies(models: Dict[str, nn.Module], example: torch.Tensor, repeats: int = 50, *,
-                    device: Union[str, torch.device, None] = None,
-                    channels_last: bool = False) -> Dict[str, float]:
-    """Milliseconds per forward of each model on ``example``, timed in turns (``interleaved_latencies``).
+            latency_repeats: Optional[int] = None, latency_cost: Optional[LatencyCost] = None) -> Dict[str, Any]:
+    """FLOPs, params and latency of ``model`` as deployed, plus the given accuracy.
 
     Args:
-        device: where to time them (default: the example's device); models elsewhere are timed as copies there.
-        channels_last: time models and input in channels-last memory format.
+        latency_repeats: timing rounds (default 50; with ``latency_cost``: its own).
+        latency_cost: the runtime, batch size and threads to time in (default: eager PyTorch on the example's
+            device, at its batch size); recorded as ``latency``.
     """
-    from resconv_plugin.measure.latency import interleaved_latencies
+    from resconv_plugin.pruning.cost import timing_cost
 
-    device = torch.device(device) if device is not None else example.device
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    x = (example.contiguous(memory_format=fmt) if example.dim() == 4 else example).to(device)
+    if latency_cost is None and latency_repeats is None:
+        latency_repeats = 50
+    cost = timing_cost((example,), latency_cost, repeats=latency_repeats)
+    flops = count_flops(deployed(model), example)
+    latency = cost(model, example)
+    return {"top1": accuracy, "flops": int(flops.total), "params": int(flops.params), "latency_ms": 1e3 * latency,
+            "latency": cost.as_dict(), "gates": len(gated_modules(model))}
 
-    def placed(model: nn.Module) -> nn.Module:
-        here = all(t.device == device for t in model.parameters()) and not channels_last
-        return model if here else copy.deepcopy(model).to(device, memory_format=fmt)
 
-    fns = {k: (lambda m=placed(m): m(x)) for k, m in models.items()}
-    return {k: 1e3 * v for k, v in interleaved_latencies(fns, repeats=repeats, device=device).items()}
+def stage_latencies(models: Dict[str, nn.Module], example: torch.Tensor, repeats: Optional[int] = None, *,
+                    device: Union[str, torch.device, None] = None, channels_last: bool = False,
+                    cost: Optional[LatencyCost] = None) -> Dict[str, float]:
+    """Milliseconds per forward of each model as deployed on ``example``, timed in turns
+    (:meth:`LatencyCost.compare <resconv_plugin.LatencyCost.compare>`).
+
+    Args:
+        repeats, device, channels_last: without ``cost``, time in eager PyTorch: ``repeats`` rounds (default 50),
+            on ``device`` (default: the example's device; models elsewhere are timed as copies there), in
+            channels-last memory format or not.
+        cost: the runtime, batch size, threads, device and repeats to time with.
+    """
+    from resconv_plugin.pruning.cost import timing_cost
+
+    if cost is None and repeats is None:
+        repeats = 50
+    cost = timing_cost((example,), cost, repeats=repeats, channels_last=channels_last, device=device)
+    return {k: 1e3 * v for k, v in cost.compare(models, example).items()}
+
+
+def latency_column(latency: Optional[Dict[str, Any]] = None,
+                   latency_device: Union[str, torch.device, None] = None) -> str:
+    """The name of a latency column: where and how it was timed, e.g. ``"CPU latency ms (onnxruntime 1.32.0, batch
+    1, 2 threads)"`` (``latency``: a :meth:`~resconv_plugin.LatencyCost.as_dict` record; without one, batch 1 in
+    eager PyTorch, as reports made before runtimes were recorded)."""
+    if not latency:
+        return f"{latency_label(latency_device)} latency ms (batch 1)"
+    device = latency.get("device", latency_device)
+    return f"{latency_label(device)} latency ms ({describe_latency(latency, device=False)})"
 
 
 def _fmt(value: Optional[float], spec: str) -> str:
@@ -90,16 +108,18 @@ def _fmt(value: Optional[float], spec: str) -> str:
 
 
 def stage_table(records: List[Dict[str, Any]], markdown: bool = False,
-                latency_device: Union[str, torch.device, None] = None) -> str:
-    """The per-stage table (top-1, FLOPs, params, latency and the change against the first row; ``latency_device``:
-    where latency was timed, for the column's name, default the CPU)."""
+                latency_device: Union[str, torch.device, None] = None,
+                latency: Optional[Dict[str, Any]] = None) -> str:
+    """The per-stage table (top-1, FLOPs, params, latency and the change against the first row; ``latency_device``
+    and ``latency``: where and how latency was timed, for the column's name (:func:`latency_column`), default the
+    CPU)."""
     base = records[0] if records else {}
     rows = []
     for r in records:
         rel = (lambda k: f" ({100 * (r[k] / base[k] - 1):+.1f}%)" if base.get(k) and r is not base else "")
         rows.append((r["stage"], _fmt(r.get("top1"), ".2f"), f"{r['flops'] / 1e6:.2f}M{rel('flops')}",
                      f"{r['params'] / 1e3:.1f}k{rel('params')}", f"{r['latency_ms']:.3f}{rel('latency_ms')}"))
-    header = ["stage", "top-1 %", "FLOPs", "params", f"{latency_label(latency_device)} latency ms (batch 1)"]
+    header = ["stage", "top-1 %", "FLOPs", "params", latency_column(latency, latency_device)]
     if markdown:
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         lines += ["| " + " | ".join(map(str, row)) + " |" for row in rows]
@@ -145,7 +165,7 @@ def _plots(report: Dict[str, Any], out: Path) -> List[str]:
     records = report["stages"]
     labels = [r["stage"] for r in records]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    latency = f"{latency_label(report.get('latency_device'))} latency, batch 1 (ms)"
+    latency = latency_column(report.get("latency"), report.get("latency_device"))
     for ax, key, title in ((axes[0], "flops", "FLOPs (M)"), (axes[1], "latency_ms", latency)):
         values = [r[key] / (1e6 if key == "flops" else 1) for r in records]
         ax.bar(labels, values, color="tab:gray")
@@ -183,7 +203,8 @@ def write_report(report: Dict[str, Any], out: Path, plots: bool = True) -> List[
     write_text_atomic(out / "report.json", json.dumps(report, indent=2) + "\n")
     s = report.get("settings", {})
     md = [f"# resconv compress: {s.get('model')} on {s.get('data')}", "",
-          stage_table(report["stages"], markdown=True, latency_device=report.get("latency_device")), "",
+          stage_table(report["stages"], markdown=True, latency_device=report.get("latency_device"),
+                      latency=report.get("latency")), "",
           "Figures: " + "; ".join(f"**{k}**: {v}" for k, v in DEFINITIONS.items()) + ".", ""]
     if report.get("removed"):
         md += [f"Removed ({len(report['removed'])}): " + ", ".join(f"`{n}`" for n in report["removed"]), ""]
