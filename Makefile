@@ -38,14 +38,14 @@ docs: $(STAMP)
 	$(PY) -m mkdocs build --strict -d site
 
 BENCHMARKS := latency_equal_flops fusion_overhead accuracy plain_networks tool_speed ablation_depth deploy_latency \
-	equal_latency
+	equal_latency runtime_budget
 
 # Every benchmark in its --quick form (each under about 2 minutes on 2 cores; outputs in benchmarks/results/*_quick*,
 # not committed)
 bench: $(STAMP) data
 	for b in $(BENCHMARKS); do $(PY) benchmarks/$$b.py --quick || exit 1; done
 
-# The full runs whose results the docs quote (benchmarks/README.md), with their exact commands (about 4 hours of 2
+# The full runs whose results the docs quote (benchmarks/README.md), with their exact commands (about 9 hours of 2
 # CPU cores; the accuracy benchmark keeps finished rows under runs/bench_cache, so an interrupted run resumes)
 bench-full: $(STAMP) data
 	$(PY) benchmarks/latency_equal_flops.py
@@ -59,6 +59,7 @@ bench-full: $(STAMP) data
 	$(PY) benchmarks/ablation_depth.py --threads 2
 	$(PY) -m pip install --quiet -e '.[deploy-bench]'
 	$(PY) benchmarks/deploy_latency.py --threads 1
+	$(PY) benchmarks/runtime_budget.py --threads 1
 	$(PY) benchmarks/baselines/train.py --arch cifar_resnet56 --threads 2
 	$(PY) benchmarks/equal_latency.py --threads 2
 
