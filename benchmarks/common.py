@@ -9,7 +9,7 @@ import shlex
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Callable, Dict, List, Sequence
 
 from resconv_plugin.workflow.report import write_text_atomic
 
@@ -43,6 +43,16 @@ def environment() -> Dict[str, object]:
                              + sys.argv[1:]),
     }
 
+
+
+def resumed_row(path: Path, make: Callable[[], dict]) -> dict:
+    """The finished row kept at ``path``, else ``make()``, written there atomically: an interrupted benchmark run
+    again resumes at the first row it has not finished."""
+    if path.exists():
+        return json.loads(path.read_text())
+    row = make()
+    write_json(path, row)
+    return row
 
 
 def write_json(path: Path, obj: object) -> None:

@@ -43,7 +43,7 @@ import timm
 import torch
 
 import resconv_plugin
-from common import RESULTS, environment, write_json, write_results
+from common import RESULTS, environment, resumed_row, write_results
 from latency_equal_flops import ARCHS, depth_pruned, match_flops
 
 MODELS = ("baseline", "depth", "channel", "channel_r8")
@@ -196,14 +196,8 @@ def main() -> None:
     records = []
     for arch in args.archs:
         for budget in args.budgets:
-            path = rows_dir / f"{arch}_{budget}.json"
-            if path.exists():
-                records.append(json.loads(path.read_text()))
-                continue
-            record = run_setting(arch, budget, args, folder)
-            record["environment"] = environment()
-            write_json(path, record)
-            records.append(record)
+            records.append(resumed_row(rows_dir / f"{arch}_{budget}.json",
+                                       lambda: dict(run_setting(arch, budget, args, folder), environment=environment())))
     keys = sorted({k for r in records for k in r["ms"]})
     summary = {"benchmark": args.name, "settings": len(records),
                "median_ratio_depth_over_channel_r8": {

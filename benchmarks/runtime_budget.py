@@ -58,7 +58,7 @@ import torch
 import resconv_plugin
 from resconv_plugin import LatencyCost, LayerPruner
 from resconv_plugin.pruning import latency_table, set_saving
-from common import RESULTS, environment, write_json, write_results
+from common import RESULTS, environment, resumed_row, write_results
 
 BASELINES = Path(__file__).resolve().parent / "baselines"
 ARCHS = {  # input (C, H, W) and where the weights come from
@@ -224,38 +224,33 @@ def main() -> None:
     rows_dir = RESULTS / f"{args.name}_rows"
     records, tables = [], []
     for arch in args.archs:
-        base = None
+        base = {}  # built on first use (not at all when every row of the architecture is kept)
         for batch in args.batches:
-            costs = None
+            # one LatencyCost per runtime for every plan of this batch: the unpruned model is built in each once
+            costs = {m: LatencyCost(m, batch_size=batch, threads=args.threads, repeats=args.measure_repeats)
+                     for m in args.runtimes}
             for runtime in args.runtimes:
-                path = rows_dir / f"{arch}_b{batch}_{runtime}.json"
-                if path.exists():
-                    records.append(json.loads(path.read_text()))
-                    continue
-                if base is None:
-                    base = base_model(arch, args.seed)
-                if costs is None:  # one per runtime for every plan of this batch: the unpruned model built once
-                    costs = {m: LatencyCost(m, batch_size=batch, threads=args.threads, repeats=args.measure_repeats)
-                             for m in args.runtimes}
-                record = plan(arch, batch, runtime, base, args)
-                measure(record, base, costs, arch)
-                del record["model"]
-                record.update(seed=args.seed, environment=versions())
-                print(f"{arch} b{batch} planned in {runtime}: {len(record['removed'])}/{record['gates']} gates, "
-                      f"table {record['table_seconds']:.1f} s, measured "
-                      + ", ".join(f"{m} {v:.3f}" for m, v in record["measured_rel"].items()), flush=True)
-                write_json(path, record)
-                records.append(record)
+                def planned(arch=arch, batch=batch, runtime=runtime, costs=costs) -> dict:
+                    if "model" not in base:
+                        base["model"] = base_model(arch, args.seed)
+                    model = base["model"]
+                    record = plan(arch, batch, runtime, model, args)
+                    measure(record, model, costs, arch)
+                    del record["model"]
+                    print(f"{arch} b{batch} planned in {runtime}: {len(record['removed'])}/{record['gates']} gates, "
+                          f"table {record['table_seconds']:.1f} s, measured "
+                          + ", ".join(f"{m} {v:.3f}" for m, v in record["measured_rel"].items()), flush=True)
+                    return dict(record, seed=args.seed, environment=versions())
+
+                records.append(resumed_row(rows_dir / f"{arch}_b{batch}_{runtime}.json", planned))
     for arch in args.table_archs:
         for runtime in args.table_runtimes:
-            path = rows_dir / f"table_{arch}_{runtime}.json"
-            if path.exists():
-                tables.append(json.loads(path.read_text()))
-                continue
-            row = dict(table_time(arch, runtime, args), seed=args.seed, environment=versions())
-            print(f"{arch} table in {runtime}: {row['gates']} gates, {row['table_seconds']:.1f} s", flush=True)
-            write_json(path, row)
-            tables.append(row)
+            def timed(arch=arch, runtime=runtime) -> dict:
+                row = dict(table_time(arch, runtime, args), seed=args.seed, environment=versions())
+                print(f"{arch} table in {runtime}: {row['gates']} gates, {row['table_seconds']:.1f} s", flush=True)
+                return row
+
+            tables.append(resumed_row(rows_dir / f"table_{arch}_{runtime}.json", timed))
     summary = {"benchmark": args.name, **summarise(records, tables, args.budget)}
     header = ["arch", "batch", "planned in", *(f"measured in {m}" for m in args.runtimes), "table s"]
     rows = [[r["arch"], r["batch"], r["planned_in"], *(f"{r['measured_rel'].get(m, float('nan')):.3f}"

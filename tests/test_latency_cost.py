@@ -50,6 +50,24 @@ def x32(batch: int = 1) -> torch.Tensor:
     return torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 
 
+def converted(width: int, depth: int) -> nn.Module:
+    """A seeded :class:`Net` with a ResConv gate on each of its ``depth`` body layers."""
+    torch.manual_seed(0)
+    model = Net(width, depth).eval()
+    resconv_plugin.convert(model, x32(), level="layer")
+    return model
+
+
+@pytest.fixture
+def exports(monkeypatch) -> list:
+    """Records every ONNX export (one item each) that ONNX Runtime needs; skips without it."""
+    require("onnxruntime")
+    done = []
+    real = onnx_export.export_onnx
+    monkeypatch.setattr(onnx_export, "export_onnx", lambda *a, **kw: done.append(1) or real(*a, **kw))
+    return done
+
+
 @pytest.mark.parametrize("runtime", list(INSTALLED))
 def test_each_installed_runtime_ranks_a_model_eight_times_wider_slower(runtime):
     """The same network at 4 and at 32 channels (64 times the FLOPs in its body): timed in turns in each runtime,
@@ -88,17 +106,10 @@ def test_threads_are_set_while_timing_and_restored_after():
     assert set(seen) == {1} and torch.get_num_threads() == before
 
 
-def test_a_lookup_table_exports_each_model_once(monkeypatch):
+def test_a_lookup_table_exports_each_model_once(exports):
     """ONNX Runtime: the full model is exported once for all its pairs, each removal once (N gates: N singles, the
     all-removed variant and the full model), however many timing rounds; a later measured set adds one export."""
-    require("onnxruntime")
-    exports = []
-    real = onnx_export.export_onnx
-    monkeypatch.setattr(onnx_export, "export_onnx", lambda *a, **kw: exports.append(1) or real(*a, **kw))
-    torch.manual_seed(0)
-    model = Net(8, depth=3).eval()
-    x = x32()
-    resconv_plugin.convert(model, x, level="layer")
+    model, x = converted(8, depth=3), x32()
     names = list(resconv_plugin.gated_modules(model))
     assert len(names) == 3
     cost = LatencyCost("onnxruntime", threads=1, repeats=3, warmup=1)
@@ -150,10 +161,7 @@ def test_layer_pruner_times_its_table_and_fit_in_the_runtime_given():
     """A latency budget planned in ONNX Runtime: the table and the fit's measurements go through the LatencyCost,
     the fit and the state record the runtime, and a state timed in another runtime is refused."""
     require("onnxruntime")
-    torch.manual_seed(0)
-    model = Net(32, depth=3).eval()
-    x = x32()
-    resconv_plugin.convert(model, x, level="layer")
+    model, x = converted(32, depth=3), x32()
     cost = LatencyCost("onnxruntime", threads=1, repeats=5, warmup=1)
     pruner = LayerPruner(model, x, latency_reduction=0.2, latency_cost=cost)
     assert pruner.latency_cost is cost and pruner.latency_repeats == 5
@@ -173,17 +181,10 @@ def test_layer_pruner_times_its_table_and_fit_in_the_runtime_given():
         "channels_last": True, "repeats": 3}
 
 
-def test_joint_planner_takes_a_latency_cost_and_exports_each_try_once(monkeypatch):
+def test_joint_planner_takes_a_latency_cost_and_exports_each_try_once(exports):
     """``cost=LatencyCost(...)`` is the latency cost timed with it; the bisection's repeated measurements of one try
     export it once, and the baseline once for all."""
-    require("onnxruntime")
-    exports = []
-    real = onnx_export.export_onnx
-    monkeypatch.setattr(onnx_export, "export_onnx", lambda *a, **kw: exports.append(1) or real(*a, **kw))
-    torch.manual_seed(0)
-    model = Net(16, depth=2).eval()
-    x = x32()
-    resconv_plugin.convert(model, x, level="layer")
+    model, x = converted(16, depth=2), x32()
     cost = LatencyCost("onnxruntime", threads=1, repeats=3, warmup=1)
     planner = JointPlanner(model, x, 0.3, calibration_inputs=torch.randn(4, 3, 32, 32), cost=cost)
     assert planner.cost == "latency" and planner.latency_cost is cost
@@ -237,3 +238,29 @@ def test_command_options_and_report_runtime(tmp_path, capsys):
     figures = json.loads((tmp_path / "f.json").read_text())
     assert figures["latency"]["runtime"] == "onnxruntime" and figures["latency"]["threads"] == 1
     assert "CPU latency ms (onnxruntime" in capsys.readouterr().out
+
+
+def test_the_pipeline_times_onnx_runtimes_on_the_cpu_and_checks_the_runtime_first(tmp_path, monkeypatch):
+    """The run's LatencyCost: its runtime, batch size and threads; ONNX Runtime on the CPU whatever the training
+    device; an unknown runtime, or TensorRT without CUDA, refused before any work."""
+    require("onnxruntime")
+    import dataclasses
+
+    from resconv_plugin.workflow import CompressionConfig, Pipeline
+    from resconv_plugin.workflow.config import ConfigError
+    from test_workflow import tiny_data
+
+    config = CompressionConfig(model="cifar_resnet20", epochs=0, latency_reduction=0.3, latency_runtime="onnxruntime",
+                               latency_batch_size=2, latency_threads=1, output=tmp_path / "run", progress=False)
+    pipeline = Pipeline(config.validated(), data=tiny_data())
+    pipeline.device = torch.device("cuda", 1)  # a run on the second GPU: only the cost below is built
+    cost = pipeline.latency_cost()
+    assert (cost.runtime, cost.batch_size, cost.threads, cost.device) == ("onnxruntime", 2, 1, torch.device("cpu"))
+    assert pipeline.latency_cost(50).repeats == 50
+    with pytest.raises(ConfigError, match="latency_runtime \\(--latency-runtime\\) must be one of eager, compile, "
+                                          "onnxruntime, openvino, tensorrt, got 'tvm'"):
+        dataclasses.replace(config, latency_runtime="tvm").validated()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="--latency-runtime tensorrt: .*needs a CUDA GPU"):
+        Pipeline(dataclasses.replace(config, latency_runtime="tensorrt", latency_threads=None).validated(),
+                 data=tiny_data())
