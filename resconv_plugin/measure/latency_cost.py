@@ -111,14 +111,15 @@ class LatencyCost:
         RuntimeError: ``"tensorrt"`` on a machine without CUDA.
 
     Example:
-        >>> import torch, resconv_plugin
-        >>> model = resconv_plugin.create_model("cifar_resnet20", num_classes=10, in_chans=1)
+        >>> import timm, torch, resconv_plugin
+        >>> model = timm.create_model("cifar_resnet20", num_classes=10, in_chans=1).eval()
+        >>> x = torch.randn(1, 1, 28, 28)
         >>> cost = resconv_plugin.LatencyCost("onnxruntime", batch_size=1, threads=1)
-        >>> seconds = cost(model, torch.randn(1, 1, 28, 28))        # the deployed model in ONNX Runtime
+        >>> seconds = cost(model, x)  # the deployed model in ONNX Runtime
         >>> cost.as_dict()["runtime"], cost.as_dict()["batch_size"]
         ('onnxruntime', 1)
-        >>> pruner = resconv_plugin.LayerPruner(model, torch.randn(1, 1, 28, 28), latency_reduction=0.3,
-        ...                                     latency_cost=cost)  # doctest: +SKIP
+        >>> _ = resconv_plugin.convert(model, x, level="block")
+        >>> pruner = resconv_plugin.LayerPruner(model, x, latency_reduction=0.3, latency_cost=cost)  # budget in ORT
     """
 
     def __init__(self, runtime: str = "eager", *, batch_size: Optional[int] = 1, threads: Optional[int] = None,
