@@ -231,7 +231,7 @@ def test_command_options_and_report_runtime(tmp_path, capsys):
     assert (c.latency_runtime, c.latency_batch_size, c.latency_threads) == ("onnxruntime", 8, 2)
     with pytest.raises(ConfigError, match="latency_batch_size \\(--latency-batch-size\\) must be a positive int"):
         parse_compress_args(["compress", "--model", "cifar_resnet20", "--latency-batch-size", "0"])
-    model = resconv_plugin.create_model("cifar_resnet20", num_classes=10, in_chans=1).eval()
+    model = resconv_plugin.create_resconv_model("cifar_resnet20", num_classes=10, in_chans=1).eval()
     path = resconv_plugin.save(resconv_plugin.deployed(model), tmp_path / "m.safetensors")
     assert main(["report", str(path), "--input-size", "1", "28", "28", "--runtime", "onnxruntime",
                  "--latency-threads", "1", "--latency-repeats", "2", "--json", str(tmp_path / "f.json")]) == 0
