@@ -1,4 +1,4 @@
-"""Small shared helpers: input validation, temporary eval mode, module swaps."""
+"""Small shared helpers: input validation, temporary eval mode, module swaps, torch-pruning's gate warning."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import contextlib
 import os
 import re
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Iterator, Sequence, Tuple, Union
 
@@ -66,6 +67,22 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for module, flag in flags:
             module.training = flag
+
+
+@contextlib.contextmanager
+def quiet_about_gates(model: nn.Module) -> Iterator[None]:
+    """torch-pruning warns about 'unwrapped parameters' for the gates' scalar gamma and then (having no dimension
+    to prune) leaves them alone. Drop that warning when it names only gates; pass every other warning on."""
+    gate_names = {n for n, p in model.named_parameters() if p.dim() == 0 and n.endswith("gamma")}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    for w in caught:
+        text = str(w.message)
+        named = re.findall(r"'([^']+)'", text.split("]")[0]) if "Unwrapped parameters detected" in text else None
+        if named is not None and set(named) <= gate_names:
+            continue
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
 
 @contextlib.contextmanager

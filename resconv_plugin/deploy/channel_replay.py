@@ -1,39 +1,22 @@
 """Replaying a recorded torch-pruning history on a freshly built model (checkpoints of format v1 stored channel
-pruning as such a history), and silencing torch-pruning's warning about the gates' scalar parameters.
+pruning as such a history).
 
 The gates' scalar ``gamma`` parameters are "unwrapped parameters" to torch-pruning, which finds no dimension to prune
-in a 0-dim tensor and leaves them alone; its warning about them is dropped, any other warning passes.
+in a 0-dim tensor and leaves them alone; its warning about them is dropped, any other warning passes
+(:func:`~resconv_plugin._utils.quiet_about_gates`, shared with :mod:`~resconv_plugin.pruning.channels`).
 """
 
 from __future__ import annotations
 
-import contextlib
-import re
-import warnings
 from typing import List, Tuple
 
 import torch
 from torch import nn
 
+from resconv_plugin._utils import quiet_about_gates
 from resconv_plugin.fx.recipe import record_step
 
 __all__ = ["quiet_about_gates", "replay_channel_pruning"]
-
-
-@contextlib.contextmanager
-def quiet_about_gates(model: nn.Module):
-    """torch-pruning warns about 'unwrapped parameters' for the gates' scalar gamma and then (having no dimension
-    to prune) leaves them alone. Drop that warning when it names only gates; pass every other warning on."""
-    gate_names = {n for n, p in model.named_parameters() if p.dim() == 0 and n.endswith("gamma")}
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        yield
-    for w in caught:
-        text = str(w.message)
-        named = re.findall(r"'([^']+)'", text.split("]")[0]) if "Unwrapped parameters detected" in text else None
-        if named is not None and set(named) <= gate_names:
-            continue
-        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
 
 def replay_channel_pruning(model: nn.Module, history: list, input_shapes: List[List[int]]) -> None:

@@ -18,12 +18,10 @@ from typing import TYPE_CHECKING, Any, Iterable, List, Optional, Union
 
 from torch import nn
 
-from resconv_plugin.deploy.channel_replay import quiet_about_gates
-
 if TYPE_CHECKING:
     import torch_pruning
 from resconv_plugin.fx.recipe import record_step
-from resconv_plugin._utils import ExampleInputs, as_input_tuple, check_module
+from resconv_plugin._utils import ExampleInputs, as_input_tuple, check_module, quiet_about_gates
 
 __all__ = ["channel_pruner", "classifier_of"]
 
