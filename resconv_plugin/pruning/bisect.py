@@ -25,6 +25,8 @@ from typing import Callable, List, Tuple
 
 from torch import nn
 
+from resconv_plugin._checks import Interval, check_int, check_number
+
 __all__ = ["RatioSearch", "bisect_ratio"]
 
 
@@ -77,11 +79,9 @@ def bisect_ratio(prune: Callable[[float], nn.Module], cost: Callable[[nn.Module]
         raise ValueError(f"target must be a positive cost, got {target!r}")
     if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not 0 < tolerance < target:
         raise ValueError(f"tolerance must be in (0, target={target}), got {tolerance!r}")
-    if isinstance(max_ratio, bool) or not isinstance(max_ratio, (int, float)) or not 0 < max_ratio < 1:
-        raise ValueError(f"max_ratio must be in (0, 1), got {max_ratio!r}")
-    for name, value in (("iterations", iterations), ("confirm", confirm)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    check_number("max_ratio", max_ratio, Interval(0, 1, low_open=True, high_open=True))
+    check_int("iterations", iterations, 1)
+    check_int("confirm", confirm, 1)
     floor = target - tolerance
 
     kept: List[Tuple[nn.Module, float, float]] = []  # (model, ratio, median cost) of every try, in order

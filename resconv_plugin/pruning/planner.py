@@ -47,6 +47,7 @@ from typing import Callable, List, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from resconv_plugin._checks import Interval, check_int, check_number
 from resconv_plugin._utils import ExampleInputs, as_input_tuple, check_module, eval_mode
 from resconv_plugin.deploy.fold import deployed
 from resconv_plugin.fx.surgery import gated_modules, remove
@@ -153,8 +154,7 @@ class JointPlanner:
             raise TypeError(f"calibration_targets must be a tensor of class indices, got "
                             f"{type(calibration_targets).__name__}")
         self.calibration_targets = calibration_targets
-        if isinstance(reduction, bool) or not isinstance(reduction, (int, float)) or not 0.0 < reduction < 1.0:
-            raise ValueError(f"reduction must be in (0, 1), got {reduction!r}")
+        check_number("reduction", reduction, Interval(0, 1, low_open=True, high_open=True))
         if isinstance(cost, LatencyCost):
             if latency_cost is not None and latency_cost is not cost:
                 raise ValueError("cost is a LatencyCost and latency_cost is another: give one")
@@ -162,8 +162,7 @@ class JointPlanner:
         if not (cost in ("latency", "flops") or callable(cost)):
             raise ValueError(f"cost must be 'latency', 'flops', a LatencyCost or a callable(deployed_model) -> float, "
                              f"got {cost!r}")
-        if isinstance(top_ups, bool) or not isinstance(top_ups, int) or top_ups < 0:
-            raise ValueError(f"top_ups must be an int >= 0, got {top_ups!r}")
+        check_int("top_ups", top_ups)
         if score is not None and not callable(score):
             raise TypeError(f"score must be a callable(candidate, model) -> float, got {type(score).__name__}")
         if not gated_modules(model):

@@ -19,6 +19,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 import torch
 from torch import nn
 
+from resconv_plugin._checks import check_fraction, check_int
 from resconv_plugin._deprecation import warn_renamed
 from resconv_plugin.nn.resconv import ResConv
 from resconv_plugin.fx.graph import trace
@@ -102,17 +103,7 @@ def _check_fraction(name: str, value: Optional[float], upper_inclusive: bool = F
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a float, got {type(value).__name__} {value!r}")
-    ok = 0.0 <= value <= 1.0 if upper_inclusive else 0.0 <= value < 1.0
-    if not ok:
-        raise ValueError(f"{name} must be in [0, 1{']' if upper_inclusive else ')'}, got {value!r}")
-    return float(value)
-
-
-def _check_positive_int(name: str, value: object, *, allow_none: bool = True, or_none: str = "") -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int{or_none}, got {value!r}")
+    return float(check_fraction(name, value, high_open=not upper_inclusive))
 
 
 def _check_arguments(calibration_inputs: Optional[ExampleInputs], calibration_targets: Optional[torch.Tensor],
@@ -125,13 +116,14 @@ def _check_arguments(calibration_inputs: Optional[ExampleInputs], calibration_ta
                         f"{type(calibration_targets).__name__}")
     if calibration_targets is not None and calibration_inputs is None:
         raise ValueError("calibration_targets are the labels of calibration_inputs: pass both")
-    _check_positive_int("sparsity_steps", sparsity_steps)
+    if sparsity_steps is not None:  # None is allowed, yet not named in the message (as for latency_repeats)
+        check_int("sparsity_steps", sparsity_steps, 1)
     if selection not in METHODS:
         raise ValueError(f"selection must be one of {METHODS}, got {selection!r}")
-    _check_positive_int("reselect_every", reselect_every, or_none=" or None")
-    if isinstance(hysteresis, bool) or not isinstance(hysteresis, (int, float)) or not 0 <= hysteresis < 1:
-        raise ValueError(f"hysteresis must be in [0, 1), got {hysteresis!r}")
-    _check_positive_int("latency_repeats", latency_repeats)
+    check_int("reselect_every", reselect_every, 1, optional=True)
+    check_fraction("hysteresis", hysteresis, high_open=True)
+    if latency_repeats is not None:
+        check_int("latency_repeats", latency_repeats, 1)
     for item in ignored_layers:
         if not isinstance(item, (str, nn.Module, type)):
             raise TypeError(f"ignored_layers entries must be names, modules or module classes, got "

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Optional
 
+from resconv_plugin._checks import Interval, check_int, check_number
+
 __all__ = ["CapSchedule"]
 
 
@@ -27,10 +29,8 @@ class CapSchedule:
     """
 
     def __init__(self, steps: int, zero_at: float = 0.75, cap_start: float = 0.0) -> None:
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"sparsity_steps must be a positive int, got {steps!r}")
-        if isinstance(zero_at, bool) or not isinstance(zero_at, (int, float)) or not 0.0 < zero_at <= 1.0:
-            raise ValueError(f"zero_at must be in (0, 1], got {zero_at!r}")
+        check_int("sparsity_steps", steps, 1)
+        check_number("zero_at", zero_at, Interval(0, 1, low_open=True))
         if isinstance(cap_start, bool) or not isinstance(cap_start, (int, float)) or not 0.0 <= cap_start < zero_at:
             raise ValueError(f"cap_start must be in [0, zero_at={zero_at}), got {cap_start!r}")
         self.steps, self.zero_at, self.cap_start = steps, float(zero_at), float(cap_start)

@@ -32,6 +32,8 @@ from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, 
 
 import numpy as np
 
+from resconv_plugin._checks import check_int
+
 __all__ = ["select_within_budget", "select_iteratively", "select_count", "set_saving", "BudgetChooser", "METHODS"]
 
 METHODS = ("dp", "greedy")
@@ -212,8 +214,7 @@ def select_iteratively(score_fn: Callable[[List[str]], Dict[str, float]], saving
 def select_count(scores: Mapping[str, float], count: int, savings: Optional[Mapping[str, float]] = None, *,
                  order: Optional[Sequence[str]] = None) -> List[str]:
     """The ``count`` gates of lowest score (ties: larger saving, then module order)."""
-    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
-        raise ValueError(f"count must be an int >= 0, got {count!r}")
+    check_int("count", count)
     rank = {n: i for i, n in enumerate(order or list(scores))}
     savings = savings or {}
     ranked = sorted(scores, key=lambda n: (scores[n], -savings.get(n, 0.0), rank.get(n, len(rank))))
