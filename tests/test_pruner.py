@@ -242,10 +242,10 @@ def converted(arch):
 
 def fake_latency(monkeypatch, table, clock):
     """The pruner's latency table and its measured check replaced by deterministic stand-ins."""
-    from resconv_plugin.pruning import pruner as pruner_module
+    from resconv_plugin.pruning import cost
 
-    monkeypatch.setattr(pruner_module, "latency_table", table)
-    monkeypatch.setattr(pruner_module, "measured_saving", clock)
+    monkeypatch.setattr(cost, "latency_table", table)
+    monkeypatch.setattr(cost, "measured_saving", clock)
 
 
 def test_latency_table_sums_to_the_measured_saving_of_removing_every_gate(monkeypatch):
@@ -400,16 +400,16 @@ def test_one_disturbed_timing_does_not_decide_the_latency_fit(table_vs_clock, mo
     """The first timing of the first set reads three times its saving (a busy machine; seen on cifar_resnet20:
     0.685 read for five layers whose model then measured 0.221): the set is timed twice more, counts by the median
     reading, and the fit goes on to a set that meets the budget on the true clock."""
-    from resconv_plugin.pruning import pruner as pruner_module
+    from resconv_plugin.pruning import cost
 
     model, x, state = table_vs_clock
-    honest = pruner_module.measured_saving
+    honest = cost.measured_saving
 
     def glitch(model, names, example_inputs, **kwargs):
         seconds, total = honest(model, names, example_inputs, **kwargs)
         return (3 * seconds if state["timed"] == 1 else seconds), total
 
-    monkeypatch.setattr(pruner_module, "measured_saving", glitch)
+    monkeypatch.setattr(cost, "measured_saving", glitch)
     state["truth"] = 0.6  # the table overestimates: its first set really saves less than asked
     pruner = LayerPruner(model, x, latency_reduction=0.3)
     chosen = pruner.select()
@@ -423,10 +423,10 @@ def test_one_disturbed_timing_short_of_the_budget_does_not_decide_either(table_v
     cifar_resnet20: four blocks read 0.397 of 0.40 asked, the fit took a fifth, ~0.1 of the latency more): a timing
     within the tolerance below the budget is timed twice more and the set kept by the median reading. A set that is
     truly 0.005 short reads short three times and is not kept."""
-    from resconv_plugin.pruning import pruner as pruner_module
+    from resconv_plugin.pruning import cost
 
     model, x, state = table_vs_clock
-    honest = pruner_module.measured_saving
+    honest = cost.measured_saving
     exact = LayerPruner(model, x, latency_reduction=0.3)
     table_set = exact.select()
     saving = true_saving(model, x, table_set)
@@ -436,7 +436,7 @@ def test_one_disturbed_timing_short_of_the_budget_does_not_decide_either(table_v
         seconds, total = honest(model, names, example_inputs, **kwargs)
         return ((0.3 - 0.005) * total if state["timed"] == 1 else seconds), total
 
-    monkeypatch.setattr(pruner_module, "measured_saving", glitch)
+    monkeypatch.setattr(cost, "measured_saving", glitch)
     state["timed"] = 0
     pruner = LayerPruner(model, x, latency_reduction=0.3)
     assert pruner.select() == table_set  # kept: not a larger set
@@ -444,7 +444,7 @@ def test_one_disturbed_timing_short_of_the_budget_does_not_decide_either(table_v
     assert first["measurements"] == pytest.approx([0.295, saving, saving]) and first["measured"] == pytest.approx(saving)
     assert pruner.latency_fit["best"] == 0
 
-    monkeypatch.setattr(pruner_module, "measured_saving", honest)
+    monkeypatch.setattr(cost, "measured_saving", honest)
     state["truth"] = 0.295 / saving  # really 0.005 short, on every timing
     pruner = LayerPruner(model, x, latency_reduction=0.3)
     chosen = pruner.select()

@@ -239,7 +239,7 @@ def test_compress_reports_the_measured_check_of_a_latency_budget(tmp_path):
 def flops_clock(monkeypatch, share: float) -> list:
     """A deterministic latency: the per-gate table is each gate's FLOPs saving, and a set's measured saving is
     ``share`` of its FLOPs saving. Returns the list that records the gates of every table timed."""
-    from resconv_plugin.pruning import pruner as pruner_module
+    from resconv_plugin.pruning import cost
 
     tables = []
 
@@ -251,8 +251,8 @@ def flops_clock(monkeypatch, share: float) -> list:
         saved, total = resconv_plugin.pruning.flops_savings(model, list(names), example_inputs)
         return share * resconv_plugin.pruning.set_saving(saved, list(names)), total
 
-    monkeypatch.setattr(pruner_module, "latency_table", table)
-    monkeypatch.setattr(pruner_module, "measured_saving", clock)
+    monkeypatch.setattr(cost, "latency_table", table)
+    monkeypatch.setattr(cost, "measured_saving", clock)
     return tables
 
 
@@ -443,12 +443,12 @@ def test_latency_is_measured_on_the_training_device_unless_latency_device_says(t
 def test_a_latency_budget_is_timed_by_rank_0_and_followed_by_the_others(tmp_path, monkeypatch):
     """Under torchrun, rank 0 times the latency table and fits the budget; another rank builds its pruner from
     rank 0's tables and fit without timing anything, and chooses the same set."""
-    from resconv_plugin.pruning import pruner as pruner_module
+    from resconv_plugin.pruning import cost
     from helpers import RecordedDist, holds_tensors
 
     tables = flops_clock(monkeypatch, 0.9)
-    clock, timings = pruner_module.measured_saving, []
-    monkeypatch.setattr(pruner_module, "measured_saving", lambda *a, **kw: timings.append(1) or clock(*a, **kw))
+    clock, timings = cost.measured_saving, []
+    monkeypatch.setattr(cost, "measured_saving", lambda *a, **kw: timings.append(1) or clock(*a, **kw))
     config = CompressionConfig(model="cifar_resnet20", epochs=0, sparsity_epochs=1, finetune_epochs=0, batch_size=32,
                                latency_reduction=0.3, importance="magnitude", output=tmp_path / "run",
                                latency_repeats=2, plots=False, progress=False)

@@ -24,13 +24,16 @@ One denominator everywhere: budgets, reports and benchmarks all count the deploy
   against the full one, in turns). Per-gate entries are small next to timing noise on a busy machine (a layer of
   cifar_resnet20 is 2-5% of its latency at batch 1), so ``LayerPruner`` checks the set it chooses against this
   and corrects the table's goal until the measured saving meets the budget.
+* :class:`GateCosts`: a pruner's tables of both kinds and the fit of its latency budget, measured once and kept
+  (also in its state, so that every process and every resumption uses the same measurements), and the check that a
+  budget is reachable.
 """
 
 from __future__ import annotations
 
 import copy
 import statistics
-from typing import Dict, Iterable, Optional, Tuple, Union
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -41,10 +44,11 @@ from resconv_plugin.measure.flops import count_flops
 from resconv_plugin.fx.graph import trace
 from resconv_plugin.measure.latency_cost import LatencyCost
 from resconv_plugin.fx.surgery import plan_removal, remove
-from resconv_plugin.pruning.select import set_saving
+from resconv_plugin.pruning.latency_fit import Choose, fit_latency_goal
+from resconv_plugin.pruning.select import _short, set_saving
 
 __all__ = ["flops_savings", "latency_table", "measured_saving", "predicted_saving", "removal_signatures", "COST_KINDS",
-           "timing_cost"]
+           "timing_cost", "GateCosts"]
 
 COST_KINDS = ("flops", "latency")
 _ALL = "\0every gate"  # the variant with every measured gate removed (not a module name)
@@ -239,3 +243,96 @@ def predicted_saving(savings: Dict[str, float], names: Iterable[str]) -> float:
     """The table's prediction for removing ``names`` together: the sum of their entries (a layer inside a block
     in ``names`` goes with the block and is not counted twice; :func:`~resconv_plugin.pruning.set_saving`)."""
     return set_saving(savings, names)
+
+
+class GateCosts:
+    """What removing each gate of a pruner's model saves, in FLOPs or seconds of the deployed model, and the measured
+    correction of a latency budget's goal (:attr:`fit`): each is measured at its first use and kept (in the state too:
+    every process and every resumption of a run uses the same measurements). A pruner builds a new one whenever its
+    model's structure changes.
+
+    Args:
+        model: the gated model (not changed).
+        example_inputs: the deployment input.
+        latency_cost: how latency is timed (:func:`timing_cost`).
+
+    Example:
+        >>> costs = GateCosts(model, (x[:1],), timing_cost((x[:1],)))  # doctest: +SKIP
+        >>> saved, total = costs.savings("flops", ["layer1.0.conv1"])  # doctest: +SKIP
+    """
+
+    def __init__(self, model: nn.Module, example_inputs: Tuple[torch.Tensor, ...], latency_cost: LatencyCost) -> None:
+        self.model, self.example_inputs, self.latency_cost = model, example_inputs, latency_cost
+        #: ``{kind: (savings, total)}``, the tables measured (or loaded) so far.
+        self.tables: Dict[str, Savings] = {}
+        #: The latency fit (:func:`~resconv_plugin.pruning.latency_fit.fit_latency_goal`), None before one is made.
+        self.fit: Optional[Dict[str, Any]] = None
+
+    def savings(self, kind: str, names: Sequence[str]) -> Savings:
+        """``({name: what removing it saves}, total)`` in FLOPs (:func:`flops_savings`) or seconds
+        (:func:`latency_table`) for the gates ``names``; measured on the first call of each kind, then kept.
+
+        Raises:
+            ValueError: ``kind`` is not ``"flops"`` or ``"latency"``.
+        """
+        if kind not in COST_KINDS:
+            raise ValueError(f"kind must be 'flops' or 'latency', got {kind!r}")
+        if kind not in self.tables:
+            if kind == "flops":
+                self.tables[kind] = flops_savings(self.model, list(names), self.example_inputs)
+            else:
+                self.tables[kind] = latency_table(self.model, list(names), self.example_inputs, cost=self.latency_cost)
+        return self.tables[kind]
+
+    def measured(self, chosen: List[str]) -> float:
+        """The measured latency saving of removing ``chosen`` together, as a fraction of the deployed model's."""
+        seconds, full = measured_saving(self.model, chosen, self.example_inputs, cost=self.latency_cost)
+        return seconds / full
+
+    def latency_goal(self, choose: Choose, fraction: float, names: List[str]) -> Tuple[float, int]:
+        """``(goal, extra)`` whose set ``choose(goal, extra)`` meets ``fraction`` of the latency as measured
+        (:func:`~resconv_plugin.pruning.latency_fit.fit_latency_goal`); the fit is kept in :attr:`fit` and reused."""
+        saved, total = self.savings("latency", names)
+        goal, extra, self.fit = fit_latency_goal(choose, self.measured, saved, total, fraction, self.fit, names=names)
+        if self.fit is not None:  # the fit holds for the runtime it timed in
+            self.fit.setdefault("latency", self.latency_cost.as_dict())
+        return goal, extra
+
+    def check_reachable(self, kind: str, fraction: float, names: List[str]) -> None:
+        """Raise a ValueError when removing every gate of ``names`` saves less than ``fraction`` of the total
+        (``kind``: ``"flops"`` or ``"latency"``). A latency table is scaled to one timing of removing every gate: one
+        disturbed timing must not refuse the budget (on a busy machine cifar_resnet20's 7 blocks read 0.47 of its
+        latency, where 6 of them measured 0.63 in another run): the median of three more (:meth:`measured`) decides.
+        """
+        saved, total = self.savings(kind, names)
+        target = fraction * total
+        reachable = set_saving(saved, names)
+        if _short(reachable, target) and kind == "latency":
+            whole = statistics.median(self.measured(names) for _ in range(3))
+            if whole >= fraction:
+                return
+            reachable = whole * total
+        if _short(reachable, target):  # the selection's own test: a goal at the maximum is reachable
+            raise ValueError(f"{kind}_reduction={target / total:.3g} is unreachable: removing every prunable gate "
+                             f"({len(names)}) removes at most {reachable / total:.3f} of the model's "
+                             f"{'FLOPs' if kind == 'flops' else 'latency'}")
+
+    def state_dict(self) -> Dict[str, Any]:
+        """The tables, the runtime and batch size of a latency table (a table timed elsewhere is another budget), the
+        latency fit."""
+        return {"costs": {k: (dict(v[0]), v[1]) for k, v in self.tables.items()},
+                "latency": self.latency_cost.as_dict() if "latency" in self.tables else None, "latency_fit": self.fit}
+
+    def check_state(self, state: Dict[str, Any]) -> None:
+        """Raise a ValueError when ``state``'s latency table was timed in another runtime or at another batch size."""
+        timed, own = state.get("latency") or {}, self.latency_cost.as_dict()
+        differ = [k for k in ("runtime", "batch_size") if k in timed and timed[k] != own[k]]
+        if differ:  # a table timed elsewhere is another budget
+            raise ValueError(f"the saved latency table was timed with {', '.join(f'{k} {timed[k]!r}' for k in differ)}"
+                             f"; this pruner times with {', '.join(f'{k} {own[k]!r}' for k in differ)}")
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Take the tables and the fit of ``state`` (:meth:`state_dict`, or a pruner's state holding it) instead of
+        measuring them."""
+        self.tables = {k: (dict(v[0]), float(v[1])) for k, v in (state.get("costs") or {}).items()}
+        self.fit = state.get("latency_fit")

@@ -1,9 +1,10 @@
 """``LayerPruner``: depth pruning in torch-pruning's pruner protocol, composed of an importance criterion, a cost
 table, a selection rule (with the latency fit), the budget cap schedule and the L1 regulariser.
 
-The pruner holds the state and the protocol (``regularize`` / ``step`` / ``state_dict``); the parts that decide
-live in their own modules: :mod:`~resconv_plugin.pruning.importance` (scores), :mod:`~resconv_plugin.pruning.cost`
-(savings), :mod:`~resconv_plugin.pruning.select` (the set for a goal, :class:`~resconv_plugin.pruning.BudgetChooser`),
+The pruner holds the state and the protocol (``regularize`` / ``step`` / ``state_dict``); the parts that decide live in
+their own modules: :mod:`~resconv_plugin.pruning.importance` (scores), :mod:`~resconv_plugin.pruning.cost` (savings;
+:class:`~resconv_plugin.pruning.cost.GateCosts` keeps the pruner's tables and latency fit and checks that a budget is
+reachable), :mod:`~resconv_plugin.pruning.select` (the set for a goal, :class:`~resconv_plugin.pruning.BudgetChooser`),
 :mod:`~resconv_plugin.pruning.latency_fit` (the goal of a latency budget, by measurement),
 :mod:`~resconv_plugin.pruning.schedule` (the cap) and :mod:`~resconv_plugin.pruning.regularizer` (the L1, after the
 optimizer's step).
@@ -12,9 +13,8 @@ optimizer's step).
 from __future__ import annotations
 
 import math
-import statistics
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -27,12 +27,11 @@ from resconv_plugin.fx.surgery import Removal, gated_modules, remove
 from resconv_plugin._utils import ExampleInputs, as_input_tuple, check_module, eval_mode, run_example
 from resconv_plugin.pruning.calibration import recalibrate_batchnorm
 from resconv_plugin.measure.latency_cost import LatencyCost
-from resconv_plugin.pruning.cost import flops_savings, latency_table, measured_saving, timing_cost
+from resconv_plugin.pruning.cost import GateCosts, timing_cost
 from resconv_plugin.pruning.importance import GateImportance, GateMagnitudeImportance, make_importance
-from resconv_plugin.pruning.latency_fit import fit_latency_goal
 from resconv_plugin.pruning.regularizer import MODES, L1Regularizer, L1Step
 from resconv_plugin.pruning.schedule import CapSchedule
-from resconv_plugin.pruning.select import METHODS, BudgetChooser, _short, select_count, set_saving
+from resconv_plugin.pruning.select import METHODS, BudgetChooser, select_count
 
 __all__ = ["LayerPruner", "StepReport", "MODES", "BUDGETS", "given_budget"]
 
@@ -130,23 +129,46 @@ def _check_arguments(calibration_inputs: Optional[ExampleInputs], calibration_ta
                             f"{type(item).__name__}")
 
 
-def _check_reachable(saved: Dict[str, float], total: float, fraction: float, names: List[str], kind: str,
-                     measure: Callable[[List[str]], float]) -> None:
-    """Raise a ValueError when removing every gate of ``names`` saves less than ``fraction`` of ``total`` (``kind``:
-    ``"flops"`` or ``"latency"``). A latency table is scaled to one timing of removing every gate: one disturbed
-    timing must not refuse the budget (on a busy machine cifar_resnet20's 7 blocks read 0.47 of its latency, where 6
-    of them measured 0.63 in another run): the median of three more (``measure(names)``, a fraction) decides."""
-    target = fraction * total
-    reachable = set_saving(saved, names)
-    if _short(reachable, target) and kind == "latency":
-        whole = statistics.median(measure(names) for _ in range(3))
-        if whole >= fraction:
-            return
-        reachable = whole * total
-    if _short(reachable, target):  # the selection's own test: a goal at the maximum is reachable
-        raise ValueError(f"{kind}_reduction={target / total:.3g} is unreachable: removing every prunable gate "
-                         f"({len(names)}) removes at most {reachable / total:.3f} of the model's "
-                         f"{'FLOPs' if kind == 'flops' else 'latency'}")
+def _latency_settings(example_inputs: Tuple[torch.Tensor, ...], cost: Optional[LatencyCost], repeats: Optional[int],
+                      channels_last: bool, device: Union[str, torch.device, None]) -> tuple:
+    """``(latency_cost, latency_repeats, latency_channels_last, latency_device)`` of :class:`LayerPruner`: ``cost``,
+    or eager PyTorch timing as the other arguments say (:func:`~resconv_plugin.pruning.cost.timing_cost`); the device
+    is None unless ``cost`` or ``device`` is given."""
+    cost_given = cost is not None
+    cost = timing_cost(example_inputs, cost, repeats=repeats, channels_last=channels_last, device=device,
+                       prefix="latency_")
+    return cost, cost.repeats, cost.channels_last, cost.device if cost_given or device is not None else None
+
+
+def _checked_budgets(threshold: Optional[float], gate_ratio: Optional[float], flops_reduction: Optional[float],
+                     latency_reduction: Optional[float]) -> Tuple[Optional[float], ...]:
+    """The selection of :class:`LayerPruner`, checked: ``(threshold, gate_ratio, flops_reduction, latency_reduction)``
+    with at most one given (:func:`given_budget`) and ``threshold`` 0.0 when none is."""
+    given = given_budget(threshold=threshold, gate_ratio=gate_ratio, flops_reduction=flops_reduction,
+                         latency_reduction=latency_reduction)
+    return (_check_fraction("threshold", threshold, upper_inclusive=True) if given else 0.0,
+            *(_check_fraction(k, v) for k, v in (("gate_ratio", gate_ratio), ("flops_reduction", flops_reduction),
+                                                  ("latency_reduction", latency_reduction))))
+
+
+def _history_names(history: object, gates: Dict[str, nn.Module]) -> List[str]:
+    """The gates a :meth:`LayerPruner.pruning_history` removed, each checked to be among ``gates``."""
+    if not isinstance(history, (list, tuple)) or not all(isinstance(h, dict) and "name" in h for h in history):
+        raise TypeError("history must be a list of dicts with a 'name', as returned by pruning_history()")
+    missing = [h["name"] for h in history if h["name"] not in gates]
+    if missing:
+        raise ValueError(f"pruning history names gates this model does not have: {missing[:5]}")
+    return [h["name"] for h in history]
+
+
+def _check_state(state: object, gates: Dict[str, nn.Module], costs: GateCosts) -> None:
+    """Raise when ``state`` is not a :meth:`LayerPruner.state_dict` of a pruner of ``gates`` timing as ``costs``."""
+    if not isinstance(state, dict) or "steps_done" not in state:
+        raise TypeError(f"state must be a dict from LayerPruner.state_dict(), got {type(state).__name__}")
+    unknown = [n for n in (state.get("selected") or []) if n not in gates]
+    if unknown:
+        raise ValueError(f"the saved selection names gates this pruner does not have: {unknown[:5]}")
+    costs.check_state(state)
 
 
 def _prunable_gates(model: nn.Module, ignored_layers: Sequence[object]) -> Tuple[Dict[str, nn.Module], List[str]]:
@@ -225,12 +247,12 @@ class LayerPruner:
     identity. The Python guide (its *Depth pruning* page) tells each part at length.
 
     **Selection** (one at most; default ``threshold=0.0``: the gates at exactly 0): ``threshold`` on ``|gamma|``;
-    ``gate_ratio``, a fraction of the (not ignored) gates (``pruning_ratio``, its deprecated name, counts *channels*
-    in torch-pruning); ``flops_reduction``, a fraction of the deployed model's FLOPs; ``latency_reduction``, a
-    fraction of its latency measured on this machine in the runtime of ``latency_cost`` (a
-    :class:`~resconv_plugin.LatencyCost`; default: eager PyTorch) (:attr:`latency_fit`: the set's timing corrects the
-    table's goal). Budgets are met at the least total importance (``selection="dp"`` exactly, or ``"greedy"``) by a criterion
-    (``importance=``): ``"magnitude"`` (``|gamma|``), ``"removal"`` (the loss increase when the gate is set to 0 on
+    ``gate_ratio``, a fraction of the (not ignored) gates (``pruning_ratio``, its deprecated name, counts *channels* in
+    torch-pruning); ``flops_reduction``, a fraction of the deployed model's FLOPs; ``latency_reduction``, a fraction of
+    its latency measured on this machine in the runtime of ``latency_cost`` (a :class:`~resconv_plugin.LatencyCost`;
+    default: eager PyTorch) (:attr:`latency_fit`: the set's timing corrects the table's goal). Budgets are met at the
+    least total importance (``selection="dp"`` exactly, or ``"greedy"``) by a criterion (``importance=``):
+    ``"magnitude"`` (``|gamma|``), ``"removal"`` (the loss increase when the gate is set to 0 on
     ``calibration_inputs``), ``"removal-iterative"``, ``"taylor"``, or a
     :class:`~resconv_plugin.pruning.GateImportance`.
 
@@ -255,11 +277,10 @@ class LayerPruner:
         calibration_inputs, calibration_targets: real inputs (and their class labels) for data-driven importance and
             the output-change measure of ``step()`` (default: ``example_inputs``).
         selection, hysteresis: ``"dp"`` or ``"greedy"``; the advantage in [0, 1) the current set keeps at a re-ranking.
-        latency_cost: how latency is timed: the runtime you deploy to (eager, ``torch.compile``, ONNX Runtime,
-            OpenVINO, TensorRT), its batch size, threads, device and repeats (:class:`~resconv_plugin.LatencyCost`);
-            default: eager PyTorch built from the three arguments below, which are then left out.
-        latency_repeats, latency_channels_last, latency_device: how and where eager PyTorch times the latency table
-            (default 20 repeats) when ``latency_cost`` is not given.
+        latency_cost: how latency is timed: the runtime you deploy to (eager, ``torch.compile``, ONNX Runtime, OpenVINO,
+            TensorRT), its batch size, threads, device and repeats (:class:`~resconv_plugin.LatencyCost`); default:
+            eager PyTorch built from ``latency_repeats``, ``latency_channels_last`` and ``latency_device`` (how and
+            where it times the latency table; default 20 repeats), which are then left out.
         state: a :meth:`state_dict` of a pruner of the same model and settings (e.g. rank 0's in a distributed run):
             its cost tables and latency fit are used instead of measuring again.
         pruning_ratio: the deprecated name of ``gate_ratio``.
@@ -289,8 +310,7 @@ class LayerPruner:
                  selection: str = "dp", reselect_every: Optional[int] = None, hysteresis: float = 0.0,
                  latency_repeats: Optional[int] = None, latency_channels_last: bool = False,
                  latency_device: Union[str, torch.device, None] = None, latency_cost: Optional[LatencyCost] = None,
-                 state: Optional[Dict[str, Any]] = None,
-                 pruning_ratio: Optional[float] = None) -> None:
+                 state: Optional[Dict[str, Any]] = None, pruning_ratio: Optional[float] = None) -> None:
         self.model = check_module(model)
         self.example_inputs = as_input_tuple(example_inputs)
         self.ignored_layers = list(ignored_layers or [])
@@ -299,28 +319,18 @@ class LayerPruner:
         self.calibration_inputs = as_input_tuple(calibration_inputs) if calibration_inputs is not None else None
         self.calibration_targets = calibration_targets
         self.importance = make_importance(importance)
-        gate_ratio = _renamed_ratio(gate_ratio, pruning_ratio)
-        given = given_budget(threshold=threshold, gate_ratio=gate_ratio, flops_reduction=flops_reduction,
-                             latency_reduction=latency_reduction)
-        self.threshold = _check_fraction("threshold", threshold, upper_inclusive=True) if given else 0.0
-        self.gate_ratio, self.flops_reduction, self.latency_reduction = (_check_fraction(k, v) for k, v in (
-            ("gate_ratio", gate_ratio), ("flops_reduction", flops_reduction),
-            ("latency_reduction", latency_reduction)))
+        self.threshold, self.gate_ratio, self.flops_reduction, self.latency_reduction = _checked_budgets(
+            threshold, _renamed_ratio(gate_ratio, pruning_ratio), flops_reduction, latency_reduction)
         magnitude = isinstance(self.importance, GateMagnitudeImportance)
-        if reg is None:
-            reg = 1e-2 if magnitude or self._budget_kind() is None else 0.0
-        self.regularizer = L1Regularizer(mode, reg)
+        default_reg = 1e-2 if magnitude or self._budget_kind() is None else 0.0
+        self.regularizer = L1Regularizer(mode, default_reg if reg is None else reg)
         self._l1 = L1Step(self.regularizer, self._gammas, self._after_optimizer_step)
         self.schedule = CapSchedule(sparsity_steps or 1, zero_at, cap_start)
         self.sparsity_steps, self.selection, self.hysteresis = sparsity_steps, selection, float(hysteresis)
         self.reselect_every = reselect_every if reselect_every is not None else (1 if magnitude else None)
-        #: How latency is timed (runtime, batch size, threads, device, repeats).
-        self.latency_cost = timing_cost(self.example_inputs, latency_cost, repeats=latency_repeats,
-                                        channels_last=latency_channels_last, device=latency_device,
-                                        prefix="latency_")
-        self.latency_repeats, self.latency_channels_last = self.latency_cost.repeats, self.latency_cost.channels_last
-        given = latency_cost is not None or latency_device is not None
-        self.latency_device = self.latency_cost.device if given else None
+        # latency_cost: how latency is timed (runtime, batch size, threads, device, repeats)
+        self.latency_cost, self.latency_repeats, self.latency_channels_last, self.latency_device = _latency_settings(
+            self.example_inputs, latency_cost, latency_repeats, latency_channels_last, latency_device)
         self.steps_done, self.last_step, self.reselections, self._history = 0, None, [], []
         self._selected: Optional[List[str]] = None
         self._selected_at: Optional[int] = None
@@ -329,17 +339,16 @@ class LayerPruner:
             raise ValueError(f"ignored_layers cover all {len(self._order)} gates of {type(model).__name__}: nothing "
                              "is left to prune")
         if state is not None:
-            self._check_state(state)
-            self._take_measurements(state)  # nothing below times again
-        if self._budget_kind() in ("flops", "latency"):
-            self._check_reachable()  # fail early on an unreachable target
+            _check_state(state, self._gates, self.costs)
+            self.costs.load_state_dict(state)  # nothing below times again
+        self._check_reachable()  # fail early on an unreachable target
         if self._budget_driven() and self.schedule.started(0):
             self._reselect()  # chosen from the model as given, before training moves it
         if state is not None:
             chosen, fit = (self._selected, self._selected_at), self.latency_fit
             self.load_state_dict(state)
             if self._selected is None:  # a state without a selection (e.g. a reachability check's tables only)
-                (self._selected, self._selected_at), self.latency_fit = chosen, self.latency_fit or fit
+                (self._selected, self._selected_at), self.costs.fit = chosen, self.latency_fit or fit
         if optimizer is not None:
             self.attach(optimizer)
 
@@ -356,8 +365,13 @@ class LayerPruner:
     def update_regularizer(self) -> None:
         """Re-collect the gates after the model's structure changed (called by :meth:`step` itself)."""
         self._gates, self._order = _prunable_gates(self.model, self.ignored_layers)
-        self._costs: Dict[str, tuple] = {}
-        self.latency_fit: Optional[Dict[str, Any]] = None  # the measured correction of a latency budget (rank())
+        #: What removing each gate saves (FLOPs, measured latency) and the latency fit, for the gates as they are.
+        self.costs = GateCosts(self.model, self.example_inputs, self.latency_cost)
+
+    @property
+    def latency_fit(self) -> Optional[Dict[str, Any]]:
+        """The measured correction of a latency budget's goal (:meth:`rank`), None before one is made."""
+        return self.costs.fit
 
     @property
     def gates(self) -> Dict[str, float]:
@@ -418,8 +432,7 @@ class LayerPruner:
 
     def _reselect(self) -> None:
         previous = self._selected
-        bonus = {n: 1.0 - self.hysteresis for n in previous or []}
-        chosen = self.rank(bonus=bonus)
+        chosen = self.rank(bonus={n: 1.0 - self.hysteresis for n in previous or []})
         self._selected, self._selected_at = chosen, self.steps_done
         self.importance.reset()
         if previous is not None and set(previous) != set(chosen):
@@ -440,27 +453,13 @@ class LayerPruner:
         FLOPs: :func:`~resconv_plugin.pruning.flops_savings`; latency: the lookup table
         :func:`~resconv_plugin.pruning.latency_table` measured at ``example_inputs``.
         """
-        if kind not in ("flops", "latency"):
-            raise ValueError(f"kind must be 'flops' or 'latency', got {kind!r}")
-        if kind not in self._costs:
-            if kind == "flops":
-                self._costs[kind] = flops_savings(self.model, list(self._gates), self.example_inputs)
-            else:
-                self._costs[kind] = latency_table(self.model, list(self._gates), self.example_inputs,
-                                                  cost=self.latency_cost)
-        return self._costs[kind]
-
-    def _target(self) -> tuple:
-        kind = self._budget_kind()
-        saved, total = self.savings(kind)
-        fraction = self.flops_reduction if kind == "flops" else self.latency_reduction
-        return saved, total, fraction * total
+        return self.costs.savings(kind, list(self._gates))
 
     def _check_reachable(self) -> None:
         kind = self._budget_kind()
-        saved, total = self.savings(kind)
-        fraction = self.flops_reduction if kind == "flops" else self.latency_reduction
-        _check_reachable(saved, total, fraction, list(self._gates), kind, self._measure_saving)
+        if kind in ("flops", "latency"):
+            fraction = self.flops_reduction if kind == "flops" else self.latency_reduction
+            self.costs.check_reachable(kind, fraction, list(self._gates))
 
     def scores(self, removed: Sequence[str] = ()) -> Dict[str, float]:
         """The importance of every prunable gate (higher = keep), with ``removed`` taken as already at 0."""
@@ -484,22 +483,12 @@ class LayerPruner:
         if kind == "ratio":
             return select_count(scored(), math.floor(self.gate_ratio * len(self._gates) + 1e-9),
                                 self.savings("flops")[0], order=self._order)
-        saved, total, target = self._target()
+        saved, total = self.savings(kind)
         choose = BudgetChooser(scored, saved, candidates=[n for n in self._order if n in self._gates],
                                order=self._order, iterative=self.importance.iterative, method=self.selection)
-        if kind == "latency":
-            target, extra, self.latency_fit = fit_latency_goal(choose, self._measure_saving, saved, total,
-                                                               self.latency_reduction, self.latency_fit,
-                                                               names=list(self._gates))
-            if self.latency_fit is not None:  # the fit holds for the runtime it timed in
-                self.latency_fit.setdefault("latency", self.latency_cost.as_dict())
-            return choose(target, extra)
-        return choose(target)
-
-    def _measure_saving(self, chosen: List[str]) -> float:
-        """The measured latency saving of removing ``chosen`` together, as a fraction of the deployed model's."""
-        seconds, full = measured_saving(self.model, chosen, self.example_inputs, cost=self.latency_cost)
-        return seconds / full
+        if kind == "flops":
+            return choose(self.flops_reduction * total)
+        return choose(*self.costs.latency_goal(choose, self.latency_reduction, list(self._gates)))
 
     def select(self) -> List[str]:
         """Names of the gates the next :meth:`step` removes.
@@ -513,8 +502,7 @@ class LayerPruner:
         """
         if self._selected is not None:
             return list(self._selected)
-        if self._budget_kind() in ("flops", "latency"):
-            self._check_reachable()
+        self._check_reachable()
         return self.rank()
 
     # ------------------------------------------------------------------------------------------- removal
@@ -532,8 +520,8 @@ class LayerPruner:
         """
         calib = as_input_tuple(calibration_inputs) if calibration_inputs is not None else (
             self.calibration_inputs or self.example_inputs)
-        self.last_step = report = remove_measured(self.model, self.select(), calib, recalibrate_bn=recalibrate_bn)
-        removed = report.removed
+        self.last_step = remove_measured(self.model, self.select(), calib, recalibrate_bn=recalibrate_bn)
+        removed = self.last_step.removed
         self._history.extend(removed)
         self._selected = self._selected_at = None
         if gated_modules(self.model):
@@ -548,12 +536,7 @@ class LayerPruner:
 
     def load_pruning_history(self, history: Sequence[dict]) -> None:
         """Redo the removals of ``history`` (from :meth:`pruning_history`) on this pruner's model."""
-        if not isinstance(history, (list, tuple)) or not all(isinstance(h, dict) and "name" in h for h in history):
-            raise TypeError("history must be a list of dicts with a 'name', as returned by pruning_history()")
-        missing = [h["name"] for h in history if h["name"] not in self._gates]
-        if missing:
-            raise ValueError(f"pruning history names gates this model does not have: {missing[:5]}")
-        self._history.extend(remove(self.model, [h["name"] for h in history]))
+        self._history.extend(remove(self.model, _history_names(history, self._gates)))
         self.update_regularizer()
 
     # --------------------------------------------------------------------------------------- checkpointing
@@ -561,34 +544,15 @@ class LayerPruner:
         """What a resumed run needs (like an optimizer's): steps done, the selected set, the cost tables (so every
         process and every resumption uses the same measured latencies), the criterion's accumulators."""
         return {"steps_done": self.steps_done, "selected": self._selected, "selected_at": self._selected_at,
-                "costs": {k: (dict(v[0]), v[1]) for k, v in self._costs.items()},
-                "latency": self.latency_cost.as_dict() if "latency" in self._costs else None,
-                "importance": self.importance.state_dict(), "reselections": list(self.reselections),
-                "latency_fit": self.latency_fit}
+                **self.costs.state_dict(), "importance": self.importance.state_dict(),
+                "reselections": list(self.reselections)}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         """Restore :meth:`state_dict` (on a pruner built for the same model and gates)."""
-        self._check_state(state)
+        _check_state(state, self._gates, self.costs)
         self.steps_done = int(state["steps_done"])
         self._selected = list(state["selected"]) if state.get("selected") is not None else None
         self._selected_at = state.get("selected_at")
-        self._take_measurements(state)
+        self.costs.load_state_dict(state)
         self.importance.load_state_dict(state.get("importance") or {})
         self.reselections = list(state.get("reselections") or [])
-
-    def _check_state(self, state: object) -> None:
-        if not isinstance(state, dict) or "steps_done" not in state:
-            raise TypeError(f"state must be a dict from LayerPruner.state_dict(), got {type(state).__name__}")
-        unknown = [n for n in (state.get("selected") or []) if n not in self._gates]
-        if unknown:
-            raise ValueError(f"the saved selection names gates this pruner does not have: {unknown[:5]}")
-        timed, own = state.get("latency") or {}, self.latency_cost.as_dict()
-        differ = [k for k in ("runtime", "batch_size") if k in timed and timed[k] != own[k]]
-        if differ:  # a table timed elsewhere is another budget
-            raise ValueError(f"the saved latency table was timed with {', '.join(f'{k} {timed[k]!r}' for k in differ)}"
-                             f"; this pruner times with {', '.join(f'{k} {own[k]!r}' for k in differ)}")
-
-    def _take_measurements(self, state: Dict[str, Any]) -> None:
-        """The cost tables and the latency fit of ``state`` (what this pruner would otherwise measure)."""
-        self._costs = {k: (dict(v[0]), float(v[1])) for k, v in (state.get("costs") or {}).items()}
-        self.latency_fit = state.get("latency_fit")
