@@ -23,7 +23,7 @@ data:
 		(apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) || \
 		echo "Fashion-MNIST not installed: apt-get install dataset-fashion-mnist (the demo and the tests need it)"; }
 
-# The demo: the trained cifar_resnet20 shipped with the package loses a third of its FLOPs (Fashion-MNIST).
+# The demo: the trained cifar_resnet20 shipped with the package loses 42% of its FLOPs: three blocks and 3% of the channels (Fashion-MNIST).
 demo: $(STAMP) data
 	$(VENV)/bin/resconv demo
 

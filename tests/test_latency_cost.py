@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import subprocess
 import sys
 
 import pytest
@@ -68,21 +69,40 @@ def exports(monkeypatch) -> list:
     return done
 
 
-@pytest.mark.parametrize("runtime", list(INSTALLED))
-def test_each_installed_runtime_ranks_a_model_eight_times_wider_slower(runtime):
-    """The same network at 4 and at 32 channels (64 times the FLOPs in its body): timed in turns in each runtime,
-    the wide one is slower; one model alone gives a positive number of seconds."""
-    require(INSTALLED[runtime])
+#: Runtimes timed in a child process: after OpenVINO had run in the pytest process, the full suite died with a
+#: segmentation fault (exit 139) a few tests later, at the next subprocess call, in each of three runs (core dumps: a
+#: corrupted tuple free list, then a corrupted selector object, in ``subprocess.communicate``). It does not happen
+#: with this one test deselected, nor in short scripts that run OpenVINO and then fork; the cause is not found.
+ISOLATED = ("openvino",)
+
+
+def check_ranking(runtime: str) -> None:
+    """The narrow and the wide :class:`Net` timed in turns in ``runtime``: the wide one is slower; one model alone
+    gives a positive number of seconds; the cost describes itself."""
     torch.manual_seed(0)
     narrow, wide = Net(4).eval(), Net(32).eval()
     cost = LatencyCost(runtime, threads=1, repeats=7, warmup=2)
     times = cost.compare({"narrow": narrow, "wide": wide}, x32())
-    assert times["wide"] > times["narrow"] > 0
+    assert times["wide"] > times["narrow"] > 0, times
     assert cost(narrow, x32()) > 0
     record = cost.as_dict()
     assert record["runtime"] == runtime and record["threads"] == 1 and record["batch_size"] == 1
     assert record["device"] == "cpu" and record["version"]
     assert cost.describe().startswith(f"{runtime} {record['version']}, batch 1, 1 thread")
+
+
+@pytest.mark.parametrize("runtime", list(INSTALLED))
+def test_each_installed_runtime_ranks_a_model_eight_times_wider_slower(runtime):
+    """The same network at 4 and at 32 channels (64 times the FLOPs in its body): timed in turns in each runtime,
+    the wide one is slower; one model alone gives a positive number of seconds (OpenVINO in a child process)."""
+    require(INSTALLED[runtime])
+    if runtime not in ISOLATED:
+        check_ranking(runtime)
+        return
+    code = (f"import sys; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r}); "
+            f"import test_latency_cost; test_latency_cost.check_ranking({runtime!r}); print('ranked')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ranked"), done.stderr[-3000:]
 
 
 def test_batch_size_repeats_the_first_sample_and_none_keeps_the_example():
