@@ -206,6 +206,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="CPU threads of every runtime")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--name", default="runtime_budget")
+    parser.add_argument("--finished-only", action="store_true",
+                        help="plan and time nothing: summarise the rows of these settings finished so far (a run "
+                             "that spans sessions, or settings left out), naming those still missing")
     args = parser.parse_args()
     if args.quick:
         args.archs, args.batches, args.table_archs = ["cifar_resnet20"], [1], ["cifar_resnet20"]
@@ -222,7 +225,7 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
     rows_dir = RESULTS / f"{args.name}_rows"
-    records, tables = [], []
+    records, tables, missing = [], [], []
     for arch in args.archs:
         base = {}  # built on first use (not at all when every row of the architecture is kept)
         for batch in args.batches:
@@ -242,7 +245,11 @@ def main() -> None:
                           + ", ".join(f"{m} {v:.3f}" for m, v in record["measured_rel"].items()), flush=True)
                     return dict(record, seed=args.seed, environment=versions())
 
-                records.append(resumed_row(rows_dir / f"{arch}_b{batch}_{runtime}.json", planned))
+                path = rows_dir / f"{arch}_b{batch}_{runtime}.json"
+                if args.finished_only and not path.exists():
+                    missing.append(path.stem)
+                    continue
+                records.append(resumed_row(path, planned))
     for arch in args.table_archs:
         for runtime in args.table_runtimes:
             def timed(arch=arch, runtime=runtime) -> dict:
@@ -250,8 +257,14 @@ def main() -> None:
                 print(f"{arch} table in {runtime}: {row['gates']} gates, {row['table_seconds']:.1f} s", flush=True)
                 return row
 
-            tables.append(resumed_row(rows_dir / f"table_{arch}_{runtime}.json", timed))
-    summary = {"benchmark": args.name, **summarise(records, tables, args.budget)}
+            path = rows_dir / f"table_{arch}_{runtime}.json"
+            if args.finished_only and not path.exists():
+                missing.append(path.stem)
+                continue
+            tables.append(resumed_row(path, timed))
+    if missing:
+        notes.append(f"Not run yet (left out of this summary): {', '.join(missing)}.")
+    summary = {"benchmark": args.name, **summarise(records, tables, args.budget), "not_run": missing}
     header = ["arch", "batch", "planned in", *(f"measured in {m}" for m in args.runtimes), "table s"]
     rows = [[r["arch"], r["batch"], r["planned_in"], *(f"{r['measured_rel'].get(m, float('nan')):.3f}"
                                                        for m in args.runtimes), f"{r['table_seconds']:.1f}"]

@@ -785,3 +785,39 @@ def test_removal_bn_names_removal_with_batchnorm_re_estimated_chosen_once():
                          calibration_inputs=calib)
     assert repr(pruner.importance) == "GateRemovalImportance(iterative=False, recalibrate=True)"
     assert pruner.reselect_every is None and pruner.select() == pruner.rank()
+
+
+def test_the_latency_fit_bisects_when_its_correction_lands_on_a_set_already_measured():
+    """A table that over-predicts every gate alike (0.05 predicted, 0.037 measured): the first set (8 gates) measures
+    short, the table's error then asks for 12 (0.444, over the window), and interpolating between them asks for the
+    12 again. The fit bisects the goal between the two instead of stopping there: 10 gates (short), then 11, which
+    measure 0.407, inside [0.40, 0.42]."""
+    from resconv_plugin.pruning.latency_fit import fit_latency_goal
+
+    names = [f"g{i}" for i in range(20)]
+    saved = {n: 0.05 for n in names}
+
+    def choose(goal: float, extra: int) -> list:
+        return names[:min(len(names), math.ceil(goal / 0.05 - 1e-9)) + extra]
+
+    goal, extra, fit = fit_latency_goal(choose, lambda chosen: 0.037 * len(chosen), saved, 1.0, 0.4)
+    assert [len(r["removed"]) for r in fit["rounds"]] == [8, 12, 10, 11]
+    assert len(choose(goal, extra)) == 11 and fit["rounds"][fit["best"]]["measured"] == pytest.approx(0.407)
+
+
+def test_the_latency_fit_looks_past_a_first_set_that_overshot():
+    """Every gate predicted at 0.05; the first seven save 0.41 together as measured, the eighth 0.02 more. The first
+    set (8 gates) measures 0.43, over [0.40, 0.42], and the table's correction chooses the same 8 again. The fit
+    tries smaller goals, twice as far each time, and measures the 7 it finds: 0.41, inside the window."""
+    from resconv_plugin.pruning.latency_fit import fit_latency_goal
+
+    names = [f"g{i}" for i in range(20)]
+    saved = {n: 0.05 for n in names}
+    real = {n: (0.41 / 7 if i < 7 else 0.02) for i, n in enumerate(names)}
+
+    def choose(goal: float, extra: int) -> list:
+        return names[:min(len(names), math.ceil(goal / 0.05 - 1e-9)) + extra]
+
+    goal, extra, fit = fit_latency_goal(choose, lambda chosen: sum(real[n] for n in chosen), saved, 1.0, 0.4)
+    assert [len(r["removed"]) for r in fit["rounds"]] == [8, 7] and len(choose(goal, extra)) == 7
+    assert fit["rounds"][fit["best"]]["measured"] == pytest.approx(0.41)
