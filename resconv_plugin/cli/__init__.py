@@ -49,11 +49,11 @@ QUICK = {"train_subset": 1024, "val_subset": 512, "latency_repeats": 10, "epochs
 #: ``resconv demo``: the trained cifar_resnet20 shipped with the package (94.56% on Fashion-MNIST) loses over a third
 #: of its FLOPs in a few minutes, depth and width together: three of its 7 gated blocks removed one-shot
 #: (``--flops-reduction 0.34``; iterative removal: the block whose removal costs least on the calibration batch,
-#: re-measured after each), then torch-pruning's global L2 channel pruner takes 3% of the channels
-#: (``--channel-pruning 0.03``), then 5 epochs of distilled fine-tuning on 20,000 training images. Measured:
-#: 94.56% -> 93.78% / 93.74% (-0.78 / -0.82 pt, two runs), FLOPs -42.3%, 3.7-4.6 minutes on 2 cores. The command's default recipe (block gates, removal-bn, 1 + 5 epochs)
-#: spends an epoch fading the blocks; one-shot removal (benchmark 8's depth_block_oneshot) fits a few minutes better.
-#: Depth alone on 6,000 images and 6 epochs ended 0.9-1.3 pt down at 34.95% of the FLOPs.
+#: re-measured after each), then torch-pruning's global L2 channel pruner takes 3% of the channels (``--channel-pruning
+#: 0.03``), then 5 epochs of distilled fine-tuning on 20,000 training images. Measured: 94.56% -> 93.78% / 93.74%
+#: (-0.78 / -0.82 pt, two runs), FLOPs -42.3%, 3.7-4.6 minutes on 2 cores. The command's default recipe (block gates,
+#: removal-bn, 1 + 5 epochs) spends an epoch fading the blocks; one-shot removal (benchmark 8's depth_block_oneshot)
+#: fits a few minutes better. Depth alone on 6,000 images and 6 epochs ended 0.9-1.3 pt down at 34.95% of the FLOPs.
 #: (``pretrained_file``: :func:`resconv_plugin.models.weights.bundled_file`, filled in when the demo is parsed.)
 DEMO = {"model": "cifar_resnet20", "data": "fashion-mnist", "epochs": 0, "train_subset": 20000, "level": "block",
         "importance": "removal-iterative", "sparsity_epochs": 0, "finetune_epochs": 5, "flops_reduction": 0.34,
