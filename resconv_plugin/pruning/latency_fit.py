@@ -91,7 +91,7 @@ def fit_latency_goal(choose: Choose, measure: Callable[[List[str]], float], save
     for _ in range(FIT_ROUNDS):
         chosen = choose(goal, extra)
         if chosen and adding_from is None and _measured_before(rounds, chosen):
-            goal, chosen = _bisected(choose, rounds, fraction, target, goal)
+            goal, chosen = _bisected(choose, rounds, fraction, target, goal, chosen)
         if not chosen or _measured_before(rounds, chosen):
             break  # the correction lands on a set already measured
         measurements = [measure(chosen)]
@@ -135,8 +135,8 @@ def _measured_before(rounds: List[Dict[str, Any]], chosen: Sequence[str]) -> boo
 
 
 def _bisected(choose: Choose, rounds: List[Dict[str, Any]], fraction: float, target: float, tried: float,
-              tries: int = 12) -> Tuple[float, List[str]]:
-    """(A goal, its set) not measured yet, when the corrected goal ``tried`` chose a set already measured.
+              chosen: List[str], tries: int = 12) -> Tuple[float, List[str]]:
+    """(A goal, its set) not measured yet, when the corrected goal ``tried`` chose ``chosen``, a set already measured.
 
     With sets measured on either side of the budget, the goal is bisected between the largest goal whose set
     measured short and the smallest whose set overshot the window. With sets on one side only, the goal moves away
@@ -149,7 +149,7 @@ def _bisected(choose: Choose, rounds: List[Dict[str, Any]], fraction: float, tar
     over = [r["scale"] * target for r in rounds if r["measured"] > fraction + FIT_TOLERANCE]
     low, high = max(short, default=None), min(over, default=None)
     sides = {tuple(r["removed"]): r["measured"] < fraction for r in rounds}
-    goal, chosen, step = tried, choose(tried, 0), None
+    goal, step = tried, None
     for _ in range(tries):
         if low is not None and high is not None:
             if low >= high:
