@@ -38,7 +38,7 @@ docs: $(STAMP)
 	$(PY) -m mkdocs build --strict -d site
 
 BENCHMARKS := latency_equal_flops fusion_overhead accuracy plain_networks tool_speed ablation_depth deploy_latency \
-	equal_latency runtime_budget
+	equal_latency runtime_budget pretrained_transfer
 
 # Every benchmark in its --quick form (each under about 2 minutes on 2 cores; outputs in benchmarks/results/*_quick*,
 # not committed)

@@ -73,3 +73,15 @@ def write_results(name: str, payload: Dict[str, object], header: Sequence[str], 
     if sections:
         lines += [sections]
     write_text_atomic(RESULTS / f"{name}.md", "\n".join(lines))
+
+
+def curve_at(points, latency):
+    """Top-1 at ``latency`` on the curve through ``points`` [(latency_rel, top1)] plus the baseline (1.0, base):
+    linear in between; None below the curve's lowest latency."""
+    points = sorted(points)
+    if not points or latency < points[0][0]:
+        return None
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        if x0 <= latency <= x1:
+            return y0 if x1 == x0 else y0 + (y1 - y0) * (latency - x0) / (x1 - x0)
+    return points[-1][1]

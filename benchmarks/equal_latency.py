@@ -92,7 +92,7 @@ from resconv_plugin.pruning import bisect_ratio
 from resconv_plugin.workflow import (
     RECIPES, CompressionConfig, ConfigError, StageSettings, compress, evaluate, train_stage,
 )
-from common import RESULTS, environment, write_json, write_results
+from common import RESULTS, curve_at, environment, write_json, write_results
 
 BASELINES = Path(__file__).resolve().parent / "baselines"
 EXAMPLE = torch.zeros(1, 1, 28, 28)
@@ -352,18 +352,6 @@ def load_baseline(arch, args, data):
         return base
     path = BASELINES / f"{arch}_fmnist.safetensors"
     return resconv_plugin.load(path) if path.exists() else None
-
-
-def curve_at(points, latency):
-    """Top-1 at ``latency`` on the curve through ``points`` [(latency_rel, top1)] plus the baseline (1.0, base):
-    linear in between; None below the curve's lowest latency."""
-    points = sorted(points)
-    if not points or latency < points[0][0]:
-        return None
-    for (x0, y0), (x1, y1) in zip(points, points[1:]):
-        if x0 <= latency <= x1:
-            return y0 if x1 == x0 else y0 + (y1 - y0) * (latency - x0) / (x1 - x0)
-    return points[-1][1]
 
 
 def advantage_at(rows, base_top1, targets):
