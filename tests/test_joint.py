@@ -206,3 +206,15 @@ def test_bad_arguments(kwargs, error, match):
 def test_the_joint_pruner_of_earlier_releases_says_what_replaced_it():
     with pytest.raises(AttributeError, match="JointPruner was replaced by JointPlanner"):
         resconv_plugin.pruning.JointPruner
+
+
+def test_a_depth_set_that_meets_the_budget_on_its_confirmed_timing_stays_depth():
+    """Latency is noisy: a depth set's first timing reads over the budget, the bisection's three timings of it at
+    ratio 0 meet it. The candidate keeps its layers and no channels, and says so: kind "depth", not "depth+width"
+    (cifar_resnet20 at 0.6 once listed four blocks at ratio 0 as "depth+width")."""
+    net, x = make()
+    planner = plan_of(net, x, 0.4)
+    readings = iter([0.61] + [0.59] * 10)
+    planner.cost_rel = lambda model: next(readings)
+    found = planner.meet(["layers.0.0", "layers.1.0"])
+    assert (found.kind, found.channel_ratio, found.cost_rel) == ("depth", 0.0, 0.59)

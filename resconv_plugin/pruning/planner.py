@@ -276,7 +276,8 @@ class JointPlanner:
         self.last_search = search
         if not search.met:
             return None
-        return PlanCandidate("depth+width" if names else "width", names, search.ratio, search.cost_rel)
+        kind = "width" if not names else "depth+width" if search.ratio > 0 else "depth"  # ratio 0: timed again, met
+        return PlanCandidate(kind, names, search.ratio, search.cost_rel)
 
     def candidates(self) -> tuple:
         """``(candidates, unreachable)``: the measured candidates (unscored) and the kinds that missed."""
