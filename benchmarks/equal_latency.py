@@ -416,7 +416,7 @@ def summarise(records, baselines, targets, retimed=None, not_run=None, retimes=N
         with_refusals(notes, refused)
         summary["archs"][arch] = {"baseline_top1": base_top1, "points": points, "advantage_pt": advantage,
                                   "notes": notes, **({"not_run": refused} if refused else {}),
-                                  "matched": matched(rows),
+                                  "matched": matched(rows), "joint_proxy": joint_proxy(rows),
                                   "flops_reduction_within_0.3pt": paper_claim(rows, base_top1)}
         if retimed:
             methods = sorted({r["method"] for r in rows}
@@ -430,6 +430,45 @@ def summarise(records, baselines, targets, retimed=None, not_run=None, retimes=N
                     "matched": matched(same), "points": [point(r) for r in same],
                     **({"retimes": {r["key"]: retimes[r["key"]] for r in same}} if retimes else {})}
     return summary
+
+
+def joint_proxy(rows):
+    """How well the joint planner's score (its short distilled training's held-out loss, lower is better) ranks its
+    candidates by what full training gives them, on the rows there are: per ``joint`` row, each candidate with the
+    top-1 of a trained row of the same structure where one exists (the candidate it chose: the joint row itself; the
+    depth plan, blocks only: the ``default`` row, when it removed the same blocks; pure width: the ``meta_taylor``
+    row, Taylor channels bisected on its own and trained the same total epochs). ``concordant`` / ``pairs``: the
+    pairs of trained candidates of one row whose lower score had the higher top-1 (Kendall's tau = (concordant -
+    discordant) / pairs); None without pairs."""
+    by_key = {(r["arch"], r["method"], r["target"], r["seed"]): r for r in rows}
+    out, concordant, pairs = [], 0, 0
+    for r in rows:
+        if r["method"] != "joint" or not r.get("joint_plan"):
+            continue
+        plan = r["joint_plan"]
+        twin = {m: by_key.get((r["arch"], m, r["target"], r["seed"])) for m in ("default", "meta_taylor")}
+        candidates = []
+        for c in plan["candidates"]:
+            trained, by = None, None
+            if (sorted(c["depth_names"]), c["channel_ratio"]) == (sorted(plan["best"]["depth_names"]),
+                                                                  plan["best"]["channel_ratio"]):
+                trained, by = r["top1"], "joint"
+            elif c["channel_ratio"] == 0 and twin["default"] and sorted(twin["default"]["removed"]) == sorted(
+                    c["depth_names"]):
+                trained, by = twin["default"]["top1"], "default"
+            elif not c["depth_names"] and twin["meta_taylor"]:
+                trained, by = twin["meta_taylor"]["top1"], "meta_taylor"
+            candidates.append({"kind": c["kind"], "blocks": len(c["depth_names"]), "channel_ratio": c["channel_ratio"],
+                               "score": c["score"], "trained_top1": trained, "trained_by": by})
+        known = [c for c in candidates if c["trained_top1"] is not None and c["score"] == c["score"]]
+        for i, a in enumerate(known):
+            for b in known[i + 1:]:
+                if a["score"] != b["score"] and a["trained_top1"] != b["trained_top1"]:
+                    pairs += 1
+                    concordant += (a["score"] < b["score"]) == (a["trained_top1"] > b["trained_top1"])
+        out.append({"key": r["key"], "candidates": candidates})
+    return {"pairs": pairs, "concordant": concordant,
+            "tau": (2 * concordant - pairs) / pairs if pairs else None, "rows": out}
 
 
 def matched(rows):

@@ -256,3 +256,26 @@ def test_a_row_the_pipeline_refused_says_why_in_its_targets_note(bench):
     assert arch["notes"] == {"0.35": "null: no depth-based method has a point at or below 0.35 of the latency on "
                                      f"every seed; depth seed 0 not run: {why}"}
     assert "not_run" not in bench.summarise(rows, {"a": 90.0}, [0.6, 0.35])["archs"]["a"]
+
+
+def test_joint_proxy_pairs_each_candidate_with_the_trained_row_of_its_structure(bench):
+    """Candidates of one joint row: the chosen one is the joint row, the blocks-only depth plan the default row
+    (same blocks), pure width the meta_taylor row; a top-up without a trained twin stays unknown. Scores 0.15 /
+    0.18 / 0.21 against top-1 93.9 / 93.6 / 93.5: all 3 pairs concordant; swapping two top-1s makes one
+    discordant."""
+    def joint(top1, default, width):
+        plan = {"best": {"depth_names": ["b"], "channel_ratio": 0.2}, "candidates": [
+            {"kind": "depth", "depth_names": ["a", "b"], "channel_ratio": 0.0, "score": 0.18},
+            {"kind": "depth+width", "depth_names": ["a"], "channel_ratio": 0.1, "score": 0.16},
+            {"kind": "depth+width", "depth_names": ["b"], "channel_ratio": 0.2, "score": 0.15},
+            {"kind": "width", "depth_names": [], "channel_ratio": 0.4, "score": 0.21}]}
+        rows = [dict(row("joint", 0, 0.6, 0.6, top1), key="a-joint-t0.6-s0", joint_plan=plan),
+                dict(row("default", 0, 0.6, 0.6, default), key="a-default-t0.6-s0", removed=["b", "a"]),
+                dict(row("meta_taylor", 0, 0.6, 0.6, width), key="a-meta_taylor-t0.6-s0")]
+        return bench.joint_proxy(rows)
+
+    proxy = joint(93.9, 93.6, 93.5)
+    assert [c["trained_by"] for c in proxy["rows"][0]["candidates"]] == ["default", None, "joint", "meta_taylor"]
+    assert (proxy["pairs"], proxy["concordant"], proxy["tau"]) == (3, 3, 1.0)
+    proxy = joint(93.9, 93.4, 93.5)  # the depth plan (0.18) trained worse than width (0.21)
+    assert (proxy["pairs"], proxy["concordant"]) == (3, 2) and proxy["tau"] == pytest.approx(1 / 3)
