@@ -12,9 +12,11 @@ Steps (each resumable: re-running the same command continues where it stopped, i
    ``resconv compress --model tf_efficientnet_lite0 --pretrained-adapter efficientnet-lite0 --in-chans 3
    --img-size 64 --epochs E --lr LR --warmup-epochs 1 --sparsity-epochs 0 --finetune-epochs 0 --threshold 0``
    (the pipeline's baseline stage fine-tunes the pretrained network on the full training set; with no sparsity
-   training and threshold 0 nothing is removed). Its baseline stage is the starting point of every row:
-   ``runs/pretrained_transfer/baseline/baseline.safetensors``, its curve in ``benchmarks/baselines/``.
-2. ``scratch``: the same command without the pretrained weights (what they are worth here; top-1 only).
+   training and threshold 0 nothing is removed; ``--baseline-epochs``, ``--baseline-lr``). Its weights are copied to
+   ``benchmarks/baselines/tf_efficientnet_lite0_fmnist64.safetensors`` (commit it: every row starts from it) and its
+   record (top-1, per-epoch curve, whether the last 3 epochs lie within 0.1 pt) to the rows folder.
+2. ``scratch``: the same command without the pretrained weights, at the command's default peak rate
+   (``--scratch-lr`` 0.1): what the pretrained weights are worth here (top-1 only).
 3. rows, per method, latency target t (of the baseline's ONNX Runtime batch-1 latency) and seed, from the baseline,
    each with the same epochs after pruning (the command's default recipe: 1 + 5 on ``--train-subset`` images):
    * ``default``: ``compress()`` with ``latency_reduction = 1 - t``, the budget timed in ONNX Runtime
@@ -53,6 +55,7 @@ import argparse
 import copy
 import importlib.util
 import json
+import shutil
 import statistics
 import time
 import warnings
@@ -83,21 +86,41 @@ def user_settings(args, **changes) -> dict:
 
 
 def baseline_step(args, name: str, pretrained: bool) -> dict:
-    """The transfer (``pretrained``) or from-scratch baseline through ``compress()``: its report."""
+    """The transfer (``pretrained``) or from-scratch baseline through ``compress()``, as its record. The run folder
+    names its epochs: a longer schedule is a new run, not a resumed one."""
+    out = Path(args.runs) / f"{name}-r{args.resolution}-e{args.baseline_epochs}"
     config = CompressionConfig(**user_settings(
         args, pretrained_adapter=ADAPTER if pretrained else None, epochs=args.baseline_epochs,
-        lr=args.baseline_lr, warmup_epochs=1, sparsity_epochs=0, finetune_epochs=0, threshold=0.0,
-        train_subset=args.baseline_subset, val_subset=args.val_subset, seed=0, output=Path(args.runs) / name))
-    return compress(config)
+        lr=args.baseline_lr if pretrained else args.scratch_lr, warmup_epochs=1, sparsity_epochs=0,
+        finetune_epochs=0, threshold=0.0, train_subset=args.baseline_subset, val_subset=args.val_subset, seed=0,
+        output=out))
+    return baseline_record(compress(config), out, name, args)
 
 
-def baseline_record(report: dict, name: str, args) -> dict:
+def baseline_record(report: dict, run: Path, name: str, args) -> dict:
+    """What a finished baseline run says: its top-1, its per-epoch curve, whether it plateaued (the last 3 epochs
+    within 0.1 pt, benchmarks/baselines/train.py's rule); the transfer baseline's weights are copied to
+    ``benchmarks/baselines/`` (the rows start from that file)."""
     curve = [e["val_acc"] for e in report["epochs"] if e["stage"] == "baseline"]
     top1 = {r["stage"]: r["top1"] for r in report["stages"]}["baseline"]
-    return {"name": name, "model": MODEL, "weights": WEIGHTS if name == "baseline" else None,
-            "resolution": args.resolution, "epochs": args.baseline_epochs, "lr": args.baseline_lr,
-            "train_subset": args.baseline_subset, "seed": 0, "top1": top1, "curve": curve,
-            "file": str(Path(args.runs) / name / "baseline.safetensors")}
+    record = {"name": name, "model": MODEL, "weights": WEIGHTS if name == "baseline" else None,
+              "resolution": args.resolution, "epochs": args.baseline_epochs,
+              "lr": args.baseline_lr if name == "baseline" else args.scratch_lr, "warmup_epochs": 1,
+              "train_subset": args.baseline_subset, "seed": 0, "top1": top1, "curve": curve,
+              "plateau": len(curve) >= 3 and max(curve[-3:]) - min(curve[-3:]) < 0.1}
+    if name == "baseline":
+        target = baseline_file(args)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(run / "baseline.safetensors", target)
+        root = BASELINES.parent.parent
+        record["file"] = str(target.relative_to(root) if target.is_relative_to(root) else target)
+    return record
+
+
+def baseline_file(args) -> Path:
+    """Where the transfer baseline's weights are kept (``--quick``: under runs/, never committed)."""
+    stem = f"{MODEL}_fmnist{args.resolution}.safetensors"
+    return Path(args.runs).resolve() / stem if args.quick else BASELINES / stem
 
 
 def row_schedule(base: torch.nn.Module, args) -> tuple:
@@ -228,7 +251,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--resolution", type=int, default=64)
     parser.add_argument("--baseline-epochs", type=int, default=8)
-    parser.add_argument("--baseline-lr", type=float, default=0.02)
+    parser.add_argument("--baseline-lr", type=float, default=0.02, help="peak rate of the transfer baseline")
+    parser.add_argument("--scratch-lr", type=float, default=0.1,
+                        help="peak rate of the from-scratch baseline (the command's --lr default)")
     parser.add_argument("--baseline-subset", type=int, default=0, help="training images of the baselines (0: all)")
     parser.add_argument("--train-subset", type=int, default=20000, help="training images of every row")
     parser.add_argument("--val-subset", type=int, default=0, help="test images (0: all 10,000)")
@@ -257,12 +282,12 @@ def main() -> None:
     for step, pretrained in (("baseline", True), ("scratch", False)):
         if step in args.steps or step == "baseline":  # the rows start from the baseline
             records[step] = resumed_row(rows_dir / f"{step}.json", lambda s=step, p=pretrained: dict(
-                baseline_record(baseline_step(args, s, p), s, args), environment=environment()))
+                baseline_step(args, s, p), environment=environment()))
             print(f"{step}: top-1 {records[step]['top1']:.2f}% after {records[step]['epochs']} epochs "
                   f"(curve {records[step]['curve']})", flush=True)
     rows = []
     if "rows" in args.steps:
-        base = resconv_plugin.load(records["baseline"]["file"]).eval()
+        base = resconv_plugin.load(BASELINES.parent.parent / records["baseline"]["file"]).eval()
         data = build_datasets("fashion-mnist", img_size=args.resolution, in_chans=3, train_subset=args.train_subset,
                               val_subset=args.val_subset)
         epochs = row_schedule(base, args)
