@@ -422,7 +422,7 @@ def test_one_disturbed_timing_short_of_the_budget_does_not_decide_either(table_v
     """The table is exact and its set meets the budget, but the set's first timing reads 0.005 short (seen on
     cifar_resnet20: four blocks read 0.397 of 0.40 asked, the fit took a fifth, ~0.1 of the latency more): a timing
     within the tolerance below the budget is timed twice more and the set kept by the median reading. A set that is
-    truly 0.005 short reads short three times and is not kept."""
+    truly 0.01 short (more than FIT_SLACK) reads short three times and is not kept."""
     from resconv_plugin.pruning import cost
 
     model, x, state = table_vs_clock
@@ -445,11 +445,11 @@ def test_one_disturbed_timing_short_of_the_budget_does_not_decide_either(table_v
     assert pruner.latency_fit["best"] == 0
 
     monkeypatch.setattr(cost, "measured_saving", honest)
-    state["truth"] = 0.295 / saving  # really 0.005 short, on every timing
+    state["truth"] = 0.29 / saving  # really 0.01 short, on every timing
     pruner = LayerPruner(model, x, latency_reduction=0.3)
     chosen = pruner.select()
     first = pruner.latency_fit["rounds"][0]
-    assert first["removed"] == sorted(table_set) and first["measurements"] == pytest.approx([0.295] * 3)
+    assert first["removed"] == sorted(table_set) and first["measurements"] == pytest.approx([0.29] * 3)
     assert state["truth"] * true_saving(model, x, chosen) >= 0.3 and len(chosen) > len(table_set)
 
 
