@@ -201,8 +201,7 @@ def channel_row(method, target, seed, base, data, args, epochs, cost) -> tuple:
     base_plain = resconv_plugin.deployed(base).eval()
 
     def latency_of(candidate):
-        times = cost.compare({"m": resconv_plugin.deployed(candidate).eval(), "b": base_plain}, example(args))
-        return times["m"] / times["b"]
+        return latency_rel(cost, resconv_plugin.deployed(candidate).eval(), base_plain, args)
 
     search = bisect_ratio(lambda ratio: prune_channels(model, method, ratio, calib, args), latency_of, target,
                           tolerance=0.02, confirm=3)
@@ -213,13 +212,16 @@ def channel_row(method, target, seed, base, data, args, epochs, cost) -> tuple:
                           "restarts": restarts}
 
 
+def latency_rel(cost, plain, base_plain, args) -> float:
+    """Latency of the deployed ``plain`` / the deployed baseline, timed in turns in ``cost``'s runtime."""
+    times = cost.compare({"m": plain, "b": base_plain}, example(args))
+    return times["m"] / times["b"]
+
+
 def measure(model, base, args, costs) -> dict:
     """latency_rel of the deployed ``model`` / the deployed baseline in each runtime of ``costs`` (timed in turns)."""
     plain, base_plain = resconv_plugin.deployed(model).eval(), resconv_plugin.deployed(base).eval()
-    result = {}
-    for key, cost in costs.items():
-        times = cost.compare({"m": plain, "b": base_plain}, example(args))
-        result[key] = times["m"] / times["b"]
+    result = {key: latency_rel(cost, plain, base_plain, args) for key, cost in costs.items()}
     flops = resconv_plugin.count_flops(plain, example(args)).total
     return dict(result, flops_rel=flops / resconv_plugin.count_flops(base_plain, example(args)).total)
 
